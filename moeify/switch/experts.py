@@ -1,0 +1,204 @@
+"""Experts: E feed-forward networks stored as batched weights.
+
+Weights follow ``x @ W`` (not ``nn.Linear``'s ``x @ W.T``): ``w_in [E, d, f]``,
+``w_out [E, f, d]``, and for gated FFNs ``w_gate [E, d, f]``. A gated expert computes
+``act(x @ w_gate) * (x @ w_in)`` before ``w_out``: ``w_gate`` is the activated branch
+(T5 v1.1 ``wi_0``, Llama ``gate_proj``), ``w_in`` the linear one (``wi_1``,
+``up_proj``). Expert dropout sits between the two matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.config import Activation, Init
+
+_ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
+    Activation.RELU: F.relu,
+    Activation.GELU: F.gelu,
+    Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+    Activation.SILU: F.silu,
+}
+
+
+@dataclass(frozen=True)
+class DenseFFNWeights:
+    """One dense FFN's weights in ``x @ W`` layout (transpose ``nn.Linear`` weights).
+
+    w_in: [d, f]; w_out: [f, d]; w_gate: [d, f] for gated FFNs; biases [f] / [d].
+    """
+
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None = None
+    b_out: Tensor | None = None
+    w_gate: Tensor | None = None
+    b_gate: Tensor | None = None
+
+    @classmethod
+    def from_linears(
+        cls, up: nn.Linear, down: nn.Linear, gate: nn.Linear | None = None
+    ) -> DenseFFNWeights:
+        """From ``nn.Linear`` layers: ``up`` d->f, ``down`` f->d, ``gate`` d->f (activated)."""
+        return cls(
+            w_in=up.weight.detach().T,
+            w_out=down.weight.detach().T,
+            b_in=None if up.bias is None else up.bias.detach(),
+            b_out=None if down.bias is None else down.bias.detach(),
+            w_gate=None if gate is None else gate.weight.detach().T,
+            b_gate=None if gate is None or gate.bias is None else gate.bias.detach(),
+        )
+
+
+class Experts(nn.Module):
+    """E copies of one FFN shape, computed with batched or per-expert matmuls."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: Activation | str = Activation.RELU,
+        gated: bool = False,
+        bias: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = Activation(activation)
+        self.gated = gated
+        self.dropout = dropout
+        make = dict(device=device, dtype=dtype)
+        E, d, f = num_experts, d_model, d_ff
+        self.w_in = nn.Parameter(torch.empty(E, d, f, **make))
+        self.w_out = nn.Parameter(torch.empty(E, f, d, **make))
+        self.w_gate = nn.Parameter(torch.empty(E, d, f, **make)) if gated else None
+        self.b_in = nn.Parameter(torch.empty(E, f, **make)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(E, d, **make)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(E, f, **make)) if bias and gated else None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Fresh experts: truncated normal, std ``sqrt(0.1 / fan_in)`` (the paper's scale)."""
+        for name, param in self.named_parameters(recurse=False):
+            if param.device.type == "meta":
+                continue
+            if name.startswith("b_"):
+                nn.init.zeros_(param)
+            else:
+                std = math.sqrt(0.1 / param.shape[1])
+                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+    @torch.no_grad()
+    def load_dense(
+        self,
+        dense: DenseFFNWeights,
+        *,
+        init: Init | str = Init.COPY,
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Initialize every expert from one dense FFN (sparse upcycling).
+
+        copy: each expert an exact copy of the dense FFN; ``noise > 0`` then adds
+            ``noise * std(W) * N(0, 1)`` to each copied weight matrix.
+        partition: the dense FFN's f hidden neurons split into E consecutive groups of
+            f/E (MoEfication); this module's d_ff must be f / E.
+        random: fresh init at the paper's scale; the dense weights only fix the shapes.
+        """
+        init = Init(init)
+        pairs = [("w_in", dense.w_in), ("w_out", dense.w_out), ("w_gate", dense.w_gate),
+                 ("b_in", dense.b_in), ("b_out", dense.b_out), ("b_gate", dense.b_gate)]
+        for name, source in pairs:
+            target = getattr(self, name)
+            if (target is None) != (source is None):
+                have = "has" if target is not None else "has no"
+                raise ValueError(f"Experts {have} {name} but the dense FFN does not match")
+        if init == Init.RANDOM:
+            self.reset_parameters(generator)
+            return
+        for name, source in pairs:
+            target = getattr(self, name)
+            if target is None:
+                continue
+            if init == Init.PARTITION:
+                source = _partition(name, source, self.num_experts)
+            else:
+                source = source.unsqueeze(0).expand(self.num_experts, *source.shape)
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"dense {name} gives expert shape {tuple(source.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(source)
+            if noise > 0 and init == Init.COPY and name.startswith("w_"):
+                scale = noise * source[0].float().std()
+                target.add_(scale * torch.randn(target.shape, generator=generator).to(target))
+
+    def _hidden(self, h_in: Tensor, h_gate: Tensor | None) -> Tensor:
+        act = _ACTIVATIONS[self.activation]
+        hidden = act(h_in) if h_gate is None else act(h_gate) * h_in
+        return F.dropout(hidden, self.dropout, self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """All experts on their padded buffers: [E, N, d] -> [E, N, d] (batched matmuls)."""
+        h_in = _linear(x, self.w_in, self.b_in, batched=True)
+        h_gate = None if self.w_gate is None else _linear(x, self.w_gate, self.b_gate, batched=True)
+        return _linear(self._hidden(h_in, h_gate), self.w_out, self.b_out, batched=True)
+
+    def forward_sorted(self, x: Tensor, counts: list[int]) -> Tensor:
+        """Rows sorted by expert, ``counts[e]`` rows for expert e: [n, d] -> [n, d].
+
+        One matmul per expert that has rows, on contiguous slices: only occupied slots
+        are computed. Weights are split with ``unbind`` so the backward writes each
+        weight gradient once instead of once per expert.
+        """
+        params = [self.w_in, self.w_out, self.w_gate, self.b_in, self.b_out, self.b_gate]
+        per_expert = [p.unbind(0) if p is not None else [None] * self.num_experts for p in params]
+        outputs = []
+        for e, rows in enumerate(x.split(counts)):
+            if counts[e] == 0:
+                continue
+            w_in, w_out, w_gate, b_in, b_out, b_gate = (p[e] for p in per_expert)
+            h_in = _linear(rows, w_in, b_in)
+            h_gate = None if w_gate is None else _linear(rows, w_gate, b_gate)
+            outputs.append(_linear(self._hidden(h_in, h_gate), w_out, b_out))
+        if not outputs:
+            return x.new_zeros(0, self.d_model)
+        return torch.cat(outputs)
+
+    def extra_repr(self) -> str:
+        kind = f"gated {self.activation.value}" if self.gated else self.activation.value
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"{kind}, bias={self.b_in is not None}, dropout={self.dropout}"
+        )
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, *, batched: bool = False) -> Tensor:
+    """``x @ w + b``; batched: x [E, N, i], w [E, i, o], b [E, o]."""
+    if batched:
+        return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
+def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
+    """Split a dense weight's hidden (f) axis into ``num_experts`` consecutive groups."""
+    f_axis = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}.get(name)
+    if f_axis is None:  # b_out: a token reaches one partition, which adds the whole bias
+        return source.unsqueeze(0).expand(num_experts, *source.shape)
+    f = source.shape[f_axis]
+    if f % num_experts:
+        raise ValueError(
+            f"init='partition' needs the hidden width {f} to divide by num_experts={num_experts}"
+        )
+    return torch.stack(source.chunk(num_experts, dim=f_axis))

@@ -1,0 +1,290 @@
+"""The Switch layer: thin modules that hold parameters and call the pure functions.
+
+`Router` holds the router weight, `Experts` the batched expert weights, and `SwitchFFN`
+puts them together as a drop-in replacement for a dense FFN: ``[..., d] -> [..., d]``,
+returning 0 for tokens that no expert processed so the surrounding residual carries
+them unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.config import Activation, MoEConfig
+from moeify.switch.dispatch import (
+    Sizes,
+    combine_padded,
+    combine_sorted,
+    dispatch_padded,
+    sort_by_expert,
+)
+from moeify.switch.experts import DenseFFNWeights, Experts
+from moeify.switch.losses import load_balancing_loss, router_z_loss
+from moeify.switch.routing import Routing, compute_router_logits, route
+
+
+class DispatchPath(enum.Enum):
+    """Which dispatch implementation `SwitchFFN` runs (see `moeify.switch.dispatch`)."""
+
+    AUTO = "auto"  # sorted in eager mode, padded under tracing, compile and export
+    PADDED = "padded"  # static [E, G*C, d] buffers
+    SORTED = "sorted"  # occupied slots only (eager)
+
+
+class RoutingRecord(NamedTuple):
+    """What one forward of a Switch layer leaves behind for losses and statistics.
+
+    load_balancing_loss: scalar float32 with gradient, unweighted.
+    z_loss:              scalar float32 with gradient, unweighted.
+    tokens_per_expert:   [E] int64, assignments each expert processed (all groups).
+    dropped_fraction:    scalar float32, fraction of tokens no expert processed.
+    expert_capacity:     slots per expert and group in that forward.
+    num_tokens:          tokens in that forward.
+    """
+
+    load_balancing_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    expert_capacity: int
+    num_tokens: int
+
+
+class Router(nn.Module):
+    """``Linear(d_model, E, bias=False)`` computed in float32 whatever the model dtype.
+
+    Training adds the Switch recipe's multiplicative jitter to the router *input*
+    (a new tensor; the caller's activations are never touched). New weights: truncated
+    normal, std ``sqrt(0.1 / d_model)``, cut at 2 std (the paper's reduced scale).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        jitter_eps: float = 0.0,
+        router_dtype: str = "float32",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.jitter_eps = jitter_eps
+        self.router_dtype = getattr(torch, router_dtype)
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, d_model, device=device, dtype=self.router_dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        if self.weight.device.type == "meta":
+            return
+        std = math.sqrt(0.1 / self.weight.shape[1])
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., d] -> router_logits [..., E] in the router dtype (float64 stays 64)."""
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else self.router_dtype
+        jitter = None
+        if self.training and self.jitter_eps > 0:
+            eps = self.jitter_eps
+            jitter = torch.rand_like(x, dtype=dtype) * (2 * eps) + (1 - eps)
+        return compute_router_logits(x, self.weight, dtype=dtype, jitter=jitter)
+
+
+class SwitchFFN(nn.Module):
+    """A Switch Transformer FFN layer: router, E experts, static expert capacity.
+
+    Built for a declared group length (``config.group_size``, else ``seq_len``: one
+    sequence per group), so the capacity is a Python int fixed here, never computed
+    from an input's shape in ``forward``. ``train()`` / ``eval()`` switch between the
+    training and the evaluation capacity factor.
+
+    Input ``[..., d]``: with one sequence per group the second-to-last axis must be the
+    declared sequence length; with ``group_size`` the token count must divide into
+    groups. After each forward (outside tracing and export), `last_routing` holds the
+    unweighted losses and the routing statistics that `moeify.aux_loss` and
+    `moeify.routing_stats` read: the one piece of state a forward writes, the
+    equivalent of flax's ``sow``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        config: MoEConfig,
+        *,
+        seq_len: int | None = None,
+        activation: Activation | str = Activation.RELU,
+        gated: bool = False,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.d_model, self.d_ff = d_model, d_ff
+        self.dispatch_path = DispatchPath.AUTO
+        self.router = Router(
+            d_model,
+            config.num_experts,
+            jitter_eps=config.jitter_eps,
+            router_dtype="float64" if dtype == torch.float64 else config.router_dtype,
+            device=device,
+        )
+        self.experts = Experts(
+            config.num_experts, d_model, d_ff, activation=activation, gated=gated,
+            bias=bias, dropout=config.expert_dropout, device=device, dtype=dtype,
+        )
+        tokens = config.group_size if config.group_size is not None else seq_len
+        if tokens is None:
+            raise ValueError(
+                "SwitchFFN needs a declared group length to fix its expert capacity: "
+                "pass seq_len=... (one sequence per group) or set MoEConfig.group_size"
+            )
+        self.set_tokens_per_group(tokens)
+        self.last_routing: RoutingRecord | None = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        dense: DenseFFNWeights,
+        config: MoEConfig,
+        *,
+        seq_len: int | None = None,
+        activation: Activation | str = Activation.RELU,
+        generator: torch.Generator | None = None,
+    ) -> SwitchFFN:
+        """Upcycle one dense FFN: experts from its weights (``config.init``), new router."""
+        d, f = dense.w_in.shape
+        if config.init.value == "partition":
+            f //= config.num_experts
+        layer = cls(
+            d, f, config, seq_len=seq_len, activation=activation,
+            gated=dense.w_gate is not None, bias=dense.b_in is not None,
+            device=dense.w_in.device, dtype=dense.w_in.dtype,
+        )
+        if generator is None:
+            generator = torch.Generator(device=dense.w_in.device).manual_seed(config.seed)
+        layer.router.reset_parameters(generator)
+        layer.experts.load_dense(dense, init=config.init, noise=config.noise, generator=generator)
+        return layer
+
+    def set_tokens_per_group(self, tokens_per_group: int) -> None:
+        """Declare the group length and fix the train and eval capacities for it."""
+        self.tokens_per_group = tokens_per_group
+        self.train_capacity = self.config.capacity(tokens_per_group, training=True)
+        self.eval_capacity = self.config.capacity(tokens_per_group, training=False)
+
+    @property
+    def expert_capacity(self) -> int:
+        return self.train_capacity if self.training else self.eval_capacity
+
+    @property
+    def sizes(self) -> Sizes:
+        c = self.config
+        return Sizes(c.num_experts, self.expert_capacity, self.tokens_per_group, c.top_k)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        tracing = _is_tracing(hidden_states)
+        if not tracing:
+            self._check_input(hidden_states)
+        sizes = self.sizes
+        x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
+        routing = self.route(x)
+        if tracing or self.dispatch_path == DispatchPath.PADDED:
+            expert_out = self.experts(dispatch_padded(x, routing, sizes))  # [E, G*C, d]
+            y = combine_padded(expert_out, routing, sizes)  # [G, T, d]
+            counts = None
+        else:
+            x_flat = x.flatten(0, 1)  # [G*T, d]
+            assignments = sort_by_expert(routing, sizes)
+            rows = x_flat.index_select(0, assignments.token)  # [n, d], sorted by expert
+            expert_out = self.experts.forward_sorted(rows, assignments.counts)
+            y = combine_sorted(expert_out, routing, assignments, x_flat)
+            counts = assignments.counts
+        if not _is_exporting(hidden_states):
+            self.last_routing = self._record(routing, counts)
+        return y.reshape_as(hidden_states).to(hidden_states.dtype)
+
+    def route(self, x: Tensor) -> Routing:
+        """Router logits and routing decisions for grouped tokens x: [G, T, d]."""
+        c = self.config
+        router_logits = self.router(x)  # [G, T, E] float32
+        uniform = None
+        if self.training and c.top_k == 2:
+            uniform = torch.rand_like(router_logits[..., 0])  # GShard random routing
+        return route(
+            router_logits, num_experts=c.num_experts, top_k=c.top_k,
+            expert_capacity=self.expert_capacity, gate=c.gate, second_uniform=uniform,
+        )
+
+    def _record(self, routing: Routing, counts: list[int] | None) -> RoutingRecord:
+        E = self.config.num_experts
+        if counts is None:
+            assigned = F.one_hot(routing.expert_index, E) * routing.kept.unsqueeze(-1)
+            tokens_per_expert = assigned.sum(dim=(0, 1, 2)).detach()
+        else:
+            tokens_per_expert = torch.tensor(counts, dtype=torch.int64)
+        reached = routing.kept.any(dim=-1)  # [G, T]
+        return RoutingRecord(
+            load_balancing_loss=load_balancing_loss(
+                routing.router_probs, routing.expert_index[..., 0], num_experts=E
+            ),
+            z_loss=router_z_loss(routing.router_logits),
+            tokens_per_expert=tokens_per_expert,
+            dropped_fraction=1.0 - reached.float().mean().detach(),
+            expert_capacity=self.expert_capacity,
+            num_tokens=reached.numel(),
+        )
+
+    def _check_input(self, hidden_states: Tensor) -> None:
+        shape = tuple(hidden_states.shape)
+        if not shape or shape[-1] != self.d_model:
+            raise ValueError(f"SwitchFFN expects inputs [..., {self.d_model}], got {shape}")
+        if self.config.group_size is None:
+            if len(shape) < 2 or shape[-2] != self.tokens_per_group:
+                raise ValueError(
+                    f"SwitchFFN was built for sequences of {self.tokens_per_group} tokens "
+                    f"(its capacity is fixed for that length), got input {shape}; call "
+                    f"set_tokens_per_group({shape[-2] if len(shape) >= 2 else '...'}) "
+                    "to re-declare it, or set MoEConfig.group_size"
+                )
+        elif math.prod(shape[:-1]) % self.tokens_per_group:
+            raise ValueError(
+                f"SwitchFFN routes groups of {self.tokens_per_group} tokens; input {shape} "
+                f"has {math.prod(shape[:-1])} tokens, not a multiple of it"
+            )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"d_model={self.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"tokens_per_group={self.tokens_per_group}, expert_capacity="
+            f"{self.train_capacity} (train) / {self.eval_capacity} (eval), gate={c.gate.value}"
+        )
+
+
+def _is_tracing(x: Tensor) -> bool:
+    """Whether this forward is being traced or compiled rather than run eagerly."""
+    return (
+        isinstance(x, torch.fx.Proxy)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _is_exporting(x: Tensor) -> bool:
+    """Whether a forward is producing a graph that cannot hold module state writes."""
+    return (
+        isinstance(x, torch.fx.Proxy)
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )

@@ -1,0 +1,158 @@
+"""Routing: which expert each token goes to, in which slot, with what weight.
+
+Pure functions over tensors. Shapes use the paper's names:
+
+    G  groups            T  tokens_per_group     d  d_model
+    E  num_experts       C  expert_capacity      k  top_k (1 or 2)
+
+Nothing here reads a tensor's shape to decide a size: the capacity and the group length
+arrive as Python ints, so every function traces (fx, export, compile, ONNX) to a graph
+whose expert buffers have static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moeify.config import Gate
+
+
+class Routing(NamedTuple):
+    """Everything the dispatch, the combine and the losses need from the router.
+
+    router_logits:   [G, T, E] router dtype (float32), before softmax.
+    router_probs:    [G, T, E] router dtype, softmax of the logits.
+    expert_index:    [G, T, k] int64, the chosen experts, best first.
+    position:        [G, T, k] int64, the slot each choice claims in its expert's buffer;
+                     >= C for a choice that overflowed (meaningless where not chosen).
+    kept:            [G, T, k] bool, the choice reaches its expert (chosen and in
+                     capacity).
+    combine_weights: [G, T, k] router dtype, the weight of each choice's expert output;
+                     0 where not kept.
+    """
+
+    router_logits: Tensor
+    router_probs: Tensor
+    expert_index: Tensor
+    position: Tensor
+    kept: Tensor
+    combine_weights: Tensor
+
+
+def expert_capacity(
+    tokens_per_group: int,
+    *,
+    num_experts: int,
+    capacity_factor: float,
+    top_k: int = 1,
+    min_capacity: int = 1,
+) -> int:
+    """Slots per expert and group: ``min(T, max(min_capacity, ceil(cf * k * T / E)))``.
+
+    Ceil (DeepSpeed, Tutel) rather than Mesh-TF's floor or flaxformer's round: a factor
+    of 1.0 then always leaves room for a perfectly balanced group. The product is
+    rounded to 9 decimals first so that 1.1 * 10 does not become 12 through float error.
+    """
+    if tokens_per_group < 1:
+        raise ValueError(f"tokens_per_group={tokens_per_group} must be >= 1")
+    even_share = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
+    return min(tokens_per_group, max(min_capacity, math.ceil(even_share)))
+
+
+def compute_router_logits(
+    x: Tensor, weight: Tensor, *, dtype: torch.dtype, jitter: Tensor | None = None
+) -> Tensor:
+    """``x @ weight.T`` in ``dtype`` with autocast off (selective precision).
+
+    x: [..., d] any float dtype; weight: [E, d]; jitter: None or a multiplier broadcastable
+    to x (the Switch recipe's ``U(1-eps, 1+eps)``, applied to the router *input* in a new
+    tensor, never in place). Returns [..., E] in ``dtype``.
+    """
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        inputs = x.to(dtype)
+        if jitter is not None:
+            inputs = inputs * jitter.to(dtype)
+        return F.linear(inputs, weight.to(dtype))
+
+
+def route(
+    router_logits: Tensor,
+    *,
+    num_experts: int,
+    top_k: int,
+    expert_capacity: int,
+    gate: Gate,
+    second_uniform: Tensor | None = None,
+) -> Routing:
+    """Tokens choose experts; earlier tokens claim slots first.
+
+    router_logits: [G, T, E]. top_k: 1 (Switch) or 2 (GShard).
+    second_uniform: [G, T] uniform samples for GShard random routing (training): the
+        second expert is kept iff ``u < 2 * g2`` with ``g2 = p2 / (p1 + p2)``, i.e. with
+        probability proportional to its weight. None keeps every second choice (eval).
+    All first choices of a group fill capacity before any second choice. A choice whose
+    slot would be >= ``expert_capacity`` is dropped; a token with no kept choice gets
+    output 0 from the layer, so the residual carries it.
+    """
+    probs = torch.softmax(router_logits, dim=-1)  # [G, T, E]
+    first = probs.argmax(dim=-1, keepdim=True)  # [G, T, 1]
+    if top_k == 1:
+        expert_index = first
+        gate_probs = probs.gather(-1, first)  # [G, T, 1]
+        chosen = torch.ones_like(first, dtype=torch.bool)
+    else:
+        masked = probs.scatter(-1, first, -1.0)  # the first choice cannot be second
+        second = masked.argmax(dim=-1, keepdim=True)
+        expert_index = torch.cat([first, second], dim=-1)  # [G, T, 2]
+        gate_probs = probs.gather(-1, expert_index)  # [G, T, 2]
+        chosen_first = torch.ones_like(first, dtype=torch.bool)
+        if second_uniform is None:
+            chosen_second = torch.ones_like(second, dtype=torch.bool)
+        else:
+            g2 = gate_probs[..., 1:] / gate_probs.sum(-1, keepdim=True)
+            chosen_second = second_uniform.unsqueeze(-1).to(g2.dtype) < 2.0 * g2
+        chosen = torch.cat([chosen_first, chosen_second], dim=-1)
+
+    position = slot_positions(expert_index, chosen, num_experts=num_experts, top_k=top_k)
+    kept = chosen & (position < expert_capacity)
+    combine_weights = gate_weights(gate_probs, kept, top_k=top_k, gate=gate)
+    return Routing(router_logits, probs, expert_index, position, kept, combine_weights)
+
+
+def slot_positions(
+    expert_index: Tensor, chosen: Tensor, *, num_experts: int, top_k: int
+) -> Tensor:
+    """Slot of each choice in its expert's buffer, in priority order.
+
+    Priority runs over choice rank first (every first choice of the group before any
+    second choice), then over token position. expert_index, chosen: [G, T, k].
+    Returns [G, T, k] int64 (unchosen choices get the position they would have had;
+    callers mask them with ``chosen``). Memory is O(G T k E), never O(T E C).
+    """
+    one_hot = F.one_hot(expert_index, num_experts) * chosen.unsqueeze(-1)  # [G, T, k, E]
+    by_rank = one_hot.transpose(1, 2).flatten(1, 2)  # [G, k*T, E], rank-major
+    position = (by_rank.cumsum(dim=1) - 1) * by_rank  # slot where chosen, else 0
+    position = position.sum(-1).unflatten(1, (top_k, -1))  # [G, k, T]
+    return position.transpose(1, 2)  # [G, T, k]
+
+
+def gate_weights(gate_probs: Tensor, kept: Tensor, *, top_k: int, gate: Gate) -> Tensor:
+    """Weights of each choice's expert output, [G, T, k]; 0 where not kept.
+
+    softmax: top-1 keeps the raw probability (Switch); top-2 renormalizes over the chosen
+    pair (GShard), whether or not the second one was dropped afterwards.
+    normalized: renormalized over the kept choices, so the kept weights sum to 1.
+    """
+    kept_f = kept.to(gate_probs.dtype)
+    if gate == Gate.NORMALIZED:
+        weights = gate_probs * kept_f
+        total = weights.sum(-1, keepdim=True)
+        return weights / torch.where(total > 0, total, torch.ones_like(total))
+    if top_k == 1:
+        return gate_probs * kept_f
+    return gate_probs / gate_probs.sum(-1, keepdim=True) * kept_f

@@ -1,0 +1,1 @@
+"""Graph-rewriting passes of moeify, installed as ``moeify.passes``."""
