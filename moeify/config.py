@@ -102,12 +102,7 @@ class MoEConfig:
             set_("layers", tuple(self.layers))
 
         _require_int("num_experts", self.num_experts, lambda v: v >= 2, ">= 2")
-        _require_int(
-            "top_k",
-            self.top_k,
-            lambda v: 1 <= v <= min(2, self.num_experts),
-            f"1 or 2 (and at most num_experts={self.num_experts})",
-        )
+        _require_int("top_k", self.top_k, lambda v: v in (1, 2), "1 or 2 (Switch or GShard)")
         _require_int("min_capacity", self.min_capacity, lambda v: v >= 1, ">= 1")
         if self.group_size is not None:
             _require_int("group_size", self.group_size, lambda v: v >= 1, ">= 1 or None")

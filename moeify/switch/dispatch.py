@@ -3,7 +3,7 @@
 Two implementations of one function (a test proves they agree):
 
 * `dispatch_padded` / `combine_padded`: static shapes. Every expert gets exactly C slots
-  per group, an ``[E, G*C, d]`` buffer in which empty slots hold zeros. Built from index
+  per group, an ``[E, G, C, d]`` buffer in which empty slots hold zeros. Built from index
   gathers plus one scatter whose indices are all distinct (every dropped choice has a
   discard column of its own), so tracing, ``torch.compile`` and ONNX export see fixed
   capacity dims and a graph the ONNX spec defines.
@@ -53,16 +53,16 @@ def slot_tokens(routing: Routing, sizes: Sizes) -> Tensor:
 
 
 def dispatch_padded(x: Tensor, routing: Routing, sizes: Sizes) -> Tensor:
-    """Gather tokens into expert buffers. x: [G, T, d] -> [E, G*C, d], zeros where empty."""
+    """Gather tokens into expert buffers. x: [G, T, d] -> [E, G, C, d], zeros where empty."""
     T = sizes.tokens_per_group
     x_padded = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)  # [G, T+1, d], row T = 0
     tokens = slot_tokens(routing, sizes) + _group_index(x[:, :, 0]).unsqueeze(0) * (T + 1)
     gathered = x_padded.flatten(0, 1).index_select(0, tokens.flatten())  # [E*G*C, d]
-    return gathered.unflatten(0, (sizes.num_experts, -1))  # [E, G*C, d]
+    return gathered.unflatten(0, (sizes.num_experts, -1, sizes.expert_capacity))
 
 
 def combine_padded(expert_out: Tensor, routing: Routing, sizes: Sizes) -> Tensor:
-    """Weighted sum of each token's expert outputs. [E, G*C, d] -> [G, T, d].
+    """Weighted sum of each token's expert outputs. [E, G, C, d] -> [G, T, d].
 
     A choice that was not kept reads an appended zero row, so a token with no kept
     choice comes out as exactly 0.
@@ -72,7 +72,8 @@ def combine_padded(expert_out: Tensor, routing: Routing, sizes: Sizes) -> Tensor
     num_groups = group[-1:] + 1  # [1, 1, 1]
     source = routing.expert_index * (num_groups * C) + group * C + routing.position
     source = torch.where(routing.kept, source, E * num_groups * C)  # [G, T, k]
-    rows = torch.cat([expert_out.flatten(0, 1), torch.zeros_like(expert_out[0, :1])])
+    rows = expert_out.flatten(0, 2)  # [E*G*C, d]
+    rows = torch.cat([rows, torch.zeros_like(rows[:1])])  # + a zero row for dropped choices
     picked = rows.index_select(0, source.flatten()).unflatten(0, (-1, T, k))  # [G, T, k, d]
     weights = routing.combine_weights.to(picked.dtype).unsqueeze(-1)  # [G, T, k, 1]
     return (picked * weights).sum(dim=2)

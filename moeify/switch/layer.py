@@ -33,7 +33,7 @@ class DispatchPath(enum.Enum):
     """Which dispatch implementation `SwitchFFN` runs (see `moeify.switch.dispatch`)."""
 
     AUTO = "auto"  # sorted in eager mode, padded under tracing, compile and export
-    PADDED = "padded"  # static [E, G*C, d] buffers
+    PADDED = "padded"  # static [E, G, C, d] buffers
     SORTED = "sorted"  # occupied slots only (eager)
 
 
@@ -88,8 +88,8 @@ class Router(nn.Module):
         nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d] -> router_logits [..., E] in the router dtype (float64 stays 64)."""
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else self.router_dtype
+        """x: [..., d] -> router_logits [..., E] in the router dtype."""
+        dtype = self.router_dtype
         jitter = None
         if self.training and self.jitter_eps > 0:
             eps = self.jitter_eps
@@ -198,7 +198,9 @@ class SwitchFFN(nn.Module):
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
         routing = self.route(x)
         if tracing or self.dispatch_path == DispatchPath.PADDED:
-            expert_out = self.experts(dispatch_padded(x, routing, sizes))  # [E, G*C, d]
+            dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
+            expert_out = self.experts(dispatched.flatten(1, 2))  # [E, G*C, d]
+            expert_out = expert_out.unflatten(1, (-1, sizes.expert_capacity))  # [E, G, C, d]
             y = combine_padded(expert_out, routing, sizes)  # [G, T, d]
             counts = None
         else:

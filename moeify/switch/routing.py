@@ -12,6 +12,7 @@ whose expert buffers have static shapes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -73,7 +74,7 @@ def compute_router_logits(
     to x (the Switch recipe's ``U(1-eps, 1+eps)``, applied to the router *input* in a new
     tensor, never in place). Returns [..., E] in ``dtype``.
     """
-    with torch.autocast(device_type=weight.device.type, enabled=False):
+    with _autocast_disabled():
         inputs = x.to(dtype)
         if jitter is not None:
             inputs = inputs * jitter.to(dtype)
@@ -156,3 +157,13 @@ def gate_weights(gate_probs: Tensor, kept: Tensor, *, top_k: int, gate: Gate) ->
     if top_k == 1:
         return gate_probs * kept_f
     return gate_probs / gate_probs.sum(-1, keepdim=True) * kept_f
+
+
+def _autocast_disabled() -> contextlib.ExitStack:
+    """A context that turns off every active autocast region (reads no tensor, so fx,
+    export and compile all trace through it)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack

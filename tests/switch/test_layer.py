@@ -1,0 +1,288 @@
+"""SwitchFFN behaviour: upcycling identity, precision, jitter, gradients, statistics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moeify
+from moeify import DenseFFNWeights, MoEConfig, SwitchFFN
+from moeify.switch import DispatchPath
+
+NO_NOISE = dict(jitter_eps=0.0, expert_dropout=0.0)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d, f, *, gated=False, bias=True, act=F.gelu):
+        super().__init__()
+        self.up = nn.Linear(d, f, bias=bias)
+        self.gate = nn.Linear(d, f, bias=bias) if gated else None
+        self.down = nn.Linear(f, d, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
+        return self.down(h)
+
+    def weights(self):
+        return DenseFFNWeights.from_linears(self.up, self.down, self.gate)
+
+
+@pytest.mark.parametrize(
+    ("gated", "act", "name"),
+    [(False, F.relu, "relu"), (False, F.gelu, "gelu"), (True, F.silu, "silu"),
+     (True, lambda v: F.gelu(v, approximate="tanh"), "gelu_tanh")],
+)
+@pytest.mark.parametrize("path", list(DispatchPath))
+def test_upcycled_layer_is_gate_times_dense_ffn(gated, act, name, path):
+    torch.manual_seed(0)
+    dense = DenseFFN(16, 40, gated=gated, act=act)
+    x = torch.randn(3, 12, 16)
+    for gate in ("softmax", "normalized"):
+        # capacity factor E: every expert can take the whole group, nothing drops
+        config = MoEConfig(num_experts=4, top_k=1, capacity_factor=4.0, eval_capacity_factor=4.0,
+                           gate=gate, **NO_NOISE)
+        layer = SwitchFFN.from_dense(dense.weights(), config, seq_len=12, activation=name).eval()
+        layer.dispatch_path = path
+        with torch.no_grad():
+            layer.router.weight.normal_()  # non-uniform routing: every token picks for real
+            y = layer(x)
+            probs = torch.softmax(x @ layer.router.weight.T, -1)
+        assert layer.last_routing.dropped_fraction == 0
+        expected = dense(x) if gate == "normalized" else probs.amax(-1, keepdim=True) * dense(x)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_upcycled_top2_normalized_is_dense_ffn():
+    torch.manual_seed(1)
+    dense = DenseFFN(8, 24, gated=True, act=F.silu, bias=False)
+    config = MoEConfig(num_experts=4, top_k=2, capacity_factor=2.0, eval_capacity_factor=2.0,
+                       gate="normalized", **NO_NOISE)
+    layer = SwitchFFN.from_dense(dense.weights(), config, seq_len=10, activation="silu").eval()
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_from_dense_init_modes():
+    torch.manual_seed(2)
+    dense = DenseFFN(8, 16, bias=True, act=F.relu)
+    base = dict(num_experts=4, **NO_NOISE)
+    copy = SwitchFFN.from_dense(dense.weights(), MoEConfig(**base), seq_len=4)
+    for e in range(4):
+        torch.testing.assert_close(copy.experts.w_in[e], dense.up.weight.T)
+        torch.testing.assert_close(copy.experts.b_out[e], dense.down.bias)
+    noisy = SwitchFFN.from_dense(dense.weights(), MoEConfig(noise=0.01, **base), seq_len=4)
+    diff = noisy.experts.w_in - dense.up.weight.T
+    assert 0 < diff.std() < 0.02 * dense.up.weight.std()
+    assert not torch.equal(noisy.experts.w_in[0], noisy.experts.w_in[1])
+    part = SwitchFFN.from_dense(dense.weights(), MoEConfig(init="partition", **base), seq_len=4)
+    assert part.experts.w_in.shape == (4, 8, 4)
+    # the partitions together are the dense FFN: summing every expert's hidden share
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        parts = sum(
+            F.relu(x @ part.experts.w_in[e] + part.experts.b_in[e]) @ part.experts.w_out[e]
+            for e in range(4)
+        )
+        torch.testing.assert_close(parts + dense.down.bias, dense(x), rtol=1e-5, atol=1e-6)
+    rand = SwitchFFN.from_dense(dense.weights(), MoEConfig(init="random", **base), seq_len=4)
+    assert not torch.allclose(rand.experts.w_in[0], dense.up.weight.T)
+    with pytest.raises(ValueError, match="divide by num_experts"):
+        SwitchFFN.from_dense(
+            DenseFFN(8, 10).weights(), MoEConfig(init="partition", **base), seq_len=4
+        )
+
+
+def test_same_seed_same_weights():
+    dense = DenseFFN(8, 16)
+    a = SwitchFFN.from_dense(dense.weights(), MoEConfig(noise=0.1, seed=7), seq_len=4)
+    b = SwitchFFN.from_dense(dense.weights(), MoEConfig(noise=0.1, seed=7), seq_len=4)
+    c = SwitchFFN.from_dense(dense.weights(), MoEConfig(noise=0.1, seed=8), seq_len=4)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.router.weight, c.router.weight)
+
+
+def test_router_init_uses_the_papers_reduced_scale():
+    torch.manual_seed(3)
+    layer = SwitchFFN(1024, 8, MoEConfig(num_experts=64), seq_len=4)
+    w = layer.router.weight
+    std = math.sqrt(0.1 / 1024)
+    assert w.dtype == torch.float32
+    assert w.abs().max() <= 2 * std
+    # a normal truncated at 2 std has std 0.880 of the untruncated one
+    assert w.std().item() == pytest.approx(0.880 * std, rel=0.02)
+
+
+def test_jitter_is_training_only_multiplicative_and_never_in_place():
+    config = MoEConfig(num_experts=4, jitter_eps=0.1, expert_dropout=0.0)
+    layer = SwitchFFN(8, 16, config, seq_len=6)
+    x = torch.randn(2, 6, 8)
+    before = x.clone()
+    logits = layer.router(x)
+    assert torch.equal(x, before)  # the caller's activations are untouched
+    clean = x @ layer.router.weight.T
+    bound = 0.1 * (x.abs() @ layer.router.weight.abs().T)
+    assert not torch.allclose(logits, clean)
+    assert ((logits - clean).abs() <= bound + 1e-6).all()
+    layer(x)
+    assert torch.equal(x, before)
+    layer.eval()
+    torch.testing.assert_close(layer.router(x), clean)
+
+
+def test_router_is_float32_under_bf16_autocast_and_with_bf16_parameters():
+    torch.manual_seed(4)
+    layer = SwitchFFN(16, 32, MoEConfig(num_experts=4, **NO_NOISE), seq_len=8).eval()
+    x = torch.randn(2, 8, 16)
+    want = x @ layer.router.weight.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router(x)
+        y = layer(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert layer.last_routing.z_loss.dtype == torch.float32
+
+    layer.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    logits = layer.router(xb)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, xb.float() @ layer.router.weight.float().T)
+    assert layer(xb).dtype == torch.bfloat16
+    assert layer.last_routing.load_balancing_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("path", list(DispatchPath))
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gradcheck_float64(path, top_k):
+    torch.manual_seed(5)
+    config = MoEConfig(num_experts=3, top_k=top_k, capacity_factor=0.7, min_capacity=1,
+                       **NO_NOISE)
+    layer = SwitchFFN(3, 4, config, seq_len=5, activation="gelu", gated=True, bias=True,
+                      dtype=torch.float64)
+    layer.dispatch_path = path
+    layer.eval()  # deterministic routing (no random second choice) for finite differences
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    names, params = zip(*layer.named_parameters())
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in params])
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_top2_keeps_second_expert_with_probability_twice_its_weight():
+    # Every token has the same router probabilities, so every second choice has the
+    # same keep probability q = 2 * p2 / (p1 + p2). With n = 8192 Bernoulli draws the
+    # kept fraction has standard deviation sqrt(q (1 - q) / n) < 0.0056; the tolerance
+    # 0.025 is ~4.5 of those, and the fixed seed makes the test deterministic.
+    torch.manual_seed(6)
+    config = MoEConfig(num_experts=3, top_k=2, capacity_factor=3.0, **NO_NOISE)
+    layer = SwitchFFN(3, 4, config, seq_len=1024).train()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0, 0], [0.3, 0, 0], [-2.0, 0, 0]]))
+    x = torch.zeros(8, 1024, 3)
+    x[..., 0] = 1.0
+    probs = torch.softmax(torch.tensor([1.0, 0.3, -2.0]), 0)
+    q = (2 * probs[1] / (probs[0] + probs[1])).item()
+    layer(x)
+    counts = layer.last_routing.tokens_per_expert.tolist()
+    assert counts[0] == 8 * 1024 and counts[2] == 0
+    assert counts[1] / (8 * 1024) == pytest.approx(q, abs=0.025)
+    layer.eval()  # evaluation keeps every second choice
+    layer(x)
+    assert layer.last_routing.tokens_per_expert.tolist() == [8192, 8192, 0]
+
+
+def test_train_and_eval_capacity_are_fixed_python_ints():
+    config = MoEConfig(num_experts=8, capacity_factor=1.25, eval_capacity_factor=2.0)
+    layer = SwitchFFN(8, 16, config, seq_len=512)
+    assert (layer.train_capacity, layer.eval_capacity) == (80, 128)
+    assert layer.train().expert_capacity == 80
+    assert layer.eval().expert_capacity == 128
+    layer.set_tokens_per_group(1024)
+    assert layer.expert_capacity == 256
+    grouped = SwitchFFN(8, 16, config.replace(group_size=64), seq_len=512)
+    assert grouped.tokens_per_group == 64 and grouped.eval().expert_capacity == 16
+
+
+def test_capacity_does_not_depend_on_batch_size():
+    torch.manual_seed(7)
+    config = MoEConfig(num_experts=4, capacity_factor=0.5, eval_capacity_factor=0.5,
+                       min_capacity=1, **NO_NOISE)
+    layer = SwitchFFN(8, 16, config, seq_len=10).eval()
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(6, 10, 8)
+    whole = layer(x)
+    for b in range(6):  # each sequence is its own group: same output alone or batched
+        torch.testing.assert_close(layer(x[b : b + 1]), whole[b : b + 1])
+
+
+def test_bad_inputs_name_the_problem():
+    layer = SwitchFFN(8, 16, MoEConfig(), seq_len=10)
+    with pytest.raises(ValueError, match="built for sequences of 10 tokens"):
+        layer(torch.randn(2, 12, 8))
+    with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 8\]"):
+        layer(torch.randn(2, 10, 4))
+    grouped = SwitchFFN(8, 16, MoEConfig(group_size=4), seq_len=None)
+    with pytest.raises(ValueError, match="not a multiple"):
+        grouped(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="declared group length"):
+        SwitchFFN(8, 16, MoEConfig())
+
+
+def test_losses_and_statistics_are_recorded_each_forward():
+    torch.manual_seed(8)
+    config = MoEConfig(num_experts=4, capacity_factor=1.0, min_capacity=1, aux_loss_coef=0.01,
+                       z_loss_coef=0.001, **NO_NOISE)
+    model = nn.Sequential(
+        SwitchFFN(8, 16, config, seq_len=6), nn.Identity(), SwitchFFN(8, 16, config, seq_len=6)
+    )
+    with pytest.raises(moeify.MoEError, match="have not run yet"):
+        moeify.aux_loss(model)
+    x = torch.randn(3, 6, 8, requires_grad=True)
+    y = model(x)
+    records = [m.last_routing for m in (model[0], model[2])]
+    want = sum(0.01 * r.load_balancing_loss + 0.001 * r.z_loss for r in records) / 2
+    loss = moeify.aux_loss(model)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert model[0].router.weight.grad.abs().sum() > 0  # the loss trains the router
+    stats = moeify.routing_stats(model)
+    assert [s.name for s in stats] == ["0", "2"]
+    for s, r in zip(stats, records):
+        assert sum(s.tokens_per_expert) == 18 - round(s.dropped_fraction * 18)
+        assert s.expert_capacity == 2 and s.num_tokens == 18
+    assert y.shape == x.shape
+    with pytest.raises(moeify.MoEError, match="no Switch layers"):
+        moeify.aux_loss(nn.Linear(2, 2))
+
+
+def test_expert_dropout_acts_between_the_matmuls_in_training_only():
+    # w_in = I and w_out = ones / f: the hidden layer is the (positive) input itself and
+    # every output element is the mean of the hidden layer. Dropout between the matmuls
+    # therefore changes that mean but keeps all of a token's output elements equal;
+    # dropout anywhere after w_out would zero some elements and not others.
+    d = f = 64
+    config = MoEConfig(num_experts=2, capacity_factor=2.0, eval_capacity_factor=2.0,
+                       gate="normalized", jitter_eps=0.0, expert_dropout=0.5)
+    dense = DenseFFNWeights(w_in=torch.eye(d), w_out=torch.full((f, d), 1.0 / f))
+    layer = SwitchFFN.from_dense(dense, config, seq_len=4)
+    x = torch.rand(1, 4, d) + 0.5
+    with torch.no_grad():
+        clean = x.mean(-1, keepdim=True).expand_as(x)
+        torch.testing.assert_close(layer.eval()(x), clean)
+        torch.manual_seed(0)
+        y = layer.train()(x)
+    torch.testing.assert_close(y, y[..., :1].expand_as(y))  # equal within each token
+    assert not torch.allclose(y, clean)
+    # inverted dropout keeps the expectation: the hidden mean stays near the clean one
+    assert (y[..., 0] / clean[..., 0]).mean().item() == pytest.approx(1.0, abs=0.3)

@@ -1,0 +1,111 @@
+"""Hand-sized routing cases with literal expected dispatch."""
+
+import math
+
+import pytest
+import torch
+
+from moeify.config import Gate
+from moeify.switch.dispatch import Sizes, slot_tokens
+from moeify.switch.routing import expert_capacity, route
+
+
+def logits_choosing(choices, num_experts):
+    """Logits whose ranking puts the listed experts first, in order, for each token."""
+    rows = []
+    for ranked in choices:
+        row = [0.0] * num_experts
+        for rank, e in enumerate(ranked):
+            row[e] = 4.0 - rank
+        rows.append(row)
+    return torch.tensor([rows])  # [1, T, E]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "factor", "k", "minimum", "expected"),
+    [
+        (512, 8, 1.25, 1, 4, 80),  # ceil(1.25 * 512 / 8)
+        (10, 4, 1.0, 1, 1, 3),  # ceil(2.5)
+        (20, 2, 1.1, 1, 1, 11),  # 1.1 * 20 / 2 = 11.000000000000002 in floats: still 11
+        (10, 4, 1.0, 2, 1, 5),  # top-2 doubles the slots
+        (16, 8, 0.5, 1, 4, 4),  # min_capacity wins
+        (4, 2, 4.0, 1, 1, 4),  # never more than the group holds
+        (2048, 64, 1.25, 1, 4, 40),
+    ],
+)
+def test_expert_capacity(tokens, experts, factor, k, minimum, expected):
+    got = expert_capacity(
+        tokens, num_experts=experts, capacity_factor=factor, top_k=k, min_capacity=minimum
+    )
+    assert got == expected
+
+
+def test_top1_earlier_tokens_claim_slots_and_overflow_is_dropped():
+    # Six tokens, three experts, two slots each. Tokens 0, 1, 2, 5 want expert 0.
+    logits = logits_choosing([[0], [0], [0], [1], [2], [0]], 3)
+    r = route(logits, num_experts=3, top_k=1, expert_capacity=2, gate=Gate.SOFTMAX)
+    assert r.expert_index[0, :, 0].tolist() == [0, 0, 0, 1, 2, 0]
+    assert r.position[0, :, 0].tolist() == [0, 1, 2, 0, 0, 3]
+    assert r.kept[0, :, 0].tolist() == [True, True, False, True, True, False]
+    top_prob = torch.softmax(logits, -1).amax(-1)[0]
+    expected = top_prob * torch.tensor([1.0, 1, 0, 1, 1, 0])
+    torch.testing.assert_close(r.combine_weights[0, :, 0], expected)
+    # Slots: expert 0 <- tokens 0, 1; expert 1 <- token 3, empty; expert 2 <- token 4, empty.
+    sizes = Sizes(num_experts=3, expert_capacity=2, tokens_per_group=6, top_k=1)
+    assert slot_tokens(r, sizes)[:, 0].tolist() == [[0, 1], [3, 6], [4, 6]]
+
+
+def test_top2_first_choices_fill_capacity_before_second_choices():
+    # Four tokens, three experts, two slots each. First choices: 0, 0, 1, 1.
+    logits = logits_choosing([[0, 1], [0, 2], [1, 0], [1, 2]], 3)
+    r = route(logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.SOFTMAX)
+    assert r.expert_index[0].tolist() == [[0, 1], [0, 2], [1, 0], [1, 2]]
+    # Expert 0 is full of first choices (tokens 0, 1), so token 2's second choice drops;
+    # expert 1 likewise for token 0's second choice. Expert 2 takes tokens 1 and 3.
+    assert r.kept[0].tolist() == [[True, False], [True, True], [True, False], [True, True]]
+    assert r.position[0].tolist() == [[0, 2], [1, 0], [0, 2], [1, 1]]
+    sizes = Sizes(num_experts=3, expert_capacity=2, tokens_per_group=4, top_k=2)
+    assert slot_tokens(r, sizes)[:, 0].tolist() == [[0, 1], [2, 3], [1, 3]]
+    # Softmax gate at top-2: the pair renormalized (GShard), dropped choices weigh 0.
+    p = torch.softmax(logits, -1)[0]
+    pair = p.gather(-1, r.expert_index[0])
+    expected = pair / pair.sum(-1, keepdim=True) * r.kept[0]
+    torch.testing.assert_close(r.combine_weights[0], expected)
+
+
+def test_normalized_gate_weights_sum_to_one_over_kept_choices():
+    logits = logits_choosing([[0, 1], [0, 2], [1, 0], [1, 2]], 3)
+    r = route(logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.NORMALIZED)
+    assert r.combine_weights[0].sum(-1).tolist() == pytest.approx([1.0] * 4)
+    assert r.combine_weights[0, 0, 1].item() == 0.0  # dropped second choice
+    r1 = route(logits, num_experts=3, top_k=1, expert_capacity=1, gate=Gate.NORMALIZED)
+    assert r1.combine_weights[0, :, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_random_routing_drops_second_choice_by_uniform_sample():
+    # p1 = p2 for token 0 (g2 = 0.5, always kept: 2 * 0.5 = 1 > u); token 1 has g2 ~ 0.
+    logits = torch.tensor([[[2.0, 2.0, -9.0], [9.0, -9.0, -8.0]]])
+    uniform = torch.tensor([[0.99, 0.01]])
+    r = route(
+        logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.SOFTMAX,
+        second_uniform=uniform,
+    )
+    assert r.kept[0].tolist() == [[True, True], [True, False]]
+    # An unchosen second choice claims no slot: token 1's first choice is expert 0 and
+    # keeps slot 1 after token 0; expert 2 stays empty.
+    assert r.position[0, :, 0].tolist() == [0, 1]
+
+
+def test_groups_route_independently():
+    one = logits_choosing([[0], [0], [1]], 2)
+    logits = torch.cat([one, one])  # two identical groups
+    r = route(logits, num_experts=2, top_k=1, expert_capacity=1, gate=Gate.SOFTMAX)
+    assert r.kept[:, :, 0].tolist() == [[True, False, True]] * 2
+    sizes = Sizes(num_experts=2, expert_capacity=1, tokens_per_group=3, top_k=1)
+    assert slot_tokens(r, sizes).tolist() == [[[0], [0]], [[2], [2]]]
+
+
+def test_capacity_formula_matches_design():
+    for t, e, f, k, m in [(7, 3, 1.3, 1, 1), (100, 7, 2.0, 2, 4), (1, 2, 1.0, 1, 4)]:
+        want = min(t, max(m, math.ceil(f * k * t / e)))
+        assert expert_capacity(t, num_experts=e, capacity_factor=f, top_k=k, min_capacity=m) == want

@@ -1,0 +1,78 @@
+"""MoEConfig: validation that names the field, JSON round trip."""
+
+import pytest
+
+from moeify import Gate, Init, MoEConfig
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_experts", 1, "num_experts=1 must be an integer >= 2"),
+        ("num_experts", 2.5, "num_experts=2.5 must be an integer"),
+        ("num_experts", "8", "num_experts='8' must be an integer"),
+        ("top_k", 3, "top_k=3 must be an integer 1 or 2"),
+        ("top_k", 0, "top_k=0"),
+        ("capacity_factor", 0, "capacity_factor=0 must be a finite number > 0"),
+        ("eval_capacity_factor", -1.0, "eval_capacity_factor=-1.0"),
+        ("capacity_factor", float("nan"), "capacity_factor=nan"),
+        ("min_capacity", 0, "min_capacity=0 must be an integer >= 1"),
+        ("group_size", 0, "group_size=0"),
+        ("every", 0, "every=0"),
+        ("layers", (1, 1), r"layers=\(1, 1\) must list distinct layer indices"),
+        ("layers", (-1,), r"layers=\(-1,\)"),
+        ("init", "clone", "init='clone' is not one of 'copy', 'partition', 'random'"),
+        ("gate", "top", "gate='top' is not one of 'softmax', 'normalized'"),
+        ("noise", -0.1, "noise=-0.1 must be a finite number >= 0"),
+        ("jitter_eps", 1.0, r"jitter_eps=1.0 must be a finite number in \[0, 1\)"),
+        ("aux_loss_coef", -1, "aux_loss_coef=-1"),
+        ("z_loss_coef", float("inf"), "z_loss_coef=inf"),
+        ("expert_dropout", 1.0, r"expert_dropout=1.0 must be a finite number in \[0, 1\)"),
+        ("router_dtype", "bfloat16", "router_dtype='bfloat16' is not one of"),
+        ("seed", -1, "seed=-1"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{field: value})
+
+
+def test_top2_needs_only_two_experts():
+    assert MoEConfig(num_experts=2, top_k=2).top_k == 2
+
+
+def test_defaults_follow_the_paper():
+    c = MoEConfig()
+    assert (c.capacity_factor, c.eval_capacity_factor, c.top_k) == (1.25, 2.0, 1)
+    assert (c.aux_loss_coef, c.z_loss_coef, c.jitter_eps) == (0.01, 0.001, 0.01)
+    assert c.gate is Gate.SOFTMAX and c.init is Init.COPY and c.every == 2
+
+
+def test_strings_become_enums_and_json_round_trips():
+    c = MoEConfig(num_experts=64, gate="normalized", init="partition", layers=[1, 5],
+                  group_size=128, top_k=2)
+    assert c.gate is Gate.NORMALIZED and c.init is Init.PARTITION and c.layers == (1, 5)
+    text = c.to_json()
+    assert '"gate": "normalized"' in text
+    assert MoEConfig.from_json(text) == c
+    assert MoEConfig.from_dict(c.to_dict()) == c
+
+
+def test_unknown_json_fields_are_named():
+    with pytest.raises(ValueError, match="unknown MoEConfig field.*experts"):
+        MoEConfig.from_dict({"experts": 8})
+
+
+def test_config_is_frozen_and_replace_validates():
+    c = MoEConfig()
+    with pytest.raises(AttributeError):
+        c.num_experts = 4  # type: ignore[misc]
+    assert c.replace(num_experts=4).num_experts == 4
+    with pytest.raises(ValueError, match="num_experts"):
+        c.replace(num_experts=0)
+
+
+def test_capacity_method():
+    c = MoEConfig(num_experts=64, capacity_factor=1.25, eval_capacity_factor=2.0)
+    assert c.capacity(512, training=True) == 10
+    assert c.capacity(512, training=False) == 16
