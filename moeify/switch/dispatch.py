@@ -40,13 +40,23 @@ def _group_index(reference: Tensor) -> Tensor:
     return torch.ones_like(reference[:, :1], dtype=torch.int64).cumsum(0) - 1
 
 
-def slot_tokens(routing: Routing, sizes: Sizes) -> Tensor:
-    """Which token of its group fills each expert slot: [E, G, C] int64, T if empty."""
+def slot_destinations(routing: Routing, sizes: Sizes) -> Tensor:
+    """Where each choice writes its token: [G, T*k] int64, distinct within each group.
+
+    A kept choice writes to its slot ``e * C + position`` (< E*C); every other choice to
+    a discard column of its own (``E*C + choice``), so no two writes share an index.
+    """
     E, C, T, k = sizes
     slot = routing.expert_index * C + routing.position  # [G, T, k]
     choice = torch.arange(T * k, device=slot.device).view(T, k)  # one id per choice
-    dest = torch.where(routing.kept, slot, E * C + choice).flatten(1)  # [G, T*k], distinct
-    token = torch.div(choice, k, rounding_mode="floor").flatten().expand_as(dest)
+    return torch.where(routing.kept, slot, E * C + choice).flatten(1)
+
+
+def slot_tokens(routing: Routing, sizes: Sizes) -> Tensor:
+    """Which token of its group fills each expert slot: [E, G, C] int64, T if empty."""
+    E, C, T, k = sizes
+    dest = slot_destinations(routing, sizes)  # [G, T*k]
+    token = torch.arange(T, device=dest.device).repeat_interleave(k).expand_as(dest)
     empty = torch.zeros_like(dest[:, :1]).expand(-1, E * C + T * k) + T  # [G, E*C + T*k]
     filled = empty.scatter(1, dest, token)[:, : E * C]  # [G, E*C]
     return filled.unflatten(1, (E, C)).transpose(0, 1)  # [E, G, C]
