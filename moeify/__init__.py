@@ -1,22 +1,45 @@
-"""moeify: turn a dense Transformer into a Switch Transformer."""
+"""moeify: turn a dense Transformer into a Switch Transformer.
 
-from moeify.api import LayerStats, MoEError, aux_loss, routing_stats, switch_layers
-from moeify.config import Activation, Gate, Init, MoEConfig
-from moeify.switch import DenseFFNWeights, SwitchFFN
+The public names below load on first use, so ``import moeify`` (and ``moeify --help``)
+does not pay for importing torch until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Activation",
-    "DenseFFNWeights",
-    "Gate",
-    "Init",
-    "LayerStats",
-    "MoEConfig",
-    "MoEError",
-    "SwitchFFN",
-    "__version__",
-    "aux_loss",
-    "routing_stats",
-    "switch_layers",
-]
+_EXPORTS = {
+    "Activation": "moeify.config",
+    "Gate": "moeify.config",
+    "Init": "moeify.config",
+    "MoEConfig": "moeify.config",
+    "DenseFFNWeights": "moeify.switch",
+    "SwitchFFN": "moeify.switch",
+    "LayerStats": "moeify.api",
+    "MoEError": "moeify.api",
+    "aux_loss": "moeify.api",
+    "routing_stats": "moeify.api",
+    "switch_layers": "moeify.api",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from moeify.api import LayerStats, MoEError, aux_loss, routing_stats, switch_layers
+    from moeify.config import Activation, Gate, Init, MoEConfig
+    from moeify.switch import DenseFFNWeights, SwitchFFN
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moeify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

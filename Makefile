@@ -1,0 +1,34 @@
+# make demo: create .venv if needed, install, run the demonstration on real weights.
+# make test: create .venv if needed, install, run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned and installed first: this release has a CPU wheel on the machines the
+# project runs on, and with it installed the project's own torch range adds nothing
+# (a bare "torch" resolved alone could pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.moeify-installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) examples/upcycle_minilm_layer.py
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/bench_layer.py --out BENCHMARKS.layer.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from moeify.cli import main
+
+main()
