@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.config import Activation, MoEConfig
+from moeify.config import Activation, Init, MoEConfig
 from moeify.switch.dispatch import (
     Sizes,
     combine_padded,
@@ -162,7 +162,7 @@ class SwitchFFN(nn.Module):
     ) -> SwitchFFN:
         """Upcycle one dense FFN: experts from its weights (``config.init``), new router."""
         d, f = dense.w_in.shape
-        if config.init.value == "partition":
+        if config.init == Init.PARTITION:
             f //= config.num_experts
         layer = cls(
             d, f, config, seq_len=seq_len, activation=activation,
@@ -272,21 +272,18 @@ class SwitchFFN(nn.Module):
         )
 
 
-def _is_tracing(x: Tensor) -> bool:
-    """Whether this forward is being traced or compiled rather than run eagerly."""
+def _captured(x: Tensor) -> bool:
+    """Whether this forward is being recorded by fx, the jit tracer or ONNX export."""
     return (
-        isinstance(x, torch.fx.Proxy)
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
+        isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     )
+
+
+def _is_tracing(x: Tensor) -> bool:
+    """Whether this forward is traced or compiled rather than run eagerly (static path)."""
+    return _captured(x) or torch.compiler.is_compiling()
 
 
 def _is_exporting(x: Tensor) -> bool:
-    """Whether a forward is producing a graph that cannot hold module state writes."""
-    return (
-        isinstance(x, torch.fx.Proxy)
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
+    """Whether this forward produces a graph that cannot hold module state writes."""
+    return _captured(x) or torch.compiler.is_exporting()
