@@ -105,3 +105,11 @@ def test_onnx_export_static_capacity_matches_onnxruntime(tmp_path):
         want = layer(xb)
         assert layer.last_routing.dropped_fraction > 0  # drops are part of the check
         np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_inductor():
+    layer = make_layer(top_k=1).eval()
+    x = torch.randn(2, T, D)
+    compiled = torch.compile(layer, fullgraph=True)  # default backend: inductor, C++ on CPU
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
