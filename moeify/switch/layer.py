@@ -30,11 +30,21 @@ from moeify.switch.routing import Routing, compute_router_logits, route
 
 
 class DispatchPath(enum.Enum):
-    """Which dispatch implementation `SwitchFFN` runs (see `moeify.switch.dispatch`)."""
+    """Which dispatch implementation `SwitchFFN` runs (see `moeify.switch.dispatch`).
 
-    AUTO = "auto"  # sorted in eager mode, padded under tracing, compile and export
+    In eager mode AUTO picks by the size of the padded buffers: with at most
+    `PADDED_MAX_ROWS` rows per expert (G * C) every expert matmul is bound by streaming
+    the expert's weights, where one batched matmul runs faster than a matmul per expert
+    and the padding is free; above it the sorted path saves the padding's FLOPs.
+    BENCHMARKS.md has the measurements behind the threshold.
+    """
+
+    AUTO = "auto"  # padded under tracing, compile and export; in eager mode, see above
     PADDED = "padded"  # static [E, G, C, d] buffers
     SORTED = "sorted"  # occupied slots only (eager)
+
+
+PADDED_MAX_ROWS = 128
 
 
 class RoutingRecord(NamedTuple):
@@ -197,7 +207,7 @@ class SwitchFFN(nn.Module):
         sizes = self.sizes
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
         routing = self.route(x)
-        if tracing or self.dispatch_path == DispatchPath.PADDED:
+        if tracing or self._use_padded(x):
             dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
             expert_out = self.experts(dispatched.flatten(1, 2))  # [E, G*C, d]
             expert_out = expert_out.unflatten(1, (-1, sizes.expert_capacity))  # [E, G, C, d]
@@ -213,6 +223,12 @@ class SwitchFFN(nn.Module):
         if not _is_exporting(hidden_states):
             self.last_routing = self._record(routing, counts)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
+
+    def _use_padded(self, x: Tensor) -> bool:
+        """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d]."""
+        if self.dispatch_path == DispatchPath.AUTO:
+            return x.shape[0] * self.expert_capacity <= PADDED_MAX_ROWS
+        return self.dispatch_path == DispatchPath.PADDED
 
     def route(self, x: Tensor) -> Routing:
         """Router logits and routing decisions for grouped tokens x: [G, T, d]."""

@@ -286,3 +286,17 @@ def test_expert_dropout_acts_between_the_matmuls_in_training_only():
     assert not torch.allclose(y, clean)
     # inverted dropout keeps the expectation: the hidden mean stays near the clean one
     assert (y[..., 0] / clean[..., 0]).mean().item() == pytest.approx(1.0, abs=0.3)
+
+
+def test_auto_dispatch_pads_small_buffers_and_sorts_large_ones():
+    from moeify.switch.layer import PADDED_MAX_ROWS
+
+    layer = SwitchFFN(8, 16, MoEConfig(num_experts=8, capacity_factor=1.0), seq_len=256).train()
+    assert layer.expert_capacity == 32
+    small = torch.randn(PADDED_MAX_ROWS // 32, 256, 8)  # G * C == PADDED_MAX_ROWS
+    large = torch.randn(PADDED_MAX_ROWS // 32 + 1, 256, 8)
+    assert layer._use_padded(small) and not layer._use_padded(large)
+    layer.dispatch_path = DispatchPath.SORTED
+    assert not layer._use_padded(small)
+    layer.dispatch_path = DispatchPath.PADDED
+    assert layer._use_padded(large)
