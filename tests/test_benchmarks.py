@@ -1,0 +1,27 @@
+"""The benchmark script stays runnable: a one-repeat pass over its smoke grid."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_layer.py"
+
+
+def test_bench_layer_quick_runs_and_reports_every_implementation(tmp_path):
+    out, raw = tmp_path / "table.md", tmp_path / "raw.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--out", str(out),
+         "--json", str(raw)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    assert "## Targets" in table and "matmul ceiling" in table and "THP_MEM_ALLOC_ENABLE=1" in table
+    data = json.loads(raw.read_text())
+    records = data["records"] if isinstance(data, dict) else data
+    for rec in records:
+        times = rec["result"]["times_s"]
+        for mode in ("fwd", "fwd+bwd"):
+            assert set(times[mode]) == {"moeify", "sorted", "padded", "dense", "hf", "einsum"}
+            assert all(t > 0 for samples in times[mode].values() for t in samples)
