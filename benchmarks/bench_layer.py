@@ -407,7 +407,7 @@ def header_lines(args: argparse.Namespace, ceilings: dict) -> list[str]:
     return [
         "# moeify Switch layer benchmark (CPU, fp32)",
         "",
-        f"- command: `{shlex.join([sys.executable, *sys.argv])}`",
+        f"- command: `{shlex.join(['python', *sys.argv])}` (run from the repository root)",
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"python {platform.python_version()}, {platform.processor() or platform.machine()}",
         f"- matmul ceiling: {ceilings['matmul_rate'] / 1e9:.1f} GFLOP/s (median, fp32 "
