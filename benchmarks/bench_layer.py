@@ -584,6 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the markdown report to this path")
     parser.add_argument("--json", help="dump raw results (every sample) to this path")
+    parser.add_argument("--tokens", type=int, nargs="+", help="only these token counts")
+    parser.add_argument("--experts", type=int, nargs="+", help="only these expert counts")
     parser.add_argument("--no-thp", action="store_true",
                         help="leave THP_MEM_ALLOC_ENABLE unset (read before torch loads)")
     return parser.parse_args(argv)
@@ -597,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     grid = quick_grid() if args.quick else full_grid()
+    grid = [c for c in grid if (not args.tokens or c.tokens in args.tokens)
+            and (not args.experts or c.experts in args.experts)]
     if args.repeats is not None:
         min_repeats = max_repeats = args.repeats
     elif args.quick:
