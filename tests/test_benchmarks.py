@@ -25,3 +25,16 @@ def test_bench_layer_quick_runs_and_reports_every_implementation(tmp_path):
         for mode in ("fwd", "fwd+bwd"):
             assert set(times[mode]) == {"moeify", "sorted", "padded", "dense", "hf", "einsum"}
             assert all(t > 0 for samples in times[mode].values() for t in samples)
+
+
+def test_bench_weight_streaming_reports_rates_per_row_count():
+    script = SCRIPT.parent / "bench_weight_streaming.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--repeats", "1", "--experts", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 ")]
+    assert len(rows) == 6
+    rates = [float(r.split("|")[6]) for r in rows]  # weight GB/s, measured, positive
+    assert all(rate > 0 for rate in rates)
