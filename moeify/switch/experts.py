@@ -27,6 +27,11 @@ _ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
 }
 
 
+def activation_fn(activation: Activation | str) -> Callable[[Tensor], Tensor]:
+    """The function an `Activation` names."""
+    return _ACTIVATIONS[Activation(activation)]
+
+
 @dataclass(frozen=True)
 class DenseFFNWeights:
     """One dense FFN's weights in ``x @ W`` layout (transpose ``nn.Linear`` weights).

@@ -111,13 +111,17 @@ class SwitchFFN(nn.Module):
     """A Switch Transformer FFN layer: router, E experts, static expert capacity.
 
     Built for a declared group length (``config.group_size``, else ``seq_len``: one
-    sequence per group), so the capacity is a Python int fixed here, never computed
-    from an input's shape in ``forward``. ``train()`` / ``eval()`` switch between the
-    training and the evaluation capacity factor.
+    sequence per group), the capacity is a Python int fixed here, never computed from
+    an input's shape in ``forward``; ``train()`` / ``eval()`` switch between the
+    training and the evaluation capacity factor. Input ``[..., d]``: with one sequence
+    per group the second-to-last axis must be the declared sequence length; with
+    ``group_size`` the token count must divide into groups.
 
-    Input ``[..., d]``: with one sequence per group the second-to-last axis must be the
-    declared sequence length; with ``group_size`` the token count must divide into
-    groups. After each forward (outside tracing and export), `last_routing` holds the
+    Without a declared length (``seq_len=None`` and no ``group_size``) each sequence is
+    still one group, and in eager mode the capacity follows each input's sequence length
+    by the same formula, as a Python int: what autoregressive decoding needs (one new
+    token per step). Tracing, compiling and exporting need the fixed capacity of a
+    declared length and refuse an undeclared layer. After each forward (outside tracing and export), `last_routing` holds the
     unweighted losses and the routing statistics that `moeify.aux_loss` and
     `moeify.routing_stats` read: the one piece of state a forward writes, the
     equivalent of flax's ``sow``.
@@ -135,29 +139,39 @@ class SwitchFFN(nn.Module):
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        router: Router | None = None,
+        experts: Experts | None = None,
     ) -> None:
+        """``router`` / ``experts``: modules built elsewhere (the conversion passes) to
+        use instead of allocating fresh ones; their shapes must match."""
         super().__init__()
         self.config = config
         self.d_model, self.d_ff = d_model, d_ff
         self.dispatch_path = DispatchPath.AUTO
-        self.router = Router(
-            d_model,
-            config.num_experts,
-            jitter_eps=config.jitter_eps,
-            router_dtype="float64" if dtype == torch.float64 else config.router_dtype,
-            device=device,
-        )
-        self.experts = Experts(
-            config.num_experts, d_model, d_ff, activation=activation, gated=gated,
-            bias=bias, dropout=config.expert_dropout, device=device, dtype=dtype,
-        )
-        tokens = config.group_size if config.group_size is not None else seq_len
-        if tokens is None:
-            raise ValueError(
-                "SwitchFFN needs a declared group length to fix its expert capacity: "
-                "pass seq_len=... (one sequence per group) or set MoEConfig.group_size"
+        if router is None:
+            router = Router(
+                d_model,
+                config.num_experts,
+                jitter_eps=config.jitter_eps,
+                router_dtype="float64" if dtype == torch.float64 else config.router_dtype,
+                device=device,
             )
-        self.set_tokens_per_group(tokens)
+        if experts is None:
+            experts = Experts(
+                config.num_experts, d_model, d_ff, activation=activation, gated=gated,
+                bias=bias, dropout=config.expert_dropout, device=device, dtype=dtype,
+            )
+        expected = (config.num_experts, d_model)
+        if tuple(router.weight.shape) != expected:
+            raise ValueError(f"router weight {tuple(router.weight.shape)} != {expected}")
+        if (experts.num_experts, experts.d_model, experts.d_ff) != (*expected, d_ff):
+            raise ValueError(
+                f"experts ({experts.num_experts}, {experts.d_model}, {experts.d_ff}) != "
+                f"{(*expected, d_ff)}"
+            )
+        self.router = router
+        self.experts = experts
+        self.set_tokens_per_group(config.group_size if config.group_size is not None else seq_len)
         self.last_routing: RoutingRecord | None = None
 
     @classmethod
@@ -185,29 +199,57 @@ class SwitchFFN(nn.Module):
         layer.experts.load_dense(dense, init=config.init, noise=config.noise, generator=generator)
         return layer
 
-    def set_tokens_per_group(self, tokens_per_group: int) -> None:
-        """Declare the group length and fix the train and eval capacities for it."""
+    def set_tokens_per_group(self, tokens_per_group: int | None) -> None:
+        """Declare the group length and fix the train and eval capacities for it.
+
+        ``None`` (only without ``MoEConfig.group_size``) undeclares it: eager inputs of
+        any sequence length, capacity computed per call (see the class docs).
+        """
+        if tokens_per_group is None and self.config.group_size is not None:
+            raise ValueError("MoEConfig.group_size is set: the group length is always declared")
+        if tokens_per_group is not None and (
+            not isinstance(tokens_per_group, int) or tokens_per_group < 1
+        ):
+            raise ValueError(f"tokens_per_group must be an int >= 1, got {tokens_per_group!r}")
         self.tokens_per_group = tokens_per_group
-        self.train_capacity = self.config.capacity(tokens_per_group, training=True)
-        self.eval_capacity = self.config.capacity(tokens_per_group, training=False)
+        capacity = lambda training: (  # noqa: E731
+            None if tokens_per_group is None
+            else self.config.capacity(tokens_per_group, training=training)
+        )
+        self.train_capacity = capacity(True)
+        self.eval_capacity = capacity(False)
 
     @property
-    def expert_capacity(self) -> int:
+    def expert_capacity(self) -> int | None:
+        """Slots per expert and group in the current mode (None: undeclared length)."""
         return self.train_capacity if self.training else self.eval_capacity
 
     @property
     def sizes(self) -> Sizes:
+        """Routing sizes for the declared group length."""
+        if self.tokens_per_group is None:
+            raise ValueError(
+                "this SwitchFFN has no declared sequence length, so no fixed capacity: "
+                "call set_tokens_per_group(n) (moeify.convert(..., seq_len=n))"
+            )
+        return self._sizes(self.tokens_per_group)
+
+    def _sizes(self, tokens_per_group: int) -> Sizes:
         c = self.config
-        return Sizes(c.num_experts, self.expert_capacity, self.tokens_per_group, c.top_k)
+        capacity = c.capacity(tokens_per_group, training=self.training)
+        return Sizes(c.num_experts, capacity, tokens_per_group, c.top_k)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         tracing = _is_tracing(hidden_states)
-        if not tracing:
+        if tracing:
+            sizes = self.sizes  # a traced graph keeps its capacity: it must be declared
+        else:
             self._check_input(hidden_states)
-        sizes = self.sizes
+            tokens = self.tokens_per_group or hidden_states.shape[-2]  # eager: a Python int
+            sizes = self._sizes(tokens)
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
-        routing = self.route(x)
-        if tracing or self._use_padded(x):
+        routing = self.route(x, sizes.expert_capacity)
+        if tracing or self._use_padded(x, sizes.expert_capacity):
             dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
             expert_out = self.experts(dispatched.flatten(1, 2))  # [E, G*C, d]
             expert_out = expert_out.unflatten(1, (-1, sizes.expert_capacity))  # [E, G, C, d]
@@ -221,17 +263,22 @@ class SwitchFFN(nn.Module):
             y = combine_sorted(expert_out, routing, assignments, x_flat)
             counts = assignments.counts
         if not _is_exporting(hidden_states):
-            self.last_routing = self._record(routing, counts)
+            self.last_routing = self._record(routing, counts, sizes.expert_capacity)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
 
-    def _use_padded(self, x: Tensor) -> bool:
+    def _use_padded(self, x: Tensor, capacity: int) -> bool:
         """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d]."""
         if self.dispatch_path == DispatchPath.AUTO:
-            return x.shape[0] * self.expert_capacity <= PADDED_MAX_ROWS
+            return x.shape[0] * capacity <= PADDED_MAX_ROWS
         return self.dispatch_path == DispatchPath.PADDED
 
-    def route(self, x: Tensor) -> Routing:
-        """Router logits and routing decisions for grouped tokens x: [G, T, d]."""
+    def route(self, x: Tensor, expert_capacity: int | None = None) -> Routing:
+        """Router logits and routing decisions for grouped tokens x: [G, T, d].
+
+        ``expert_capacity`` defaults to the capacity of the declared length.
+        """
+        if expert_capacity is None:
+            expert_capacity = self.sizes.expert_capacity
         c = self.config
         router_logits = self.router(x)  # [G, T, E] float32
         uniform = None
@@ -239,10 +286,12 @@ class SwitchFFN(nn.Module):
             uniform = torch.rand_like(router_logits[..., 0])  # GShard random routing
         return route(
             router_logits, num_experts=c.num_experts, top_k=c.top_k,
-            expert_capacity=self.expert_capacity, gate=c.gate, second_uniform=uniform,
+            expert_capacity=expert_capacity, gate=c.gate, second_uniform=uniform,
         )
 
-    def _record(self, routing: Routing, counts: list[int] | None) -> RoutingRecord:
+    def _record(
+        self, routing: Routing, counts: list[int] | None, expert_capacity: int
+    ) -> RoutingRecord:
         E = self.config.num_experts
         if counts is None:
             assigned = F.one_hot(routing.expert_index, E) * routing.kept.unsqueeze(-1)
@@ -257,7 +306,7 @@ class SwitchFFN(nn.Module):
             z_loss=router_z_loss(routing.router_logits),
             tokens_per_expert=tokens_per_expert,
             dropped_fraction=1.0 - reached.float().mean().detach(),
-            expert_capacity=self.expert_capacity,
+            expert_capacity=expert_capacity,
             num_tokens=reached.numel(),
         )
 
@@ -265,13 +314,18 @@ class SwitchFFN(nn.Module):
         shape = tuple(hidden_states.shape)
         if not shape or shape[-1] != self.d_model:
             raise ValueError(f"SwitchFFN expects inputs [..., {self.d_model}], got {shape}")
+        if len(shape) < 2 and self.config.group_size is None:
+            raise ValueError(
+                f"SwitchFFN expects inputs [..., seq_len, {self.d_model}] (one sequence per "
+                f"group), got {shape}"
+            )
         if self.config.group_size is None:
-            if len(shape) < 2 or shape[-2] != self.tokens_per_group:
+            if self.tokens_per_group is not None and shape[-2] != self.tokens_per_group:
                 raise ValueError(
                     f"SwitchFFN was built for sequences of {self.tokens_per_group} tokens "
                     f"(its capacity is fixed for that length), got input {shape}; call "
-                    f"set_tokens_per_group({shape[-2] if len(shape) >= 2 else '...'}) "
-                    "to re-declare it, or set MoEConfig.group_size"
+                    f"set_tokens_per_group({shape[-2]}) to re-declare it, or "
+                    "set_tokens_per_group(None) for a per-call capacity in eager mode"
                 )
         elif math.prod(shape[:-1]) % self.tokens_per_group:
             raise ValueError(
@@ -281,10 +335,14 @@ class SwitchFFN(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if self.tokens_per_group is None:
+            capacity = "per call (undeclared length)"
+        else:
+            capacity = f"{self.train_capacity} (train) / {self.eval_capacity} (eval)"
         return (
             f"d_model={self.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, "
-            f"tokens_per_group={self.tokens_per_group}, expert_capacity="
-            f"{self.train_capacity} (train) / {self.eval_capacity} (eval), gate={c.gate.value}"
+            f"tokens_per_group={self.tokens_per_group}, expert_capacity={capacity}, "
+            f"gate={c.gate.value}"
         )
 
 

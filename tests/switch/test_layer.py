@@ -235,8 +235,23 @@ def test_bad_inputs_name_the_problem():
     grouped = SwitchFFN(8, 16, MoEConfig(group_size=4), seq_len=None)
     with pytest.raises(ValueError, match="not a multiple"):
         grouped(torch.randn(2, 3, 8))
-    with pytest.raises(ValueError, match="declared group length"):
-        SwitchFFN(8, 16, MoEConfig())
+    with pytest.raises(ValueError, match="one sequence per group"):
+        SwitchFFN(8, 16, MoEConfig())(torch.randn(8))
+
+
+def test_undeclared_length_takes_each_inputs_capacity_in_eager_mode():
+    torch.manual_seed(9)
+    config = MoEConfig(num_experts=4, capacity_factor=1.0, min_capacity=1, **NO_NOISE)
+    free = SwitchFFN(8, 16, config).eval()
+    assert free.expert_capacity is None and "per call" in repr(free)
+    for seq_len in (1, 3, 10):
+        fixed = SwitchFFN(8, 16, config, seq_len=seq_len).eval()
+        fixed.load_state_dict(free.state_dict())
+        x = torch.randn(2, seq_len, 8)
+        torch.testing.assert_close(free(x), fixed(x))  # same function as a declared length
+        assert free.last_routing.expert_capacity == fixed.eval_capacity
+    with pytest.raises(ValueError, match="no declared sequence length"):
+        torch.fx.symbolic_trace(free)
 
 
 def test_losses_and_statistics_are_recorded_each_forward():
@@ -246,7 +261,7 @@ def test_losses_and_statistics_are_recorded_each_forward():
     model = nn.Sequential(
         SwitchFFN(8, 16, config, seq_len=6), nn.Identity(), SwitchFFN(8, 16, config, seq_len=6)
     )
-    with pytest.raises(moeify.MoEError, match="have not run yet"):
+    with pytest.raises(moeify.MoEError, match="no Switch layer has run yet"):
         moeify.aux_loss(model)
     x = torch.randn(3, 6, 8, requires_grad=True)
     y = model(x)
@@ -295,8 +310,8 @@ def test_auto_dispatch_pads_small_buffers_and_sorts_large_ones():
     assert layer.expert_capacity == 32
     small = torch.randn(PADDED_MAX_ROWS // 32, 256, 8)  # G * C == PADDED_MAX_ROWS
     large = torch.randn(PADDED_MAX_ROWS // 32 + 1, 256, 8)
-    assert layer._use_padded(small) and not layer._use_padded(large)
+    assert layer._use_padded(small, 32) and not layer._use_padded(large, 32)
     layer.dispatch_path = DispatchPath.SORTED
-    assert not layer._use_padded(small)
+    assert not layer._use_padded(small, 32)
     layer.dispatch_path = DispatchPath.PADDED
-    assert layer._use_padded(large)
+    assert layer._use_padded(large, 32)
