@@ -18,8 +18,13 @@ _EXPORTS = {
     "MoEConfig": "moeify.config",
     "DenseFFNWeights": "moeify.switch",
     "SwitchFFN": "moeify.switch",
+    "ConversionReport": "moeify.report",
+    "ConversionResult": "moeify.api",
     "LayerStats": "moeify.api",
-    "MoEError": "moeify.api",
+    "MoEError": "moeify.errors",
+    "convert": "moeify.api",
+    "conversion_of": "moeify.program",
+    "inspect": "moeify.api",
     "aux_loss": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
@@ -28,7 +33,18 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from moeify.api import LayerStats, MoEError, aux_loss, routing_stats, switch_layers
+    from moeify.api import (
+        ConversionResult,
+        LayerStats,
+        aux_loss,
+        convert,
+        inspect,
+        routing_stats,
+        switch_layers,
+    )
+    from moeify.errors import MoEError
+    from moeify.program import conversion_of
+    from moeify.report import ConversionReport
     from moeify.config import Activation, Gate, Init, MoEConfig
     from moeify.switch import DenseFFNWeights, SwitchFFN
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
+from moeify.config import MoEConfig
+from moeify.errors import MoEError
+from moeify.report import ConversionReport
 from moeify.switch.layer import SwitchFFN
-
-
-class MoEError(Exception):
-    """A problem with the user's model, config or files, stated with its fix."""
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,24 @@ def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
 
 
 def _records(model: nn.Module):
+    """(name, layer, record) of every Switch layer that ran in the last forward."""
     layers = switch_layers(model)
     if not layers:
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
-    missing = [name or "<root>" for name, layer in layers if layer.last_routing is None]
-    if missing:
+    ran = [(name, layer, layer.last_routing) for name, layer in layers if layer.last_routing is not None]
+    if not ran:
         raise MoEError(
-            f"Switch layer(s) {', '.join(missing)} have not run yet: "
-            "call the model's forward before reading its losses or statistics"
+            "no Switch layer has run yet: call the model's forward before reading its "
+            "losses or statistics"
         )
-    return [(name, layer, layer.last_routing) for name, layer in layers]
+    return ran
 
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Weighted auxiliary loss of the last forward pass, a scalar with gradient.
 
-    ``mean over Switch layers of (aux_loss_coef * load_balancing + z_loss_coef * z_loss)``;
+    ``mean over Switch layers of (aux_loss_coef * load_balancing + z_loss_coef * z_loss)``
+    over the layers that ran (a converted model clears older records at each forward);
     averaged over layers (as t5x does) so the weight does not grow with depth. Add it to
     the task loss before ``backward()``.
     """
@@ -70,3 +73,104 @@ def routing_stats(model: nn.Module) -> list[LayerStats]:
         )
         for name, _, record in _records(model)
     ]
+
+
+# --- conversion ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What `convert` returns: the rewritten model (the same object) and the report."""
+
+    model: nn.Module
+    report: ConversionReport
+
+
+ExampleInputs = Union[Tensor, tuple, dict, None]
+
+
+def _normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        if len(example_inputs) == 2 and isinstance(example_inputs[1], dict) and isinstance(
+            example_inputs[0], tuple
+        ):
+            return example_inputs[0], example_inputs[1]
+        return example_inputs, {}
+    raise MoEError(
+        f"example_inputs must be a tensor, a tuple of positional inputs, a dict of keyword "
+        f"inputs or (args, kwargs), got {type(example_inputs).__name__}"
+    )
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise MoEError(f"moeify converts a torch.nn.Module, got {type(model).__name__}")
+
+
+def convert(
+    model: nn.Module,
+    config: MoEConfig | None = None,
+    *,
+    example_inputs: ExampleInputs = None,
+    seq_len: int | None = None,
+    pipeline: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ConversionResult:
+    """Turn ``model``'s FFNs into Switch layers, in place; returns the model and a report.
+
+    config: the Switch settings (`MoEConfig()` by default: 8 experts, every other FFN).
+    example_inputs: inputs that run the model (tensor, tuple, dict or (args, kwargs));
+        needed only when an FFN spans code fx cannot trace and the model cannot make
+        its own (HF models can).
+    seq_len: the declared sequence length that fixes every layer's capacity (needed for
+        tracing and ONNX export); None: capacity per input length in eager mode.
+    pipeline: a ``PassManager`` to run instead of ``default_pipeline(config, seq_len=)``.
+    progress: callback ``(stage, done, total)``.
+    """
+    from moeify.pipeline import default_pipeline, run_pipeline
+    from moeify.program import CONVERSION_ATTR, Program
+
+    _check_model(model)
+    config = config if config is not None else MoEConfig()
+    params_dense = sum(p.numel() for p in model.parameters())
+    program = Program(
+        model, config, seq_len=seq_len, example_inputs=_normalize_inputs(example_inputs),
+        progress=progress,
+    )
+    manager = pipeline if pipeline is not None else default_pipeline(config, seq_len=seq_len)
+    run_pipeline(manager, program)
+    model.__dict__[CONVERSION_ATTR] = program.conversion()
+    report = ConversionReport.build(
+        type(model).__name__, config, program.seq_len, program.analysis, program.selected,
+        params_dense,
+    )
+    return ConversionResult(model, report)
+
+
+def inspect(
+    model: nn.Module,
+    config: MoEConfig | None = None,
+    *,
+    example_inputs: ExampleInputs = None,
+    seq_len: int | None = None,
+) -> ConversionReport:
+    """The report `convert` would give, without converting; works on the meta device."""
+    from moeify.passes import FindFFN, SelectSites
+    from moeify.pipeline import run_pipeline
+    from moeify.program import Program
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    _check_model(model)
+    config = config if config is not None else MoEConfig()
+    program = Program(model, config, seq_len=seq_len, example_inputs=_normalize_inputs(example_inputs))
+    run_pipeline(PassManager([FindFFN(), SelectSites(allow_empty=True)]), program)
+    return ConversionReport.build(
+        type(model).__name__, config, seq_len, program.analysis, program.selected,
+        sum(p.numel() for p in model.parameters()),
+    )

@@ -22,3 +22,28 @@ def test_upcycle_minilm_layer_reproduces_the_dense_ffn_on_real_weights():
     assert dropped and dropped[0] > 0  # training capacity drops tokens on real data
     balance = [float(v) for v in re.findall(r"load-balancing (\S+),", out)]
     assert balance[-1] < balance[0]  # the auxiliary loss balances the router
+
+
+def run_example(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_convert_gpt2_and_train_lowers_the_loss():
+    out = run_example("convert_gpt2_and_train.py", "--steps", "30", "--experts", "4")
+    assert "4 FFN sites, 2 converted to 4 experts" in out
+    losses = [float(v) for v in re.findall(r"task loss (\S+)", out)]
+    assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0]
+    assert len(re.findall(r"tokens per expert", out)) == 2
+
+
+def test_custom_pass_runs_inside_the_pipeline():
+    out = run_example("custom_pass.py")
+    assert "InsertRouter -> FreezeDenseWeights -> FixCapacity" in out
+    trainable, total = (int(v.replace(",", "")) for v in
+                        re.search(r"trainable parameters: (\S+) of (\S+)", out).groups())
+    # 2 converted layers: 4 experts x (3 x 64 x 160) + router 4 x 64 each
+    assert trainable == 2 * (4 * 3 * 64 * 160 + 4 * 64) and total > trainable

@@ -1,0 +1,126 @@
+"""`ConversionReport`: what a conversion found, chose, rejected and costs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from moeify.config import Init, MoEConfig
+from moeify.passes.find_ffn import FFNAnalysis, FFNSite, Rejection
+
+
+def expert_params(site: FFNSite, config: MoEConfig) -> int:
+    """Parameters of one expert of a site (partition: a 1/E slice of the hidden width)."""
+    d = site.d_model
+    f = site.d_ff // config.num_experts if config.init == Init.PARTITION else site.d_ff
+    matrices = (3 if site.gated else 2) * d * f
+    biases = (f * (2 if site.gated else 1) + d) if site.bias else 0
+    return matrices + biases
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    path: str
+    stack: str
+    index: int
+    ffn: str  # "d->f->d activation"
+    found_by: str
+    selected: bool
+    replace: tuple[str, ...]
+    dense_params: int
+    moe_params: int  # experts + router when selected, else the dense FFN's
+    capacity_train: int | None
+    capacity_eval: int | None
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """The analysis and its consequences: sites, rejections, parameter counts.
+
+    params_dense / params_moe: parameters of the model before and after conversion
+    (``params_moe = params_dense + sum over converted sites of (E x expert - dense FFN
+    + router)``). active_params_per_token: parameters a token's forward touches
+    (top_k experts per converted site, plus the router).
+    """
+
+    model: str
+    config: MoEConfig
+    seq_len: int | None
+    examined: tuple[str, ...]
+    sites: tuple[SiteReport, ...]
+    rejected: tuple[Rejection, ...]
+    params_dense: int
+    params_moe: int
+    active_params_per_token: int
+
+    @property
+    def converted(self) -> list[str]:
+        return [s.path for s in self.sites if s.selected]
+
+    @classmethod
+    def build(
+        cls,
+        model_name: str,
+        config: MoEConfig,
+        seq_len: int | None,
+        analysis: FFNAnalysis,
+        selected: list[FFNSite],
+        params_dense: int,
+    ) -> ConversionReport:
+        chosen = {s.path for s in selected}
+        tokens = config.group_size if config.group_size is not None else seq_len
+        capacity = lambda training: (  # noqa: E731
+            None if tokens is None else config.capacity(tokens, training=training)
+        )
+        sites, params_moe, active = [], params_dense, params_dense
+        for site in analysis.sites:
+            router = config.num_experts * site.d_model
+            expert = expert_params(site, config)
+            is_chosen = site.path in chosen
+            moe = config.num_experts * expert + router if is_chosen else site.num_params
+            if is_chosen:
+                params_moe += moe - site.num_params
+                active += config.top_k * expert + router - site.num_params
+            sites.append(SiteReport(
+                path=site.path, stack=site.stack, index=site.index, ffn=site.describe(),
+                found_by=site.found_by, selected=is_chosen, replace=site.replace,
+                dense_params=site.num_params, moe_params=moe,
+                capacity_train=capacity(True) if is_chosen else None,
+                capacity_eval=capacity(False) if is_chosen else None,
+            ))
+        return cls(
+            model=model_name, config=config, seq_len=seq_len, examined=analysis.examined,
+            sites=tuple(sites), rejected=analysis.rejected, params_dense=params_dense,
+            params_moe=params_moe, active_params_per_token=active,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "config": self.config.to_dict(),
+            "seq_len": self.seq_len,
+            "examined": list(self.examined),
+            "sites": [{**asdict(s), "replace": list(s.replace)} for s in self.sites],
+            "rejected": [asdict(r) for r in self.rejected],
+            "converted": self.converted,
+            "params_dense": self.params_dense,
+            "params_moe": self.params_moe,
+            "active_params_per_token": self.active_params_per_token,
+        }
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [
+            f"{self.model}: {len(self.sites)} FFN sites, {len(self.converted)} converted to "
+            f"{c.num_experts} experts (top-{c.top_k}, capacity factor {c.capacity_factor} "
+            f"train / {c.eval_capacity_factor} eval)",
+            f"parameters: {self.params_dense:,} dense -> {self.params_moe:,} MoE "
+            f"({self.active_params_per_token:,} active per token)",
+        ]
+        for s in self.sites:
+            mark = "*" if s.selected else " "
+            cap = "" if s.capacity_train is None else f" capacity {s.capacity_train}/{s.capacity_eval}"
+            lines.append(f" {mark} {s.path} [{s.stack} #{s.index}] {s.ffn}{cap} ({s.found_by})")
+        for r in self.rejected:
+            lines.append(f"   rejected {r.where}: {r.reason}")
+        return "\n".join(lines)

