@@ -236,3 +236,30 @@ def test_real_minilm_weights_convert_and_keep_their_function():
         moe = model(**batch).last_hidden_state
     assert (moe - dense).abs().max().item() <= 1e-5
     assert isinstance(model.encoder.layer[1].output.dense, moeify.passes.Bypass)
+
+
+def test_partition_and_random_init_modes():
+    base = models.t5(gated=True)
+    path = "encoder.block.1.layer.1.DenseReluDense"
+    dense = base.get_submodule(path)
+    partitioned = copy.deepcopy(base)
+    result = moeify.convert(partitioned, MoEConfig(num_experts=4, init="partition"))
+    experts = partitioned.get_submodule(path).experts
+    assert experts.w_in.shape == (4, 16, 10) and experts.w_out.shape == (4, 10, 16)
+    # expert 2 holds hidden neurons 20..29 of the dense FFN, gate and linear branch alike
+    torch.testing.assert_close(experts.w_in[2], dense.wi_1.weight[20:30].T)
+    torch.testing.assert_close(experts.w_gate[2], dense.wi_0.weight[20:30].T)
+    torch.testing.assert_close(experts.w_out[2], dense.wo.weight[:, 20:30].T)
+    assert sum(p.numel() for p in partitioned.parameters()) == result.report.params_moe
+
+    fresh = copy.deepcopy(base)
+    moeify.convert(fresh, MoEConfig(num_experts=8, init="random"))
+    w_in = fresh.get_submodule(path).experts.w_in.detach()
+    # truncated at 2 std, the empirical std is 0.88 of the std parameter sqrt(0.1 / fan_in)
+    assert abs(w_in.std().item() / (0.8796 * (0.1 / 16) ** 0.5) - 1) < 0.1
+    assert not torch.equal(w_in[0], dense.wi_1.weight.T)
+
+
+def test_partition_needs_a_divisible_hidden_width():
+    with pytest.raises(moeify.MoEError, match="UpcycleExperts: init='partition'.*not divisible"):
+        moeify.convert(models.t5(), MoEConfig(num_experts=3, init="partition"))
