@@ -80,9 +80,19 @@ def _unreached_pairs(model, trace) -> set[str]:
     """Projections outside every region that could pair into an FFN (d->f, f->d, f != d)."""
     reached = {p.path for g in trace.regions for p in g.projections.values()}
     loose = [p for path, p in projections(model).items() if path not in reached]
+    parent = lambda p: p.path.rpartition(".")[0]  # noqa: E731
     found = set()
+    def siblings(proj):
+        shape = (proj.in_features, proj.out_features)
+        return sum(parent(p) == parent(proj) and (p.in_features, p.out_features) == shape
+                   for p in loose)
+
     for up in loose:
+        if siblings(up) > 2:
+            continue  # q, k, v: an FFN has one or two up-projections
         for down in loose:
+            if siblings(down) > 1:
+                continue  # and exactly one down-projection
             if (up.out_features == down.in_features != up.in_features == down.out_features):
                 found |= {up.path, down.path}
     return found

@@ -40,6 +40,8 @@ def site_generator(
     change the weights of the others.
     """
     mixed = (seed * 1_000_003 + zlib.crc32(f"{purpose}:{site.path}".encode())) % (2**63)
+    if torch.device(device).type == "meta":
+        device = "cpu"  # meta tensors draw no numbers; any generator will do
     return torch.Generator(device=device).manual_seed(mixed)
 
 
