@@ -23,6 +23,8 @@ _EXPORTS = {
     "LayerStats": "moeify.api",
     "MoEError": "moeify.errors",
     "convert": "moeify.api",
+    "load": "moeify.checkpoint",
+    "save": "moeify.checkpoint",
     "conversion_of": "moeify.program",
     "inspect": "moeify.api",
     "aux_loss": "moeify.api",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
         routing_stats,
         switch_layers,
     )
+    from moeify.checkpoint import load, save
     from moeify.errors import MoEError
     from moeify.program import conversion_of
     from moeify.report import ConversionReport

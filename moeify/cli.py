@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,12 +39,218 @@ def version() -> None:
                f"transformers {transformers.__version__})")
 
 
+# --- shared options ------------------------------------------------------------------------
+
+Experts = Annotated[int, typer.Option("--experts", "-e", help="Experts per Switch layer (>= 2).")]
+Capacity = Annotated[float, typer.Option(
+    "--capacity", help="Training capacity factor: slots per expert as a multiple of T/E.")]
+EvalCapacity = Annotated[float, typer.Option("--eval-capacity", help="Evaluation capacity factor.")]
+TopK = Annotated[int, typer.Option("--top-k", help="1 (Switch) or 2 (GShard random routing).")]
+Every = Annotated[int, typer.Option(
+    "--every", help="Convert every N-th FFN of each stack (2: odd indices 1, 3, 5, ...).")]
+Layers = Annotated[Optional[str], typer.Option(
+    "--layers", help="Explicit FFN indices to convert, e.g. 1,3,5 (overrides --every).")]
+InitMode = Annotated[str, typer.Option("--init", help="Expert init: copy, partition or random.")]
+Noise = Annotated[float, typer.Option("--noise", help="Relative noise added to copied experts.")]
+GateKind = Annotated[str, typer.Option("--gate", help="softmax (Switch) or normalized.")]
+Jitter = Annotated[float, typer.Option("--jitter", help="Router input jitter eps (training).")]
+AuxCoef = Annotated[float, typer.Option("--aux-loss-coef", help="Load-balancing loss weight.")]
+ZCoef = Annotated[float, typer.Option("--z-loss-coef", help="Router z-loss weight.")]
+ExpertDropout = Annotated[float, typer.Option("--expert-dropout", help="Dropout inside experts.")]
+MinCapacity = Annotated[int, typer.Option("--min-capacity", help="Floor on expert capacity.")]
+SeqLen = Annotated[Optional[int], typer.Option(
+    "--seq-len", help="Declared sequence length that fixes each layer's capacity.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seeds every random initialization.")]
+RandomInit = Annotated[bool, typer.Option(
+    "--random-init", help="Build the architecture (preset or config.json) with fresh weights.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")]
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise, gate,
+                jitter, aux_loss_coef, z_loss_coef, expert_dropout, min_capacity, seed):
+    from moeify.config import MoEConfig
+
+    if top_k > experts:
+        raise ValueError(f"--top-k {top_k} exceeds --experts {experts}")
+    parsed = None
+    if layers:
+        try:
+            parsed = tuple(int(v) for v in layers.split(","))
+        except ValueError:
+            raise ValueError(f"--layers {layers!r} must be comma-separated integers, e.g. 1,3,5")
+    return MoEConfig(
+        num_experts=experts, capacity_factor=capacity, eval_capacity_factor=eval_capacity,
+        top_k=top_k, every=every, layers=parsed, init=init, noise=noise, gate=gate,
+        jitter_eps=jitter, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+        expert_dropout=expert_dropout, min_capacity=min_capacity, seed=seed,
+    )
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of {', '.join(sorted(set(DTYPES)))}")
+    return getattr(torch, DTYPES[name])
+
+
+def _console(json_out: bool):
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_report(report, console, *, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for column in ("", "site", "stack #", "FFN", "capacity train/eval", "found by"):
+        table.add_column(column)
+    for site in report.sites:
+        capacity = "" if site.capacity_train is None else f"{site.capacity_train}/{site.capacity_eval}"
+        table.add_row("*" if site.selected else "", site.path, f"{site.stack} #{site.index}",
+                      site.ffn, capacity, site.found_by)
+    console.print(table)
+    shown = 10
+    for r in report.rejected[:shown]:
+        console.print(f"rejected {r.where}: {r.reason}", markup=False)
+    if len(report.rejected) > shown:
+        console.print(f"... and {len(report.rejected) - shown} more rejected candidates "
+                      "(--json lists them all)")
+    console.print(
+        f"{len(report.converted)} of {len(report.sites)} FFN sites -> {report.config.num_experts} "
+        f"experts; parameters {report.params_dense:,} -> {report.params_moe:,} "
+        f"({report.active_params_per_token:,} active per token)"
+    )
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
+    experts: Experts = 8, capacity: Capacity = 1.25, eval_capacity: EvalCapacity = 2.0,
+    top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
+    noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
+    aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
+    expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
+    dtype: Dtype = "float32", seed: Seed = 0, json_out: JsonOut = False,
+) -> None:
+    """Plan a conversion on the meta device (no weights allocated) and report it."""
+    import json
+
+    import moeify
+    from moeify.sources import load_source
+
+    config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
+                         gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
+                         min_capacity, seed)
+    dense, source = load_source(model, random_init=True if _is_preset(model) else False,
+                                dtype=_dtype(dtype), device="meta")
+    report = moeify.inspect(dense, config, seq_len=seq_len)
+    data = {**report.to_dict(), "source": source.ref,
+            "bytes": _bytes(report, _dtype(dtype))}
+    if json_out:
+        typer.echo(json.dumps(data))
+        return
+    console = _console(json_out)
+    _print_report(report, console, title=f"moeify inspect {model}")
+    console.print(f"weights: {data['bytes']['dense']:,} bytes dense -> "
+                  f"{data['bytes']['moe']:,} bytes MoE ({dtype})")
+
+
+def _is_preset(ref: str) -> bool:
+    from pathlib import Path
+
+    from moeify.sources import PRESETS
+
+    return ref in PRESETS and not Path(ref).exists()
+
+
+def _bytes(report, dtype) -> dict[str, int]:
+    import torch
+
+    size = torch.empty((), dtype=dtype).element_size()
+    return {"dense": report.params_dense * size, "moe": report.params_moe * size}
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.")],
+    experts: Experts = 8, capacity: Capacity = 1.25, eval_capacity: EvalCapacity = 2.0,
+    top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
+    noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
+    aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
+    expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
+    dtype: Dtype = "float32", seed: Seed = 0, random_init: RandomInit = False,
+    format: Annotated[str, typer.Option("--format", help="Checkpoint format: torch.")] = "torch",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Convert MODEL into a Switch Transformer and write a moeify checkpoint to --out."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import moeify
+    from moeify.errors import MoEError
+    from moeify.sources import load_source
+
+    if format != "torch":
+        raise MoEError(f"--format {format!r} is not available; use --format torch")
+    config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
+                         gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
+                         min_capacity, seed)
+    if Path(out).exists() and not force:
+        raise MoEError(f"{out} already exists: choose another --out or pass --force")
+    console = _console(json_out)
+    torch.manual_seed(seed)
+    with console.status(f"loading {model}"):
+        dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
+    progress = _progress(console)
+    with progress:
+        result = moeify.convert(dense, config, seq_len=seq_len, progress=progress.callback)
+        moeify.save(result.model, out, source=source, force=force, progress=progress.callback)
+    data = {**result.report.to_dict(), "source": source.ref, "out": str(out)}
+    if json_out:
+        typer.echo(json.dumps(data))
+        return
+    _print_report(result.report, console, title=f"moeify convert {model}")
+    console.print(f"wrote {out}")
+
+
+class _progress:
+    """Rich progress bars on stderr driven by the library's (stage, done, total) callback."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import Progress
+
+        self.progress = Progress(console=console, transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def callback(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one-line messages."""
     try:
         app()
     except Exception as error:  # noqa: BLE001 - the boundary where errors become messages
-        from moeify.api import MoEError
+        from moeify.errors import MoEError
 
         if os.environ.get("MOEIFY_DEBUG") or not isinstance(error, (MoEError, ValueError)):
             raise

@@ -1,0 +1,143 @@
+"""`moeify inspect` and `moeify convert`: sources, checkpoints, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moeify
+from moeify import MoEConfig
+from tests import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("t5") / "tiny-t5"
+    models.t5().save_pretrained(path)
+    return path
+
+
+def test_inspect_t5_base_reports_switch_base_64():
+    result = run("inspect", "t5-base", "--experts", "64", "--capacity", "1.25", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["params_dense"] == 222_903_552  # T5-Base, 223M
+    assert abs(report["params_moe"] / 3.8e9 - 1) < 0.02  # Switch-Base-64, ~3.8B
+    assert len(report["converted"]) == 12 and report["config"]["num_experts"] == 64
+
+
+def test_convert_local_directory_then_load_gives_the_same_outputs(t5_dir, tmp_path):
+    out = tmp_path / "moe"
+    result = run("convert", t5_dir, "--experts", "4", "--seq-len", "12", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["out"] == str(out) and len(report["converted"]) == 4
+    meta = json.loads((out / "moeify.json").read_text())
+    assert meta["config"]["num_experts"] == 4 and meta["seq_len"] == 12
+    assert meta["source"]["kind"] == "hf-dir" and meta["sharding"]["num_experts"] == 4
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert all((out / f).exists() for f in set(index["weight_map"].values()))
+
+    loaded = moeify.load(out)
+    expected = models.t5()
+    expected.load_state_dict(type(expected).from_pretrained(t5_dir).state_dict())
+    moeify.convert(expected.eval(), MoEConfig(num_experts=4), seq_len=12)
+    ids = torch.randint(2, models.VOCAB, (2, 12))
+    with torch.no_grad():
+        a = loaded(input_ids=ids, decoder_input_ids=ids).logits
+        b = expected(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(t5_dir, tmp_path):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous output")
+    one_line_error(run("convert", t5_dir, "--experts", "4", "--out", out),
+                   "already exists", "--force")
+    assert (out / "keep.txt").exists()
+    result = run("convert", t5_dir, "--experts", "4", "--out", out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert (out / "moeify.json").exists() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # no temporary left
+
+
+def test_python_api_save_load_roundtrip_for_factory_models(tmp_path):
+    model = models.NanoGPT()
+    moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)
+    moeify.save(model, tmp_path / "ck")
+    with pytest.raises(moeify.MoEError, match="records no source architecture"):
+        moeify.load(tmp_path / "ck")
+    torch.manual_seed(1)
+    loaded = moeify.load(tmp_path / "ck", model=models.NanoGPT())
+    ids = torch.randint(0, models.VOCAB, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model.eval()(ids))
+
+
+def test_factory_source_converts(tmp_path):
+    result = run("convert", "tests.models:NanoGPT", "--experts", "4", "--out", tmp_path / "o",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["converted"] == ["h.1.mlp.c_fc", "h.3.mlp.c_fc"]
+
+
+def test_truncated_shard_is_reported_with_its_file(t5_dir, tmp_path):
+    model = models.t5()
+    moeify.convert(model, MoEConfig(num_experts=4))
+    moeify.save(model, tmp_path / "ck", max_shard_bytes=50_000)
+    shard = sorted((tmp_path / "ck").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(moeify.MoEError, match=f"shard .*{shard.name} is damaged or truncated"):
+        moeify.load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["inspect", "no-such/model-xyz"], ["not in the Hugging Face cache", "huggingface-cli download"]),
+    (["convert", "t5-large", "--out", "x"], ["not in the Hugging Face cache", "--random-init"]),
+    (["convert", "no-such-model", "--random-init", "--out", "x"], ["no built-in architecture"]),
+    (["inspect", "t5-small", "--experts", "1"], ["MoEConfig.num_experts=1", ">= 2"]),
+    (["inspect", "t5-small", "--capacity", "0"], ["MoEConfig.capacity_factor=0.0", "> 0"]),
+    (["inspect", "t5-small", "--experts", "2", "--top-k", "3"], ["--top-k 3 exceeds --experts 2"]),
+    (["inspect", "t5-small", "--layers", "1,x"], ["--layers '1,x' must be comma-separated"]),
+    (["inspect", "t5-small", "--layers", "40"], ["names layer 40, which no FFN stack has"]),
+    (["inspect", "t5-small", "--dtype", "int8"], ["--dtype 'int8' is not one of"]),
+    (["convert", "t5-small", "--random-init", "--format", "onnx", "--out", "x"],
+     ["--format 'onnx' is not available"]),
+])
+def test_bad_input_is_one_clear_line(args, fragments, tmp_path):
+    one_line_error(run(*args, cwd=tmp_path), *fragments)
+
+
+def test_directories_that_are_not_models(tmp_path, t5_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("convert", empty, "--out", tmp_path / "o"), "without config.json")
+    converted = tmp_path / "converted"
+    result = run("convert", t5_dir, "--experts", "4", "--out", converted)
+    assert result.returncode == 0, result.stderr
+    one_line_error(run("convert", converted, "--out", tmp_path / "o2"), "already converted")
