@@ -223,6 +223,37 @@ def convert(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def verify(
+    path: Annotated[str, typer.Argument(help="A moeify checkpoint directory.")],
+    json_out: JsonOut = False,
+) -> None:
+    """Run the verification checks that apply to a checkpoint; exit 1 if any fails."""
+    import json
+
+    from rich.table import Table
+
+    from moeify.verify import checks_to_dict, verify as run_checks
+
+    console = _console(json_out)
+    with console.status(f"verifying {path}"):
+        checks = run_checks(path)
+    failed = [c for c in checks if c.failed]
+    if json_out:
+        typer.echo(json.dumps({"path": path, "passed": not failed,
+                               "checks": checks_to_dict(checks)}))
+    else:
+        table = Table(title=f"moeify verify {path}")
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        for c in checks:
+            style = {"pass": "green", "fail": "red", "skip": "yellow"}[c.status]
+            table.add_row(c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
 class _progress:
     """Rich progress bars on stderr driven by the library's (stage, done, total) callback."""
 

@@ -141,3 +141,31 @@ def test_directories_that_are_not_models(tmp_path, t5_dir):
     result = run("convert", t5_dir, "--experts", "4", "--out", converted)
     assert result.returncode == 0, result.stderr
     one_line_error(run("convert", converted, "--out", tmp_path / "o2"), "already converted")
+
+
+def test_verify_passes_a_fresh_conversion_and_catches_a_tampered_one(t5_dir, tmp_path):
+    out = tmp_path / "moe"
+    assert run("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out).returncode == 0
+    result = run("verify", out, "--json")
+    assert result.returncode == 0, result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["reload"]["status"] == "pass"
+    assert checks["upcycled weights"]["status"] == "pass"
+    assert checks["dense identity"]["status"] == "pass"
+    assert "max |moe - dense|" in checks["dense identity"]["detail"]
+
+    # change one expert of one converted layer: the weight check must catch it
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    name = "encoder.block.1.layer.1.DenseReluDense.experts.w_in"
+    shard = out / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][2] += 0.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = run("verify", out, "--json")
+    assert result.returncode == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["upcycled weights"]["status"] == "fail"
+    assert "DenseReluDense.experts.w_in" in checks["upcycled weights"]["detail"]
+    assert checks["dense identity"]["status"] == "fail"
