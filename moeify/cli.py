@@ -186,7 +186,8 @@ def convert(
     aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
     expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
     dtype: Dtype = "float32", seed: Seed = 0, random_init: RandomInit = False,
-    format: Annotated[str, typer.Option("--format", help="Checkpoint format: torch.")] = "torch",
+    format: Annotated[str, typer.Option(
+        "--format", help="torch (moeify checkpoint) or hf (SwitchTransformers, T5 v1.0).")] = "torch",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -200,8 +201,10 @@ def convert(
     from moeify.errors import MoEError
     from moeify.sources import load_source
 
-    if format != "torch":
-        raise MoEError(f"--format {format!r} is not available; use --format torch")
+    if format not in ("torch", "hf"):
+        raise MoEError(f"--format {format!r} is not available; use --format torch or hf")
+    if format == "hf" and seq_len is None:
+        raise MoEError("--format hf writes HF's per-sequence expert_capacity: pass --seq-len")
     config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
                          gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
                          min_capacity, seed)
@@ -214,8 +217,13 @@ def convert(
     progress = _progress(console)
     with progress:
         result = moeify.convert(dense, config, seq_len=seq_len, progress=progress.callback)
-        moeify.save(result.model, out, source=source, force=force, progress=progress.callback)
-    data = {**result.report.to_dict(), "source": source.ref, "out": str(out)}
+        if format == "hf":
+            from moeify.hf_switch import save_hf_switch
+
+            save_hf_switch(result.model, out, force=force)
+        else:
+            moeify.save(result.model, out, source=source, force=force, progress=progress.callback)
+    data = {**result.report.to_dict(), "source": source.ref, "out": str(out), "format": format}
     if json_out:
         typer.echo(json.dumps(data))
         return

@@ -128,6 +128,8 @@ def test_truncated_shard_is_reported_with_its_file(t5_dir, tmp_path):
     (["inspect", "t5-small", "--dtype", "int8"], ["--dtype 'int8' is not one of"]),
     (["convert", "t5-small", "--random-init", "--format", "onnx", "--out", "x"],
      ["--format 'onnx' is not available"]),
+    (["convert", "t5-small", "--random-init", "--format", "hf", "--out", "x"],
+     ["pass --seq-len"]),
 ])
 def test_bad_input_is_one_clear_line(args, fragments, tmp_path):
     one_line_error(run(*args, cwd=tmp_path), *fragments)
@@ -169,3 +171,41 @@ def test_verify_passes_a_fresh_conversion_and_catches_a_tampered_one(t5_dir, tmp
     assert checks["upcycled weights"]["status"] == "fail"
     assert "DenseReluDense.experts.w_in" in checks["upcycled weights"]["detail"]
     assert checks["dense identity"]["status"] == "fail"
+
+
+def test_hf_format_loads_in_transformers_with_the_same_logits(t5_dir, tmp_path):
+    import transformers
+
+    out = tmp_path / "switch"
+    result = run("convert", t5_dir, "--experts", "4", "--seq-len", "12", "--eval-capacity",
+                 "1.0", "--min-capacity", "1", "--format", "hf", "--out", out)
+    assert result.returncode == 0, result.stderr
+    hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(out).eval()
+    assert hf.config.expert_capacity == 3 and hf.config.num_experts == 4
+    assert hf.config.encoder_sparse_step == 2 and hf.config.decoder_sparse_step == 2
+
+    ours = type(models.t5()).from_pretrained(t5_dir).eval()
+    moeify.convert(ours, MoEConfig(num_experts=4, eval_capacity_factor=1.0, min_capacity=1),
+                   seq_len=12)
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, models.VOCAB, (3, 12), generator=generator)
+    dec = torch.randint(2, models.VOCAB, (3, 12), generator=generator)
+    with torch.no_grad():
+        a = ours(input_ids=ids, decoder_input_ids=dec).logits
+        b = hf(input_ids=ids, decoder_input_ids=dec).logits
+    assert max(s.dropped_fraction for s in moeify.routing_stats(ours)) > 0  # drops included
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: models.t5(gated=True), "gated-gelu"),
+    (lambda: models.gpt2(), "not a T5ForConditionalGeneration"),
+])
+def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragment, tmp_path):
+    from moeify.hf_switch import save_hf_switch
+
+    model = make()
+    moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)
+    with pytest.raises(moeify.MoEError, match=f"{fragment}.*use --format torch"):
+        save_hf_switch(model, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
