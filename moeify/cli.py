@@ -101,26 +101,30 @@ def _dtype(name: str):
 def _console(json_out: bool):
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def _print_report(report, console, *, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for column in ("", "site", "stack #", "FFN", "capacity train/eval", "found by"):
-        table.add_column(column)
+    for column in ("", "FFN site", "#", "shape", "capacity", "found by"):
+        table.add_column(column, overflow="fold")
     for site in report.sites:
         capacity = "" if site.capacity_train is None else f"{site.capacity_train}/{site.capacity_eval}"
-        table.add_row("*" if site.selected else "", site.path, f"{site.stack} #{site.index}",
-                      site.ffn, capacity, site.found_by)
+        table.add_row("*" if site.selected else "", site.path, str(site.index), site.ffn,
+                      capacity, site.found_by.split(" of ")[0])
+    table.caption = "* converted; capacity = slots per expert and sequence, train/eval"
     console.print(table)
-    shown = 10
-    for r in report.rejected[:shown]:
-        console.print(f"rejected {r.where}: {r.reason}", markup=False)
-    if len(report.rejected) > shown:
-        console.print(f"... and {len(report.rejected) - shown} more rejected candidates "
-                      "(--json lists them all)")
+    import re
+
+    groups: dict[str, list] = {}
+    for r in report.rejected:  # one line per kind of rejection; --json lists each
+        groups.setdefault(re.sub(r"\d+", "*", r.reason), []).append(r)
+    for same in groups.values():
+        r = same[0]
+        more = f" (and {len(same) - 1} more like it)" if len(same) > 1 else ""
+        console.print(f"rejected {r.where}: {r.reason}{more}", markup=False)
     console.print(
         f"{len(report.converted)} of {len(report.sites)} FFN sites -> {report.config.num_experts} "
         f"experts; parameters {report.params_dense:,} -> {report.params_moe:,} "
