@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,51 +54,89 @@ def hf_source_of(model: nn.Module) -> Source | None:
 
 
 def _canonical_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict without tied duplicates, and alias -> canonical name for those."""
+    """State dict without tied duplicates, and alias -> canonical name for those.
+
+    Meta tensors (layers still to be materialized) are never tied.
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
+        if not tensor.is_meta and tensor.numel():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                   tuple(tensor.shape))
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
         tensors[name] = tensor
     return tensors, aliases
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[name] = tensor
-        size += nbytes
-    if shard or not tensors:
-        yield shard
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def write_shards(
-    tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    specs: dict[str, torch.Tensor],
+    directory: Path,
+    fetch: Callable[[str], Iterable[torch.Tensor]],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
 ) -> dict[str, Any]:
-    """Write ``tensors`` as numbered safetensors shards plus the HF-style index."""
-    from safetensors.torch import save_file
+    """Write tensors as numbered safetensors shards plus the HF-style index, streaming.
 
-    groups = list(_shards(tensors, max_shard_bytes))
+    specs: name -> a tensor with the final shape and dtype (may be on the meta device).
+    fetch(name): CPU chunks whose bytes, in order, are the tensor's (a repeated chunk
+        writes one expert copy after another without materializing them).
+    Each shard's header is written first and every chunk goes straight to the file, so
+    no shard is ever assembled in memory.
+    """
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        if groups[-1] and size + _nbytes(spec) > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += _nbytes(spec)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, group in enumerate(groups):
+    for i, names in enumerate(groups):
         filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in group.items()}
-        save_file(contiguous, str(directory / filename), metadata={"format": "pt"})
-        for name, tensor in group.items():
-            weight_map[name] = filename
-            total += tensor.numel() * tensor.element_size()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            spec = specs[name]
+            if spec.dtype not in _SAFETENSORS_DTYPES:
+                raise MoEError(f"cannot store {name} of dtype {spec.dtype} in safetensors")
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + _nbytes(spec)]}
+            offset += _nbytes(spec)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(directory / filename, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            for name in names:
+                written = 0
+                for chunk in fetch(name):
+                    chunk = chunk.detach().to("cpu").contiguous().reshape(-1)
+                    if chunk.dtype != specs[name].dtype:
+                        raise MoEError(f"{name}: got {chunk.dtype}, expected {specs[name].dtype}")
+                    handle.write(chunk.view(torch.uint8).numpy())
+                    written += _nbytes(chunk)
+                if written != _nbytes(specs[name]):
+                    raise MoEError(f"{name}: wrote {written} bytes, expected {_nbytes(specs[name])}")
+                weight_map[name] = filename
+                total += written
         if progress:
             progress("writing", i + 1, len(groups))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -135,6 +173,53 @@ class atomic_directory:
             shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
 
 
+def _checkpoint_meta(conversion, source: Source | None, aliases, specs) -> dict[str, Any]:
+    return {
+        "format": "moeify",
+        "format_version": FORMAT_VERSION,
+        "moeify_version": _version(),
+        "config": conversion.config.to_dict(),
+        "seq_len": conversion.seq_len,
+        "source": None if source is None else source.to_dict(),
+        "sites": [site.path for site in conversion.sites],
+        "sharding": None if conversion.sharding is None else conversion.sharding.to_dict(),
+        "aliases": aliases,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()}),
+    }
+
+
+def write_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    fetch: Callable[[str], Iterable[torch.Tensor]] | None = None,
+    *,
+    source: Source | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress=None,
+) -> Path:
+    """Write a converted model's checkpoint; ``fetch`` supplies tensors still on meta."""
+    conversion = conversion_of(model)
+    if conversion is None:
+        raise MoEError("the model is not converted: run moeify.convert before moeify.save")
+    source = source or hf_source_of(model)
+    specs, aliases = _canonical_tensors(model)
+
+    def tensors_of(name: str) -> Iterable[torch.Tensor]:
+        tensor = specs[name]
+        if not tensor.is_meta:
+            return [tensor]
+        if fetch is None:
+            raise MoEError(f"{name} has no data (meta device): nothing to save")
+        return fetch(name)
+
+    with atomic_directory(path, force=force) as tmp:
+        write_shards(specs, tmp, tensors_of, max_shard_bytes, progress)
+        meta = _checkpoint_meta(conversion, source, aliases, specs)
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(path)
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -145,28 +230,8 @@ def save(
     progress=None,
 ) -> Path:
     """Write a converted model as a moeify checkpoint directory (see the module docs)."""
-    conversion = conversion_of(model)
-    if conversion is None:
-        raise MoEError("the model is not converted: run moeify.convert before moeify.save")
-    source = source or hf_source_of(model)
-    tensors, aliases = _canonical_tensors(model)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    meta = {
-        "format": "moeify",
-        "format_version": FORMAT_VERSION,
-        "moeify_version": _version(),
-        "config": conversion.config.to_dict(),
-        "seq_len": conversion.seq_len,
-        "source": None if source is None else source.to_dict(),
-        "sites": [site.path for site in conversion.sites],
-        "sharding": None if conversion.sharding is None else conversion.sharding.to_dict(),
-        "aliases": aliases,
-        "dtypes": dtypes,
-    }
-    with atomic_directory(path, force=force) as tmp:
-        write_shards(tensors, tmp, max_shard_bytes, progress)
-        (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
-    return Path(path)
+    return write_checkpoint(model, path, source=source, force=force,
+                            max_shard_bytes=max_shard_bytes, progress=progress)
 
 
 def _version() -> str:

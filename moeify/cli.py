@@ -215,23 +215,30 @@ def convert(
     if Path(out).exists() and not force:
         raise MoEError(f"{out} already exists: choose another --out or pass --force")
     console = _console(json_out)
+    with console.status(f"planning {model}"):
+        _check_memory(model, config, format=format, dtype=dtype, random_init=random_init,
+                      seq_len=seq_len)
     torch.manual_seed(seed)
     with console.status(f"loading {model}"):
         dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
     progress = _progress(console)
     with progress:
-        result = moeify.convert(dense, config, seq_len=seq_len, progress=progress.callback)
         if format == "hf":
             from moeify.hf_switch import save_hf_switch
 
-            save_hf_switch(result.model, out, force=force)
-        else:
-            moeify.save(result.model, out, source=source, force=force, progress=progress.callback)
-    data = {**result.report.to_dict(), "source": source.ref, "out": str(out), "format": format}
+            report = moeify.convert(dense, config, seq_len=seq_len,
+                                    progress=progress.callback).report
+            save_hf_switch(dense, out, force=force)
+        else:  # streamed: one Switch layer in memory at a time
+            from moeify.stream import convert_to_checkpoint
+
+            report = convert_to_checkpoint(dense, config, out, seq_len=seq_len, source=source,
+                                           force=force, progress=progress.callback)
+    data = {**report.to_dict(), "source": source.ref, "out": str(out), "format": format}
     if json_out:
         typer.echo(json.dumps(data))
         return
-    _print_report(result.report, console, title=f"moeify convert {model}")
+    _print_report(report, console, title=f"moeify convert {model}")
     console.print(f"wrote {out}")
 
 
@@ -264,6 +271,58 @@ def verify(
         console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+PROCESS_OVERHEAD = 1 << 30  # interpreter, torch and transformers themselves
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get (MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_memory(model, config, *, format, dtype, random_init, seq_len) -> None:
+    """Refuse a conversion predicted not to fit, before loading anything."""
+    import moeify
+    from moeify.errors import MoEError
+    from moeify.report import expert_params
+    from moeify.sources import load_source
+
+    available = available_memory()
+    if available is None:
+        return
+    torch_dtype = _dtype(dtype)
+    skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
+                              dtype=torch_dtype, device="meta")
+    report = moeify.inspect(skeleton, config, seq_len=seq_len)
+    size = torch_dtype.itemsize
+    dense = report.params_dense * size
+    if format == "hf":  # built in memory, then copied into HF's per-expert layout
+        need = dense + 2 * report.params_moe * size
+    else:  # streamed: the dense model plus the largest Switch layer
+        largest = max((s.moe_params for s in report.sites if s.selected), default=0)
+        need = dense + largest * size
+    need += PROCESS_OVERHEAD
+    if need > available:
+        gib = 2**30
+        options = []
+        if size > 2:
+            options.append(f"--dtype bfloat16 (about {(need - PROCESS_OVERHEAD) / 2 / gib + 1:.1f} GiB)")
+        if format == "hf":
+            options.append("--format torch (streams one layer at a time)")
+        options.append("moeify inspect to plan without weights")
+        raise MoEError(
+            f"converting {model} needs about {need / gib:.1f} GiB of memory ({dtype}, "
+            f"--format {format}), but {available / gib:.1f} GiB are available; try "
+            + ", ".join(options)
+        )
 
 
 class _progress:

@@ -21,7 +21,7 @@ from moeify.config import MoEConfig
 if TYPE_CHECKING:
     from moeify.passes.annotate_sharding import ShardingPlan
     from moeify.passes.find_ffn import FFNAnalysis, FFNSite
-    from moeify.switch import Experts, Router, SwitchFFN
+    from moeify.switch import DenseFFNWeights, Experts, Router, SwitchFFN
     from moeify.trace import Graph, TraceResult
 
 CONVERSION_ATTR = "_moeify_conversion"
@@ -74,6 +74,7 @@ class Program(nn.Module):
         self.analysis: FFNAnalysis | None = None
         self.selected: list[FFNSite] = []
         self.experts: dict[str, Experts] = {}
+        self.dense: dict[str, DenseFFNWeights] = {}  # kept by UpcycleExperts(lazy=True)
         self.routers: dict[str, Router] = {}
         self.layers: dict[str, SwitchFFN] = {}
         self.sharding: ShardingPlan | None = None

@@ -45,6 +45,23 @@ def site_generator(
     return torch.Generator(device=device).manual_seed(mixed)
 
 
+def build_experts(
+    site: FFNSite, config, dense: DenseFFNWeights, device: str | torch.device | None = None
+) -> Experts:
+    """A site's `Experts`, initialized from its dense FFN as ``config`` says (seeded)."""
+    c = config
+    device = dense.w_in.device if device is None else torch.device(device)
+    d_ff = site.d_ff // c.num_experts if c.init == Init.PARTITION else site.d_ff
+    experts = Experts(
+        c.num_experts, site.d_model, d_ff, activation=site.activation, gated=site.gated,
+        bias=site.bias, dropout=c.expert_dropout, device=device, dtype=dense.w_in.dtype,
+    )
+    if device.type != "meta":
+        generator = site_generator(c.seed, site, device)
+        experts.load_dense(dense, init=c.init, noise=c.noise, generator=generator)
+    return experts
+
+
 class UpcycleExperts(ProgramPass):
     """Build `Experts` for every selected site (``config.init``: copy, partition, random).
 
@@ -53,7 +70,14 @@ class UpcycleExperts(ProgramPass):
         and device; copy: exact copies (plus ``noise`` if set); seeded per site from
         ``config.seed``, so the same seed gives bitwise identical weights.
     Preserves the computation: yes (the model is not touched yet).
+
+    ``lazy=True`` builds the experts on the meta device instead and keeps each site's
+    dense weights in ``program.dense``: `moeify.stream` materializes one layer at a
+    time while writing a checkpoint, with the same seeds and therefore the same values.
     """
+
+    def __init__(self, *, lazy: bool = False) -> None:
+        self.lazy = lazy
 
     def requires(self, program: Program) -> None:  # type: ignore[override]
         if not program.selected:
@@ -73,14 +97,11 @@ class UpcycleExperts(ProgramPass):
         total = len(program.selected)
         for done, site in enumerate(program.selected):
             dense = dense_weights(program.model, site)
-            d_ff = site.d_ff // c.num_experts if c.init == Init.PARTITION else site.d_ff
-            experts = Experts(
-                c.num_experts, site.d_model, d_ff, activation=site.activation,
-                gated=site.gated, bias=site.bias, dropout=c.expert_dropout,
-                device=dense.w_in.device, dtype=dense.w_in.dtype,
-            )
-            generator = site_generator(c.seed, site, dense.w_in.device)
-            experts.load_dense(dense, init=c.init, noise=c.noise, generator=generator)
+            if self.lazy:
+                program.dense[site.path] = dense
+                experts = build_experts(site, c, dense, device="meta")
+            else:
+                experts = build_experts(site, c, dense)
             program.experts[site.path] = experts
             program.progress("upcycling experts", done + 1, total)
         return False

@@ -130,6 +130,11 @@ def test_truncated_shard_is_reported_with_its_file(t5_dir, tmp_path):
      ["--format 'onnx' is not available"]),
     (["convert", "t5-small", "--random-init", "--format", "hf", "--out", "x"],
      ["pass --seq-len"]),
+    (["convert", "t5-11b", "--random-init", "--experts", "128", "--out", "x"],
+     ["converting t5-11b needs about", "GiB are available", "--dtype bfloat16"]),
+    (["convert", "t5-base", "--random-init", "--experts", "64", "--format", "hf",
+      "--seq-len", "512", "--out", "x"],
+     ["needs about", "--format torch (streams one layer at a time)"]),
 ])
 def test_bad_input_is_one_clear_line(args, fragments, tmp_path):
     one_line_error(run(*args, cwd=tmp_path), *fragments)
@@ -209,3 +214,38 @@ def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragmen
     with pytest.raises(moeify.MoEError, match=f"{fragment}.*use --format torch"):
         save_hf_switch(model, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(noise=0.05), dict(init="random"), dict(init="partition"), dict(top_k=2),
+])
+def test_streamed_conversion_writes_what_convert_and_save_write(options, tmp_path):
+    import copy
+
+    from moeify.stream import convert_to_checkpoint
+
+    base = models.t5(gated=True)
+    in_memory, streamed = copy.deepcopy(base), copy.deepcopy(base)
+    config = MoEConfig(num_experts=4, **options)
+    moeify.convert(in_memory, config, seq_len=12)
+    moeify.save(in_memory, tmp_path / "memory")
+    report = convert_to_checkpoint(streamed, config, tmp_path / "stream", seq_len=12,
+                                   max_shard_bytes=30_000)
+    assert len(report.converted) == 4
+    a = moeify.load(tmp_path / "memory").state_dict()
+    b = moeify.load(tmp_path / "stream").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1
+
+
+def test_bench_convert_quick_run_reports_both_targets(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_convert.py"), "--model", "t5-small",
+         "--experts", "2", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["bytes_written"] > data["dense_bytes"] > 0
+    assert data["peak_rss_bytes"] > 0 and data["wall_s"] > 0 and data["sequential_write_s"] > 0
+    assert "peak RSS" in result.stdout and "sequential write" in result.stdout
