@@ -11,13 +11,16 @@ from moeify.errors import MoEError
 from moeify.program import Program
 
 
-def default_pipeline(config: MoEConfig, *, seq_len: int | None = None) -> PassManager:
+def default_pipeline(
+    config: MoEConfig, *, seq_len: int | None = None, lazy_experts: bool = False
+) -> PassManager:
     """The standard conversion, as a ``torch.fx`` ``PassManager`` over a `Program`.
 
     ``manager.passes`` is a plain list: insert a pass of your own where it belongs
     (see ``examples/custom_pass.py``). ``seq_len`` declares the sequence length that
-    fixes every layer's capacity (`FixCapacity`); ``config`` is kept for passes whose
-    choice depends on it.
+    fixes every layer's capacity (`FixCapacity`); ``lazy_experts`` leaves experts on
+    the meta device for `moeify.stream` to materialize while writing; ``config`` is kept
+    for passes whose choice depends on it.
     """
     from moeify.passes import (
         AnnotateSharding,
@@ -34,7 +37,7 @@ def default_pipeline(config: MoEConfig, *, seq_len: int | None = None) -> PassMa
         passes=[
             FindFFN(),
             SelectSites(),
-            UpcycleExperts(),
+            UpcycleExperts(lazy=lazy_experts),
             InsertRouter(),
             FixCapacity(seq_len),
             AttachAuxLosses(),

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from moeify.config import Init, MoEConfig
 from moeify.errors import MoEError
@@ -41,27 +40,14 @@ def convert_to_checkpoint(
 ) -> ConversionReport:
     """Convert ``model`` (in place, leaving Switch layers on meta) and write it to ``path``."""
     from moeify.checkpoint import DEFAULT_SHARD_BYTES, atomic_directory, write_checkpoint
-    from moeify.passes import (
-        AnnotateSharding,
-        AttachAuxLosses,
-        FindFFN,
-        FixCapacity,
-        InsertRouter,
-        SelectSites,
-        UpcycleExperts,
-    )
-    from moeify.pipeline import run_pipeline
+    from moeify.pipeline import default_pipeline, run_pipeline
     from moeify.program import CONVERSION_ATTR, Program
 
     if Path(path).exists() and not force:  # fail before the work, not after it
         atomic_directory(path, force=False).__enter__()
     params_dense = sum(p.numel() for p in model.parameters())
     program = Program(model, config, seq_len=seq_len, progress=progress)
-    manager = PassManager([
-        FindFFN(), SelectSites(), UpcycleExperts(lazy=True), InsertRouter(),
-        FixCapacity(seq_len), AttachAuxLosses(), AnnotateSharding(),
-    ])
-    run_pipeline(manager, program)
+    run_pipeline(default_pipeline(config, seq_len=seq_len, lazy_experts=True), program)
     model.__dict__[CONVERSION_ATTR] = program.conversion()
     sites = {site.path: site for site in program.selected}
     materialize = _Materializer(program, sites)
