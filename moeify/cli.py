@@ -155,14 +155,17 @@ def inspect(
                                 dtype=_dtype(dtype), device="meta")
     report = moeify.inspect(dense, config, seq_len=seq_len)
     data = {**report.to_dict(), "source": source.ref,
-            "bytes": _bytes(report, _dtype(dtype))}
+            "bytes": _bytes(report, _dtype(dtype)),
+            "bytes_per_dtype": {name: _bytes(report, _dtype(name))
+                                for name in ("float32", "bfloat16")}}
     if json_out:
         typer.echo(json.dumps(data))
         return
     console = _console(json_out)
     _print_report(report, console, title=f"moeify inspect {model}")
-    console.print(f"weights: {data['bytes']['dense']:,} bytes dense -> "
-                  f"{data['bytes']['moe']:,} bytes MoE ({dtype})")
+    for name, sizes in data["bytes_per_dtype"].items():
+        console.print(f"weights in {name}: {sizes['dense']:,} bytes dense -> "
+                      f"{sizes['moe']:,} bytes MoE")
 
 
 def _is_preset(ref: str) -> bool:

@@ -47,6 +47,8 @@ def test_inspect_t5_base_reports_switch_base_64():
     assert report["params_dense"] == 222_903_552  # T5-Base, 223M
     assert abs(report["params_moe"] / 3.8e9 - 1) < 0.02  # Switch-Base-64, ~3.8B
     assert len(report["converted"]) == 12 and report["config"]["num_experts"] == 64
+    sizes = report["bytes_per_dtype"]
+    assert sizes["float32"]["moe"] == 4 * report["params_moe"] == 2 * sizes["bfloat16"]["moe"]
 
 
 def test_convert_local_directory_then_load_gives_the_same_outputs(t5_dir, tmp_path):
@@ -249,3 +251,29 @@ def test_bench_convert_quick_run_reports_both_targets(tmp_path):
     assert data["bytes_written"] > data["dense_bytes"] > 0
     assert data["peak_rss_bytes"] > 0 and data["wall_s"] > 0 and data["sequential_write_s"] > 0
     assert "peak RSS" in result.stdout and "sequential write" in result.stdout
+
+
+def test_a_failed_write_leaves_no_partial_output_and_the_previous_one_intact(tmp_path):
+    from moeify.checkpoint import write_checkpoint
+
+    model = models.t5()
+    moeify.convert(model, MoEConfig(num_experts=4))
+    out = tmp_path / "ck"
+    moeify.save(model, out)
+    before = sorted(p.name for p in out.iterdir())
+
+    streamed = models.t5()
+    from moeify.stream import convert_to_checkpoint  # noqa: F401 - lazy experts below
+    from moeify.pipeline import default_pipeline
+
+    moeify.convert(streamed, MoEConfig(num_experts=4),
+                   pipeline=default_pipeline(MoEConfig(num_experts=4), lazy_experts=True))
+
+    def broken(name):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(streamed, out, broken, force=True, max_shard_bytes=20_000)
+    assert sorted(p.name for p in out.iterdir()) == before  # previous output intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left
+    moeify.load(out)
