@@ -277,3 +277,17 @@ def test_a_failed_write_leaves_no_partial_output_and_the_previous_one_intact(tmp
     assert sorted(p.name for p in out.iterdir()) == before  # previous output intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left
     moeify.load(out)
+
+
+def test_bfloat16_conversion_writes_bfloat16_weights_and_float32_routers(t5_dir, tmp_path):
+    out = tmp_path / "bf16"
+    result = run("convert", t5_dir, "--experts", "4", "--dtype", "bfloat16", "--out", out)
+    assert result.returncode == 0, result.stderr
+    model = moeify.load(out)
+    layer = model.get_submodule("encoder.block.1.layer.1.DenseReluDense")
+    assert layer.experts.w_in.dtype == torch.bfloat16
+    assert layer.router.weight.dtype == torch.float32  # selective precision
+    ids = torch.randint(2, models.VOCAB, (2, 6))
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
