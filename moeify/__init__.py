@@ -23,6 +23,7 @@ _EXPORTS = {
     "LayerStats": "moeify.api",
     "MoEError": "moeify.errors",
     "convert": "moeify.api",
+    "export_onnx": "moeify.onnx.export",
     "load": "moeify.checkpoint",
     "save": "moeify.checkpoint",
     "conversion_of": "moeify.program",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     )
     from moeify.checkpoint import load, save
     from moeify.errors import MoEError
+    from moeify.onnx.export import export_onnx
     from moeify.program import conversion_of
     from moeify.report import ConversionReport
     from moeify.config import Activation, Gate, Init, MoEConfig

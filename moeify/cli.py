@@ -276,6 +276,40 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A moeify checkpoint, or any MODEL source (dense).")],
+    onnx_path: Annotated[str, typer.Option("--onnx", help="Output .onnx file.")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="The static sequence length.")],
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Static batch size (default: dynamic batch axis).")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Export a converted model to ONNX with fixed capacity tensors (ONNX Runtime ready)."""
+    import json
+    from pathlib import Path
+
+    import moeify
+    from moeify.sources import CHECKPOINT_FILE, load_source
+
+    console = _console(json_out)
+    with console.status(f"loading {model}"):
+        if (Path(model) / CHECKPOINT_FILE).exists():
+            loaded = moeify.load(model)
+        else:
+            loaded, _ = load_source(model)
+            console.print(f"{model} is not converted: exporting the dense model")
+    with console.status(f"exporting {onnx_path}"):
+        metadata = moeify.export_onnx(loaded, onnx_path, seq_len=seq_len, batch_size=batch_size,
+                                      opset=opset, force=force)
+    if json_out:
+        typer.echo(json.dumps({"onnx": onnx_path, "metadata": metadata}))
+    else:
+        console.print(f"wrote {onnx_path}: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
+
+
 PROCESS_OVERHEAD = 1 << 30  # interpreter, torch and transformers themselves
 
 

@@ -291,3 +291,24 @@ def test_bfloat16_conversion_writes_bfloat16_weights_and_float32_routers(t5_dir,
     with torch.no_grad():
         logits = model(input_ids=ids, decoder_input_ids=ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_export_command_writes_an_onnx_graph_that_runs(t5_dir, tmp_path):
+    from moeify.onnx import OnnxRunner
+
+    out = tmp_path / "moe"
+    assert run("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out).returncode == 0
+    result = run("export", out, "--onnx", tmp_path / "m.onnx", "--seq-len", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metadata"]["expert_capacity"] == "4"
+    runner = OnnxRunner(tmp_path / "m.onnx")
+    ids = torch.randint(2, models.VOCAB, (2, 8))
+    got = runner.run(input_ids=ids, attention_mask=torch.ones(2, 8, dtype=torch.long),
+                     decoder_input_ids=ids)
+    with torch.no_grad():
+        expected = moeify.load(out)(input_ids=ids, decoder_input_ids=ids).logits.numpy()
+    assert abs(got - expected).max() <= 1e-4
+    one_line_error(run("export", out, "--onnx", tmp_path / "m.onnx", "--seq-len", "8"),
+                   "already exists")
+    one_line_error(run("export", out, "--onnx", tmp_path / "n.onnx", "--seq-len", "9"),
+                   "declared for [8] tokens, not 9")

@@ -1,0 +1,223 @@
+"""`export_onnx`: a converted model as an ONNX graph with static expert capacity.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), opset
+18 by default. The sequence axis is static (the capacity is a constant fixed for it);
+the batch axis is dynamic unless ``batch_size`` is given, because groups are sequences.
+Inputs and outputs by model kind:
+
+| model | inputs | output |
+| --- | --- | --- |
+| encoder-only (BERT) | input_ids, attention_mask | last_hidden_state |
+| decoder-only (GPT-2, Llama) | input_ids | logits (no KV cache) |
+| encoder-decoder (T5) | input_ids, attention_mask, decoder_input_ids | logits |
+| other modules | input (one tensor) | the module's output |
+
+``metadata_props`` carry the moeify version, experts, top-k, capacity (eval), group
+size and exporter, which `OnnxRunner` reads to refuse inputs of another length.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeify.errors import MoEError
+
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+
+class _EncoderOnly(nn.Module):
+    inputs = ("input_ids", "attention_mask")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _DecoderOnly(nn.Module):
+    inputs = ("input_ids",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _EncoderDecoder(nn.Module):
+    inputs = ("input_ids", "attention_mask", "decoder_input_ids")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+
+class _Plain(nn.Module):
+    inputs = ("input",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input):
+        return self.model(input)
+
+
+def _wrap(model: nn.Module) -> nn.Module:
+    config = getattr(model, "config", None)
+    if config is None:
+        return _Plain(model)
+    if getattr(config, "is_encoder_decoder", False):
+        return _EncoderDecoder(model)
+    if hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM"):
+        return _DecoderOnly(model)
+    return _EncoderOnly(model)
+
+
+def _example(wrapper: nn.Module, model: nn.Module, batch: int, seq_len: int) -> tuple:
+    if isinstance(wrapper, _Plain):
+        d = next((m.d_model for m in model.modules() if hasattr(m, "d_model")), None)
+        if d is None:
+            raise MoEError("export_onnx needs a transformers model or a module with d_model")
+        return (torch.randn(batch, seq_len, d),)
+    vocab = getattr(model.config, "vocab_size", 100)
+    generator = torch.Generator().manual_seed(0)
+    ids = lambda: torch.randint(2, vocab, (batch, seq_len), generator=generator)  # noqa: E731
+    values = {"input_ids": ids(), "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+              "decoder_input_ids": ids()}
+    return tuple(values[name] for name in wrapper.inputs)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    seq_len: int,
+    batch_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+) -> dict[str, str]:
+    """Export ``model`` to ``path`` (see the module docs); returns the metadata written.
+
+    A converted model's Switch layers are declared for ``seq_len`` for the export (a
+    model converted for another length is refused). A dense model exports as it is; the
+    metadata then says ``moeify_converted = false``.
+    """
+    import onnx
+
+    from moeify import __version__
+    from moeify.api import switch_layers
+    from moeify.program import conversion_of
+
+    if opset < MIN_OPSET:
+        raise MoEError(f"opset {opset} is too old: moeify exports with opset >= {MIN_OPSET}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise MoEError(f"seq_len must be a positive int (the static sequence axis), got {seq_len!r}")
+    path = Path(path)
+    if path.exists() and not force:
+        raise MoEError(f"{path} already exists: choose another path or pass --force")
+    conversion = conversion_of(model)
+    layers = [layer for _, layer in switch_layers(model)]
+    declared = {layer.tokens_per_group for layer in layers} - {None}
+    if conversion is not None and conversion.config.group_size is None and declared - {seq_len}:
+        raise MoEError(
+            f"the model's Switch layers are declared for {sorted(declared)} tokens, not "
+            f"{seq_len}: export with --seq-len {sorted(declared)[0]} or convert again"
+        )
+    saved = [layer.tokens_per_group for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            if layer.config.group_size is None:
+                layer.set_tokens_per_group(seq_len)
+        wrapper = _wrap(model).eval()
+        example = _example(wrapper, model, batch_size or 2, seq_len)
+        dynamic = None
+        if batch_size is None:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic = {name: {0: batch} for name in wrapper.inputs}
+        with torch.no_grad():
+            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
+                                        input_names=list(wrapper.inputs), output_names=["output"],
+                                        dynamic_shapes=dynamic, verbose=False)
+    finally:
+        for layer, tokens in zip(layers, saved):
+            layer.set_tokens_per_group(tokens)
+        model.train(was_training)
+    c = conversion.config if conversion is not None else None
+    metadata = {
+        "moeify_version": __version__,
+        "moeify_converted": "true" if c is not None else "false",
+        "seq_len": str(seq_len),
+        "batch_size": "dynamic" if batch_size is None else str(batch_size),
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}",
+        "inputs": ",".join(wrapper.inputs),
+    }
+    if c is not None:
+        metadata.update({
+            "num_experts": str(c.num_experts), "top_k": str(c.top_k),
+            "expert_capacity": str(c.capacity(seq_len, training=False)),
+            "group_size": str(c.group_size or seq_len),
+        })
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        large = proto.ByteSize() > 2**31 - 2**20
+        onnx.save_model(proto, str(tmp), save_as_external_data=large,
+                        location=f"{path.name}.data" if large else None)
+        os.replace(tmp, path)
+        if large:
+            os.replace(tmp.with_name(f"{path.name}.data"), path.with_name(f"{path.name}.data"))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return metadata
+
+
+class OnnxRunner:
+    """Runs an exported graph in ONNX Runtime, refusing inputs it was not built for."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(path), load_external_data=False)
+        self.metadata = {p.key: p.value for p in model.metadata_props}
+        self.seq_len = int(self.metadata["seq_len"]) if "seq_len" in self.metadata else None
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, **inputs: Any):
+        missing = [name for name in self.inputs if name not in inputs]
+        if missing:
+            raise MoEError(f"the graph needs inputs {self.inputs}; missing {missing}")
+        feeds = {}
+        for name in self.inputs:
+            value = inputs[name]
+            value = value.numpy() if isinstance(value, torch.Tensor) else value
+            if self.seq_len is not None and value.ndim >= 2 and value.shape[1] != self.seq_len:
+                raise MoEError(
+                    f"{name} has sequence length {value.shape[1]}, but this graph's expert "
+                    f"capacity is fixed for {self.seq_len} tokens: pad or truncate to "
+                    f"{self.seq_len}, or export again with --seq-len {value.shape[1]}"
+                )
+            feeds[name] = value
+        return self.session.run(None, feeds)[0]

@@ -1,0 +1,97 @@
+"""export_onnx on converted models: ONNX Runtime parity with drops, metadata, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import moeify
+from moeify import MoEConfig
+from moeify.onnx import OnnxRunner
+from tests import models
+
+SEQ = 12
+# eval capacity factor 1.0 with 4 experts: 3 slots for 12 tokens, so tokens drop
+DROPPING = MoEConfig(num_experts=4, eval_capacity_factor=1.0, min_capacity=1)
+
+
+def random_inputs(names, batch, vocab=models.VOCAB, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    values = {}
+    for name in names:
+        if name == "attention_mask":
+            mask = torch.ones(batch, SEQ, dtype=torch.long)
+            mask[0, SEQ - 3:] = 0
+            values[name] = mask
+        else:
+            values[name] = torch.randint(2, vocab, (batch, SEQ), generator=generator)
+    return values
+
+
+def reference(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, **({} if "attention_mask" in inputs and "decoder_input_ids"
+                                 not in inputs else {"use_cache": False}))
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state)
+
+
+@pytest.mark.parametrize("name, build", [
+    ("bert", lambda: models.bert(layers=2)),
+    ("gpt2", lambda: models.gpt2(layers=2)),
+    ("llama", lambda: models.llama(layers=2)),
+    ("t5", lambda: models.t5(layers=2)),
+])
+def test_converted_models_match_onnx_runtime_with_drops(name, build, tmp_path):
+    torch.manual_seed(0)
+    model = build().eval()
+    moeify.convert(model, DROPPING, seq_len=SEQ)
+    path = tmp_path / f"{name}.onnx"
+    metadata = moeify.export_onnx(model, path, seq_len=SEQ)
+    assert metadata["expert_capacity"] == "3" and metadata["num_experts"] == "4"
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    runner = OnnxRunner(path)
+    assert runner.metadata["seq_len"] == str(SEQ) and runner.metadata["top_k"] == "1"
+    for batch in (1, 3):  # the batch axis is dynamic
+        inputs = random_inputs(runner.inputs, batch, seed=batch)
+        expected = reference(model, inputs).numpy()
+        assert max(s.dropped_fraction for s in moeify.routing_stats(model)) > 0
+        got = runner.run(**inputs)
+        assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_runner_refuses_another_sequence_length(tmp_path):
+    model = models.bert(layers=2).eval()
+    moeify.convert(model, DROPPING, seq_len=SEQ)
+    moeify.export_onnx(model, tmp_path / "m.onnx", seq_len=SEQ)
+    runner = OnnxRunner(tmp_path / "m.onnx")
+    with pytest.raises(moeify.MoEError, match="capacity is fixed for 12 tokens"):
+        runner.run(input_ids=torch.zeros(1, 8, dtype=torch.long),
+                   attention_mask=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_export_refusals_and_dense_export(tmp_path):
+    model = models.bert(layers=2).eval()
+    moeify.convert(model, DROPPING, seq_len=SEQ)
+    with pytest.raises(moeify.MoEError, match="declared for \\[12\\] tokens, not 16"):
+        moeify.export_onnx(model, tmp_path / "a.onnx", seq_len=16)
+    with pytest.raises(moeify.MoEError, match="opset 13 is too old.*>= 18"):
+        moeify.export_onnx(model, tmp_path / "a.onnx", seq_len=SEQ, opset=13)
+    (tmp_path / "b.onnx").write_text("keep")
+    with pytest.raises(moeify.MoEError, match="already exists"):
+        moeify.export_onnx(model, tmp_path / "b.onnx", seq_len=SEQ)
+    assert (tmp_path / "b.onnx").read_text() == "keep"
+    dense = models.bert(layers=2).eval()
+    metadata = moeify.export_onnx(dense, tmp_path / "dense.onnx", seq_len=SEQ)
+    assert metadata["moeify_converted"] == "false"
+
+
+def test_undeclared_model_is_declared_for_the_export_only(tmp_path):
+    model = models.gpt2(layers=2).eval()
+    moeify.convert(model, DROPPING)  # capacity per call for generate()
+    moeify.export_onnx(model, tmp_path / "g.onnx", seq_len=SEQ)
+    assert all(layer.tokens_per_group is None for _, layer in moeify.switch_layers(model))
+    out = model.generate(input_ids=torch.randint(2, 60, (1, 4)), max_new_tokens=2,
+                         do_sample=False)
+    assert out.shape == (1, 6)
