@@ -284,6 +284,8 @@ def export(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Static batch size (default: dynamic batch axis).")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
+    shard_experts: Annotated[Optional[int], typer.Option(
+        "--shard-experts", help="Annotate expert weights as split over N devices.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -303,7 +305,7 @@ def export(
             console.print(f"{model} is not converted: exporting the dense model")
     with console.status(f"exporting {onnx_path}"):
         metadata = moeify.export_onnx(loaded, onnx_path, seq_len=seq_len, batch_size=batch_size,
-                                      opset=opset, force=force)
+                                      opset=opset, force=force, shard_experts=shard_experts)
     if json_out:
         typer.echo(json.dumps({"onnx": onnx_path, "metadata": metadata}))
     else:

@@ -109,12 +109,15 @@ def export_onnx(
     batch_size: int | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    shard_experts: int | None = None,
 ) -> dict[str, str]:
     """Export ``model`` to ``path`` (see the module docs); returns the metadata written.
 
     A converted model's Switch layers are declared for ``seq_len`` for the export (a
     model converted for another length is refused). A dense model exports as it is; the
-    metadata then says ``moeify_converted = false``.
+    metadata then says ``moeify_converted = false``. ``shard_experts=N`` writes the
+    expert-parallel plan over N devices into the graph (`moeify.onnx.sharding`), checked
+    before saving.
     """
     import onnx
 
@@ -174,6 +177,12 @@ def export_onnx(
             "group_size": str(c.group_size or seq_len),
         })
     proto = program.model_proto
+    if shard_experts is not None:
+        from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
+
+        metadata["sharded_nodes"] = str(annotate_expert_sharding(proto, shard_experts))
+        metadata["shard_experts"] = str(shard_experts)
+        check_sharding(proto)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
