@@ -38,3 +38,13 @@ def test_bench_weight_streaming_reports_rates_per_row_count():
     assert len(rows) == 6
     rates = [float(r.split("|")[6]) for r in rows]  # weight GB/s, measured, positive
     assert all(rate > 0 for rate in rates)
+
+
+def test_bench_onnx_runs_and_reports_both_targets():
+    script = SCRIPT.parent / "bench_onnx.py"
+    result = subprocess.run([sys.executable, str(script), "--repeats", "1", "--batches", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 1 |"))
+    assert all(float(v) > 0 for v in row.strip("| \n").split("|")[1:4])
+    assert "ORT MoE / eager MoE" in result.stdout and "ORT MoE / ORT dense" in result.stdout
