@@ -286,22 +286,30 @@ def _dense_skeleton(source: Source) -> nn.Module:
 
 
 def _params_to_meta(model: nn.Module) -> None:
-    """Free the parameters (they are about to be loaded); buffers stay real."""
+    """Free the parameters (they are about to be loaded); buffers stay real.
+
+    A parameter shared by several modules (tied embeddings) stays one parameter.
+    """
+    replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
-            if param is not None and not param.is_meta:
-                module._parameters[name] = nn.Parameter(
+            if param is None:
+                continue
+            if id(param) not in replaced:
+                replaced[id(param)] = param if param.is_meta else nn.Parameter(
                     param.detach().to("meta"), requires_grad=param.requires_grad
                 )
+            module._parameters[name] = replaced[id(param)]
 
 
-def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a converted model from a moeify checkpoint and load its weights.
+def load_skeleton(
+    path: str | os.PathLike, *, model: nn.Module | None = None
+) -> tuple[nn.Module, CheckpointWeights]:
+    """The converted architecture of a checkpoint with parameters on the meta device.
 
-    The architecture comes from the checkpoint's source (or ``model``, a dense model of
-    that architecture, when the source was a factory); it is converted again with the
-    saved config on meta parameters, then every parameter is assigned straight from the
-    shards, so peak memory stays near one copy of the checkpoint.
+    Returns the model (buffers real, parameters meta: no weight memory) and a
+    `CheckpointWeights` that reads any parameter from the shards on demand. `load` assigns
+    them all; `moeify.export_onnx` streams them into an ONNX file one at a time.
     """
     from moeify.api import convert
 
@@ -332,11 +340,63 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
         raise MoEError(
             f"rebuilding {path} converted {converted}, but the checkpoint holds {meta['sites']}"
         )
-    state = dict(read_tensors(path, index))
-    for alias, canonical in meta.get("aliases", {}).items():
-        state[alias] = state[canonical]
+    return model.eval(), CheckpointWeights(path, index, meta.get("aliases", {}))
+
+
+class CheckpointWeights:
+    """Name -> tensor access to a checkpoint's shards, aliases (tied weights) resolved."""
+
+    def __init__(self, path: Path, index: dict[str, Any], aliases: dict[str, str]) -> None:
+        self.path, self.index = path, index
+        self.files = dict(index["weight_map"])
+        for alias, canonical in aliases.items():
+            if canonical in self.files:
+                self.files[alias] = self.files[canonical]
+        self.aliases = dict(aliases)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (only that tensor comes into memory)."""
+        return self._read(name, lambda handle, key: handle.get_tensor(key))
+
+    def get_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor's first axis, reading only those bytes."""
+        return self._read(name, lambda handle, key: handle.get_slice(key)[start:stop])
+
+    def _read(self, name: str, read: Callable[[Any, str], torch.Tensor]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise MoEError(f"checkpoint {self.path} holds no tensor {name!r}")
+        shard = self.path / self.files[name]
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                return read(handle, self.aliases.get(name, name))
+        except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
+            raise MoEError(
+                f"shard {shard} is damaged or truncated ({error}); re-create the checkpoint"
+            ) from None
+
+    def all(self) -> dict[str, torch.Tensor]:
+        state = dict(read_tensors(self.path, self.index))
+        for alias, canonical in self.aliases.items():
+            state[alias] = state[canonical]
+        return state
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a converted model from a moeify checkpoint and load its weights.
+
+    The architecture comes from the checkpoint's source (or ``model``, a dense model of
+    that architecture, when the source was a factory); it is converted again with the
+    saved config on meta parameters, then every parameter is assigned straight from the
+    shards, so peak memory stays near one copy of the checkpoint.
+    """
+    model, weights = load_skeleton(path, model=model)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(weights.all(), strict=True, assign=True)
     except RuntimeError as error:
         raise MoEError(f"checkpoint {path} does not match its architecture: {error}") from None
     if hasattr(model, "tie_weights"):

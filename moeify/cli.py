@@ -306,7 +306,7 @@ def export(
     console = _console(json_out)
     with console.status(f"loading {model}"):
         if (Path(model) / CHECKPOINT_FILE).exists():
-            loaded = moeify.load(model)
+            loaded = model  # exported from the shards, one weight in memory at a time
         else:
             loaded, _ = load_source(model)
             console.print(f"{model} is not converted: exporting the dense model")

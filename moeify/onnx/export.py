@@ -19,6 +19,7 @@ size and exporter, which `OnnxRunner` reads to refuse inputs of another length.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from moeify.errors import MoEError
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
+# protobuf cannot serialize a message past 2 GiB: heavier graphs keep weights outside
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
 
 class _EncoderOnly(nn.Module):
@@ -101,8 +104,37 @@ def _example(wrapper: nn.Module, model: nn.Module, batch: int, seq_len: int) -> 
     return tuple(values[name] for name in wrapper.inputs)
 
 
+def _stream_weights(program, weights) -> int:
+    """Point every meta initializer at its tensor in the checkpoint, read when saved."""
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    streamed = 0
+    for name, value in program.model.graph.initializers.items():
+        current = value.const_value
+        raw = getattr(current, "raw", None)
+        if not (isinstance(raw, torch.Tensor) and raw.is_meta):
+            continue
+        key = name.removeprefix("model.")
+        if key not in weights:
+            raise MoEError(f"the graph needs weight {key!r}, which the checkpoint does not hold")
+
+        def read(key: str = key, name: str = name) -> TorchTensor:
+            return TorchTensor(weights.get(key).contiguous(), name=name)
+
+        value.const_value = ir.LazyTensor(read, dtype=current.dtype, shape=current.shape,
+                                          name=name)
+        streamed += 1
+    return streamed
+
+
+def _graph_bytes(program) -> int:
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+               if v.const_value is not None)
+
+
 def export_onnx(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
     *,
     seq_len: int,
@@ -110,14 +142,19 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     shard_experts: int | None = None,
+    external_data: bool | None = None,
 ) -> dict[str, str]:
     """Export ``model`` to ``path`` (see the module docs); returns the metadata written.
 
+    ``model`` is a module or the directory of a moeify checkpoint. From a checkpoint the
+    graph is traced on meta parameters and each weight is read from its shard only while
+    it is written, so a model far larger than memory exports (peak: one tensor).
     A converted model's Switch layers are declared for ``seq_len`` for the export (a
     model converted for another length is refused). A dense model exports as it is; the
     metadata then says ``moeify_converted = false``. ``shard_experts=N`` writes the
     expert-parallel plan over N devices into the graph (`moeify.onnx.sharding`), checked
-    before saving.
+    before saving. Weights go to ``<path>.data`` beside the file (ONNX external data) when
+    ``external_data`` is true, or by default when the graph is over 2 GB.
     """
     import onnx
 
@@ -132,6 +169,11 @@ def export_onnx(
     path = Path(path)
     if path.exists() and not force:
         raise MoEError(f"{path} already exists: choose another path or pass --force")
+    weights = None
+    if not isinstance(model, nn.Module):
+        from moeify.checkpoint import load_skeleton
+
+        model, weights = load_skeleton(model)
     conversion = conversion_of(model)
     layers = [layer for _, layer in switch_layers(model)]
     declared = {layer.tokens_per_group for layer in layers} - {None}
@@ -140,6 +182,9 @@ def export_onnx(
             f"the model's Switch layers are declared for {sorted(declared)} tokens, not "
             f"{seq_len}: export with --seq-len {sorted(declared)[0]} or convert again"
         )
+    if weights is None and any(p.is_meta for p in model.parameters()):
+        raise MoEError("the model has parameters on the meta device: load its weights, or "
+                       "pass the checkpoint directory to export_onnx")
     saved = [layer.tokens_per_group for layer in layers]
     was_training = model.training
     model.eval()
@@ -154,14 +199,21 @@ def export_onnx(
             batch = torch.export.Dim("batch", min=1, max=4096)
             dynamic = {name: {0: batch} for name in wrapper.inputs}
         with torch.no_grad():
+            # the optimizer folds small constants: with weights still on meta it runs
+            # once they are attached (it never reads tensors above its size limit)
             program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
                                         input_names=list(wrapper.inputs), output_names=["output"],
-                                        dynamic_shapes=dynamic, verbose=False)
+                                        dynamic_shapes=dynamic, verbose=False,
+                                        optimize=weights is None)
     finally:
         for layer, tokens in zip(layers, saved):
             layer.set_tokens_per_group(tokens)
         model.train(was_training)
+    if weights is not None:
+        _stream_weights(program, weights)
+        program.optimize()
     c = conversion.config if conversion is not None else None
+    large = _graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None else external_data
     metadata = {
         "moeify_version": __version__,
         "moeify_converted": "true" if c is not None else "false",
@@ -169,6 +221,7 @@ def export_onnx(
         "batch_size": "dynamic" if batch_size is None else str(batch_size),
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}",
         "inputs": ",".join(wrapper.inputs),
+        "external_data": f"{path.name}.data" if large else "none",
     }
     if c is not None:
         metadata.update({
@@ -176,29 +229,36 @@ def export_onnx(
             "expert_capacity": str(c.capacity(seq_len, training=False)),
             "group_size": str(c.group_size or seq_len),
         })
-    proto = program.model_proto
-    if shard_experts is not None:
-        from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
-
-        metadata["sharded_nodes"] = str(annotate_expert_sharding(proto, shard_experts))
-        metadata["shard_experts"] = str(shard_experts)
-        check_sharding(proto)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        large = proto.ByteSize() > 2**31 - 2**20
-        onnx.save_model(proto, str(tmp), save_as_external_data=large,
-                        location=f"{path.name}.data" if large else None)
-        os.replace(tmp, path)
-        if large:
-            os.replace(tmp.with_name(f"{path.name}.data"), path.with_name(f"{path.name}.data"))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        data = f"{path.name}.data"
+        _save_ir(program.model, staged, data if large else None)
+        # metadata and sharding go onto the graph proto; external weights stay on disk
+        proto = onnx.load(str(staged), load_external_data=False)
+        if shard_experts is not None:
+            from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
+
+            metadata["sharded_nodes"] = str(annotate_expert_sharding(proto, shard_experts))
+            metadata["shard_experts"] = str(shard_experts)
+            check_sharding(proto)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(proto, str(staged))
+        if large:  # the weights first, so the graph never points at missing data
+            os.replace(Path(tmp) / data, path.with_name(data))
+        os.replace(staged, path)
     return metadata
+
+
+def _save_ir(model, path: Path, external_data: str | None) -> None:
+    import onnx_ir as ir
+
+    if external_data is None:
+        ir.save(model, path)
+    else:  # written tensor by tensor: lazy (checkpoint) weights are read one at a time
+        ir.save(model, path, external_data=external_data, max_workers=1)
 
 
 class OnnxRunner:

@@ -30,6 +30,46 @@ def random_inputs(names, batch, vocab=models.VOCAB, seed=0):
     return values
 
 
+def expert_shapes(model_proto, num_experts):
+    """The inferred shapes (strict shape inference) of values whose leading axis is E."""
+    inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=True)
+    shapes = set()
+    for value in inferred.graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        assert value.type.tensor_type.HasField("shape"), f"no shape for {value.name}"
+        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
+        if shape and shape[0] == num_experts:
+            shapes.add(shape)
+    return shapes
+
+
+def scatter_destinations_are_distinct(path, feeds):
+    """Run the graph with every scatter's indices as extra outputs; no slot written twice."""
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    scatters = [(n.input[1], next((a.i for a in n.attribute if a.name == "axis"), 0))
+                for n in proto.graph.node if n.op_type == "ScatterElements"]
+    assert scatters, "the graph has no scatter to check"
+    for node in proto.graph.node:
+        if node.op_type.startswith("Scatter"):
+            reduction = next((a.s for a in node.attribute if a.name == "reduction"), b"none")
+            assert node.op_type == "ScatterElements" and reduction == b"none", node
+    for name, _ in scatters:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run([name for name, _ in scatters], feeds)
+    for (name, axis), index in zip(scatters, values):
+        coords = np.indices(index.shape)
+        axis %= index.ndim
+        coords[axis] = index
+        flat = np.ravel_multi_index(tuple(coords.reshape(index.ndim, -1)),
+                                    [int(index.max()) + 1 if d == axis else s
+                                     for d, s in enumerate(index.shape)])
+        assert np.unique(flat).size == flat.size, f"{name} writes a slot twice"
+    return len(scatters)
+
+
 def reference(model, inputs):
     with torch.no_grad():
         out = model(**inputs, **({} if "attention_mask" in inputs and "decoder_input_ids"
@@ -51,6 +91,9 @@ def test_converted_models_match_onnx_runtime_with_drops(name, build, tmp_path):
     metadata = moeify.export_onnx(model, path, seq_len=SEQ)
     assert metadata["expert_capacity"] == "3" and metadata["num_experts"] == "4"
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    # the slot table [E, batch, C] and the expert buffers [E, C*batch, d]: C is a constant
+    shapes = expert_shapes(onnx.load(str(path)), 4)
+    assert (4, "batch", 3) in shapes and (4, "3*batch", 16) in shapes, shapes
     runner = OnnxRunner(path)
     assert runner.metadata["seq_len"] == str(SEQ) and runner.metadata["top_k"] == "1"
     for batch in (1, 3):  # the batch axis is dynamic
@@ -59,6 +102,8 @@ def test_converted_models_match_onnx_runtime_with_drops(name, build, tmp_path):
         assert max(s.dropped_fraction for s in moeify.routing_stats(model)) > 0
         got = runner.run(**inputs)
         assert np.abs(got - expected).max() <= 1e-4
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        assert scatter_destinations_are_distinct(path, feeds) >= 1
 
 
 def test_runner_refuses_another_sequence_length(tmp_path):
@@ -122,3 +167,32 @@ def test_real_minilm_converts_straight_to_onnx_and_matches(tmp_path):
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     assert max(s.dropped_fraction for s in moeify.routing_stats(model)) > 0
     assert np.abs(runner.run(input_ids=ids, attention_mask=mask) - expected).max() <= 1e-4
+
+
+def test_checkpoint_exports_with_weights_streamed_to_external_data(tmp_path):
+    torch.manual_seed(0)
+    model = models.t5(layers=2).eval()
+    moeify.convert(model, DROPPING, seq_len=SEQ)
+    moeify.save(model, tmp_path / "ckpt")
+    out = tmp_path / "onnx" / "t5.onnx"
+    # from the directory: traced on meta parameters, weights read from the shards
+    metadata = moeify.export_onnx(tmp_path / "ckpt", out, seq_len=SEQ, external_data=True,
+                                  shard_experts=2)
+    assert metadata["external_data"] == "t5.onnx.data"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t5.onnx", "t5.onnx.data"]
+    graph = onnx.load(str(out), load_external_data=False)
+    external = [t for t in graph.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert any("experts.w_in" in t.name for t in external)
+    onnx.checker.check_model(str(out), full_check=True)
+    assert (4, "batch", 3) in expert_shapes(graph, 4)
+    inputs = random_inputs(["input_ids", "attention_mask", "decoder_input_ids"], 2)
+    expected = reference(model, inputs).numpy()
+    assert max(s.dropped_fraction for s in moeify.routing_stats(model)) > 0
+    assert np.abs(OnnxRunner(out).run(**inputs) - expected).max() <= 1e-4
+
+
+def test_meta_parameters_without_a_checkpoint_are_refused(tmp_path):
+    model = models.bert(layers=2).to("meta")
+    with pytest.raises(moeify.MoEError, match="meta device"):
+        moeify.export_onnx(model, tmp_path / "m.onnx", seq_len=SEQ)
