@@ -48,3 +48,26 @@ def test_bench_onnx_runs_and_reports_both_targets():
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 1 |"))
     assert all(float(v) > 0 for v in row.strip("| \n").split("|")[1:4])
     assert "ORT MoE / eager MoE" in result.stdout and "ORT MoE / ORT dense" in result.stdout
+
+
+def test_bench_expert_parallel_reports_bytes_and_step_times():
+    script = SCRIPT.parent / "bench_expert_parallel.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "1"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 2 processes"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    step_ms, measured, predicted = float(cells[1]), float(cells[3].replace(",", "")), \
+        float(cells[4].replace(",", ""))
+    assert step_ms > 0 and measured > 0 and predicted > 0
+
+
+def test_bench_onnx_export_reports_memory_and_static_shapes(tmp_path):
+    script = SCRIPT.parent / "bench_onnx_export.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model", "t5-small", "--experts", "2", "--seq-len", "16",
+         "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["static_expert_shape"] and data["metadata"]["num_experts"] == "2"
+    assert data["export_peak_rss_bytes"] > 0 and data["onnx_bytes"] > data["moe_bytes"] / 2

@@ -47,3 +47,17 @@ def test_custom_pass_runs_inside_the_pipeline():
                         re.search(r"trainable parameters: (\S+) of (\S+)", out).groups())
     # 2 converted layers: 4 experts x (3 x 64 x 160) + router 4 x 64 each
     assert trainable == 2 * (4 * 3 * 64 * 160 + 4 * 64) and total > trainable
+
+
+def test_expert_parallel_example_trains_under_torchrun():
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--standalone", str(EXAMPLES / "expert_parallel.py"), "--steps", "6"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "2 ranks (gloo); 2 Switch layers; rank 0 holds experts 0..1 of 4" in out
+    losses = [float(v) for v in re.findall(r"loss (\S+)  aux", out)]
+    assert len(losses) == 6 and losses[-1] < losses[0], out
+    assert all(int(v) > 0 for v in re.findall(r"sent (\d+) KiB", out)[:1])

@@ -97,6 +97,14 @@ class Router(nn.Module):
         std = math.sqrt(0.1 / self.weight.shape[1])
         nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; dtype casts (``model.to(torch.bfloat16)``, ``.half()``)
+        leave the router weight in the router dtype (selective precision)."""
+        super()._apply(fn, recurse)
+        if self.weight.dtype != self.router_dtype:
+            self.weight.data = self.weight.data.to(self.router_dtype)
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., d] -> router_logits [..., E] in the router dtype."""
         dtype = self.router_dtype
