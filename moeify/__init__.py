@@ -24,11 +24,15 @@ _EXPORTS = {
     "MoEError": "moeify.errors",
     "convert": "moeify.api",
     "export_onnx": "moeify.onnx.export",
+    "distill": "moeify.distill",
+    "distillation_loss": "moeify.distill",
     "load": "moeify.checkpoint",
     "save": "moeify.checkpoint",
     "conversion_of": "moeify.program",
     "inspect": "moeify.api",
     "aux_loss": "moeify.api",
+    "add_aux_loss_to_output": "moeify.api",
+    "set_expert_dropout": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
 }
@@ -39,13 +43,16 @@ if TYPE_CHECKING:
     from moeify.api import (
         ConversionResult,
         LayerStats,
+        add_aux_loss_to_output,
         aux_loss,
         convert,
         inspect,
         routing_stats,
+        set_expert_dropout,
         switch_layers,
     )
     from moeify.checkpoint import load, save
+    from moeify.distill import distill, distillation_loss
     from moeify.errors import MoEError
     from moeify.onnx.export import export_onnx
     from moeify.program import conversion_of

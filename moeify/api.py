@@ -24,6 +24,8 @@ class LayerStats:
     dropped_fraction: float
     expert_capacity: int
     num_tokens: int
+    load_balancing_loss: float = float("nan")  # unweighted, as recorded by the forward
+    z_loss: float = float("nan")
 
 
 def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
@@ -61,6 +63,50 @@ def aux_loss(model: nn.Module) -> Tensor:
     return torch.stack(terms).mean()
 
 
+AUX_HOOK_ATTR = "_moeify_aux_loss_hook"
+
+
+def add_aux_loss_to_output(model: nn.Module):
+    """After every forward of ``model`` that returns a ``loss`` (a transformers model
+    called with ``labels``), add `aux_loss` to it: ``outputs.loss`` is then what to
+    ``backward()``. Forwards without a loss are left alone; the per-layer values stay
+    readable with `routing_stats`. Idempotent; returns the hook's handle (``.remove()``
+    undoes it).
+    """
+    return _install_aux_hook(model)
+
+
+def _install_aux_hook(model: nn.Module):
+    if AUX_HOOK_ATTR in model.__dict__:
+        return model.__dict__[AUX_HOOK_ATTR]
+    if not switch_layers(model):
+        raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
+
+    def add(module, args, kwargs, output):
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and any(l.last_routing is not None
+                                            for _, l in switch_layers(module)):
+            output["loss"] = loss + aux_loss(module)
+        return output
+
+    handle = model.register_forward_hook(add, with_kwargs=True)
+    model.__dict__[AUX_HOOK_ATTR] = handle
+    return handle
+
+
+def set_expert_dropout(model: nn.Module, rate: float) -> None:
+    """Set the dropout inside every Switch layer's experts (fine-tuning: the paper uses
+    0.4 there and 0.1 elsewhere); the rest of the model's dropout is untouched."""
+    if not 0.0 <= rate < 1.0:
+        raise MoEError(f"expert dropout must be within [0, 1), got {rate}")
+    layers = switch_layers(model)
+    if not layers:
+        raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
+    for _, layer in layers:
+        layer.experts.dropout = rate
+        layer.config = layer.config.replace(expert_dropout=rate)
+
+
 def routing_stats(model: nn.Module) -> list[LayerStats]:
     """Per Switch layer: tokens per expert, fraction dropped, capacity (last forward)."""
     return [
@@ -70,6 +116,8 @@ def routing_stats(model: nn.Module) -> list[LayerStats]:
             dropped_fraction=float(record.dropped_fraction),
             expert_capacity=record.expert_capacity,
             num_tokens=record.num_tokens,
+            load_balancing_loss=float(record.load_balancing_loss.detach()),
+            z_loss=float(record.z_loss.detach()),
         )
         for name, _, record in _records(model)
     ]
@@ -121,6 +169,7 @@ def convert(
     seq_len: int | None = None,
     pipeline: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
+    add_aux_loss_to_output: bool = False,
 ) -> ConversionResult:
     """Turn ``model``'s FFNs into Switch layers, in place; returns the model and a report.
 
@@ -132,6 +181,8 @@ def convert(
         tracing and ONNX export); None: capacity per input length in eager mode.
     pipeline: a ``PassManager`` to run instead of ``default_pipeline(config, seq_len=)``.
     progress: callback ``(stage, done, total)``.
+    add_aux_loss_to_output: see `add_aux_loss_to_output` (for models whose outputs carry
+        a ``loss``, like transformers models called with ``labels``).
     """
     from moeify.pipeline import default_pipeline, run_pipeline
     from moeify.program import CONVERSION_ATTR, Program
@@ -146,6 +197,8 @@ def convert(
     manager = pipeline if pipeline is not None else default_pipeline(config, seq_len=seq_len)
     run_pipeline(manager, program)
     model.__dict__[CONVERSION_ATTR] = program.conversion()
+    if add_aux_loss_to_output:
+        _install_aux_hook(model)
     report = ConversionReport.build(
         type(model).__name__, config, program.seq_len, program.analysis, program.selected,
         params_dense,

@@ -319,6 +319,47 @@ def export(
         console.print(f"wrote {onnx_path}: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
 
 
+@app.command()
+def distill(
+    path: Annotated[str, typer.Argument(help="A moeify checkpoint (the Switch teacher).")],
+    out: Annotated[str, typer.Option("--out", help="Output directory for the dense student.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Write the dense student of a converted checkpoint as a transformers model.
+
+    Each Switch layer's experts are averaged into one FFN; every other weight is copied.
+    """
+    import json
+    from pathlib import Path
+
+    import moeify
+    from moeify.checkpoint import atomic_directory
+    from moeify.errors import MoEError
+
+    if Path(out).exists() and not force:
+        raise MoEError(f"{out} already exists: choose another --out or pass --force")
+    console = _console(json_out)
+    with console.status(f"loading {path}"):
+        teacher = moeify.load(path)
+    if not hasattr(teacher, "save_pretrained"):
+        raise MoEError(f"{path} was converted from a factory model: use moeify.distill(model, "
+                       "dense=...) in Python and save the student yourself")
+    with console.status("building the dense student"):
+        student = moeify.distill(teacher)
+    with atomic_directory(out, force=force) as tmp:
+        student.save_pretrained(tmp)
+    params = sum(p.numel() for p in student.parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    data = {"out": out, "student_parameters": params, "teacher_parameters": teacher_params,
+            "rule": "mean"}
+    if json_out:
+        typer.echo(json.dumps(data))
+    else:
+        console.print(f"wrote {out}: dense student with {params:,} parameters (teacher "
+                      f"{teacher_params:,}); each Switch layer's experts averaged into one FFN")
+
+
 PROCESS_OVERHEAD = 1 << 30  # interpreter, torch and transformers themselves
 
 

@@ -1,0 +1,142 @@
+"""Distillation back to dense (Switch Transformer §5.1): a dense student from a Switch model.
+
+`distill(moe_model)` builds a dense model with the teacher's architecture before
+conversion and initializes it from the teacher: every weight outside the converted
+FFNs is copied, and each converted FFN gets one FFN made from its experts by a rule:
+
+- ``"mean"`` (default): the plain mean of the E experts' weights and biases;
+- ``"usage"``: the mean weighted by how many tokens each expert processed in the
+  teacher's latest forward (`moeify.routing_stats`): run the teacher on representative
+  data first. Experts the router ignores then contribute nothing.
+
+An upcycled teacher whose experts are still exact copies gives back the original dense
+FFN under either rule. `distillation_loss` mixes the hard-label loss and the soft
+teacher loss with the paper's best setting as default: weight 0.75 on the ground-truth
+labels and 0.25 on the teacher's probabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.errors import MoEError
+from moeify.program import conversion_of
+
+Rule = Literal["mean", "usage"]
+
+
+def _dense_architecture(moe_model: nn.Module, dense: nn.Module | None) -> nn.Module:
+    if dense is not None:
+        return copy.deepcopy(dense)
+    config = getattr(moe_model, "config", None)
+    if config is None:
+        raise MoEError("distill needs the dense architecture of a non-transformers model: "
+                       "pass dense=<a dense model of that architecture>")
+    device = next(moe_model.parameters()).device
+    with torch.device(device):
+        return type(moe_model)(copy.deepcopy(config))  # a transformers model: dense again
+
+
+def _expert_weights(layer, rule: Rule) -> Tensor:
+    E = layer.config.num_experts
+    if rule == "mean":
+        return torch.full((E,), 1.0 / E)
+    if rule == "usage":
+        record = layer.last_routing
+        if record is None:
+            raise MoEError('rule="usage" weighs experts by the tokens they processed: run '
+                           "the teacher's forward on representative data first")
+        counts = record.tokens_per_expert.double()
+        if counts.sum() == 0:
+            raise MoEError("the teacher's latest forward routed no tokens: run it on data")
+        return (counts / counts.sum()).float()
+    raise MoEError(f"unknown rule {rule!r}: use 'mean' or 'usage'")
+
+
+@torch.no_grad()
+def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
+            rule: Rule = "mean") -> nn.Module:
+    """A dense student initialized from ``moe_model`` (see the module docs).
+
+    ``dense``: a dense model of the teacher's architecture (needed for models that are
+    not transformers models; its weights are not used). Returns the student in the
+    teacher's dtype and train/eval mode.
+    """
+    from moeify.api import switch_layers
+
+    conversion = conversion_of(moe_model)
+    if conversion is None:
+        raise MoEError("distill takes a converted model (moeify.convert or moeify.load)")
+    layers = dict(switch_layers(moe_model))
+    student = _dense_architecture(moe_model, dense)
+    teacher_state = moe_model.state_dict()
+    student_state = student.state_dict()
+    ffn_params: set[str] = set()
+    for site in conversion.sites:
+        layer = layers.get(site.path)
+        if layer is None:
+            raise MoEError(f"{site.path} is not a Switch layer in this model")
+        weights = _expert_weights(layer, rule).to(layer.experts.w_in.device)
+        modules = dict(student.named_modules())
+        projections = {"in": site.up, "out": site.down, "gate": site.gate}
+        for kind, proj in projections.items():
+            if proj is None:
+                continue
+            module = modules[proj.path]
+            w = getattr(layer.experts, f"w_{kind}")  # [E, in, out]
+            merged = torch.einsum("e,eio->io", weights.to(w.dtype), w)
+            target = merged.T if proj.kind.value == "linear" else merged
+            module.weight.copy_(target.to(module.weight.dtype))
+            ffn_params.add(f"{proj.path}.weight")
+            b = getattr(layer.experts, f"b_{kind}")
+            if b is not None and getattr(module, "bias", None) is not None:
+                module.bias.copy_((weights.to(b.dtype) @ b).to(module.bias.dtype))
+                ffn_params.add(f"{proj.path}.bias")
+    missing = []
+    for name, value in student_state.items():
+        if name in ffn_params:
+            continue
+        if name not in teacher_state or teacher_state[name].shape != value.shape:
+            missing.append(name)
+            continue
+        value.copy_(teacher_state[name].to(value.dtype))
+    if missing:
+        raise MoEError(f"the student's {missing[0]} (and {len(missing) - 1} more) has no "
+                       "counterpart in the teacher: is `dense` the right architecture?")
+    dtype = next(moe_model.parameters()).dtype
+    return student.to(dtype).train(moe_model.training)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    hard_weight: float = 0.75,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``hard_weight * CE(student, labels) + (1 - hard_weight) * CE(student, teacher)``.
+
+    The soft term is the cross-entropy of the student against the teacher's
+    probabilities (at ``temperature``, scaled by T^2 as usual); positions whose label is
+    ``ignore_index`` are left out of both terms. Logits: [..., V]; labels: [...].
+    Default 0.75 on the labels and 0.25 on the teacher: the Switch Transformer paper's
+    best mix (its Table 6).
+    """
+    if not 0.0 <= hard_weight <= 1.0:
+        raise MoEError(f"hard_weight must be within [0, 1], got {hard_weight}")
+    vocab = student_logits.shape[-1]
+    s = student_logits.reshape(-1, vocab).float()
+    t = teacher_logits.reshape(-1, vocab).float().detach()
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    hard = F.cross_entropy(s[keep], y[keep])
+    soft_targets = F.softmax(t[keep] / temperature, dim=-1)
+    soft = -(soft_targets * F.log_softmax(s[keep] / temperature, dim=-1)).sum(-1).mean()
+    return hard_weight * hard + (1.0 - hard_weight) * soft * temperature**2

@@ -1,0 +1,142 @@
+"""Distillation back to dense: the student's initialization and the loss mix."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moeify
+from moeify import MoEConfig
+from tests import models
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 12
+
+
+def converted(build, **config):
+    torch.manual_seed(0)
+    dense = build(layers=2).eval()
+    original = copy.deepcopy(dense)
+    moeify.convert(dense, MoEConfig(num_experts=4, **config), seq_len=SEQ)
+    return dense, original
+
+
+@pytest.mark.parametrize("build", [models.gpt2, models.t5, models.llama, models.bert])
+def test_copy_upcycled_teacher_distills_back_to_the_dense_model(build):
+    teacher, original = converted(build)
+    student = moeify.distill(teacher)
+    assert type(student) is type(original)
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_non_expert_weights_are_the_teachers_and_ffns_the_expert_mean():
+    teacher, _ = converted(models.gpt2, noise=0.5)  # experts now differ
+    student = moeify.distill(teacher)
+    layers = dict(moeify.switch_layers(teacher))
+    ffn = set()
+    for site in moeify.conversion_of(teacher).sites:
+        experts = layers[site.path].experts
+        ffn.update(f"{p.path}.{kind}" for p in (site.up, site.down) for kind in ("weight", "bias"))
+        # GPT-2's Conv1D keeps x @ W weights: the mean of the experts as they are
+        torch.testing.assert_close(student.get_submodule(site.up.path).weight,
+                                   experts.w_in.mean(0))
+        torch.testing.assert_close(student.get_submodule(site.down.path).bias,
+                                   experts.b_out.mean(0))
+    teacher_state = teacher.state_dict()
+    copied = [name for name in student.state_dict() if name not in ffn]
+    assert len(copied) > 10
+    for name in copied:
+        assert torch.equal(student.state_dict()[name], teacher_state[name]), name
+
+
+def _usage_site(teacher):
+    site = moeify.conversion_of(teacher).sites[0]
+    return site, dict(moeify.switch_layers(teacher))[site.path]
+
+
+def test_usage_rule_weighs_experts_by_the_tokens_they_processed():
+    teacher, _ = converted(models.gpt2, noise=0.5)
+    with pytest.raises(moeify.MoEError, match="run the teacher's forward"):
+        moeify.distill(teacher, rule="usage")
+    teacher(input_ids=torch.randint(2, models.VOCAB, (3, SEQ)))
+    student = moeify.distill(teacher, rule="usage")
+    site, layer = _usage_site(teacher)
+    counts = layer.last_routing.tokens_per_expert.float()
+    assert len(set(counts.tolist())) > 1  # unequal usage, so the rule matters
+    expected = torch.einsum("e,eio->io", counts / counts.sum(), layer.experts.w_in)
+    torch.testing.assert_close(student.get_submodule(site.up.path).weight, expected)
+
+
+def test_one_distillation_step_lowers_the_soft_loss():
+    teacher, _ = converted(models.gpt2, noise=0.5)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, models.VOCAB, (4, SEQ), generator=generator)
+    labels = torch.randint(2, models.VOCAB, (4, SEQ), generator=generator)
+    # a teacher that has learned something about the batch, as a real one would have
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for _ in range(20):
+        F.cross_entropy(teacher(input_ids=ids).logits.flatten(0, 1), labels.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    teacher.eval()
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+    student = moeify.distill(teacher).eval()  # eval: no dropout, the same function twice
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+
+    def soft():
+        logits = student(input_ids=ids).logits
+        return moeify.distillation_loss(logits, teacher_logits, labels, hard_weight=0.0)
+
+    with torch.no_grad():
+        before = soft()
+    moeify.distillation_loss(student(input_ids=ids).logits, teacher_logits, labels).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert soft() < before - 1e-3
+
+
+def test_distillation_loss_mixes_hard_and_soft_terms():
+    generator = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=generator), torch.randn(2, 5, 7, generator=generator)
+    y = torch.randint(0, 7, (2, 5), generator=generator)
+    y[0, 0] = -100
+    keep = y != -100
+    hard = F.cross_entropy(s[keep], y[keep])
+    soft = -(F.softmax(t[keep], -1) * F.log_softmax(s[keep], -1)).sum(-1).mean()
+    torch.testing.assert_close(moeify.distillation_loss(s, t, y), 0.75 * hard + 0.25 * soft)
+    torch.testing.assert_close(moeify.distillation_loss(s, t, y, hard_weight=1.0), hard)
+    with pytest.raises(moeify.MoEError, match="hard_weight"):
+        moeify.distillation_loss(s, t, y, hard_weight=1.5)
+
+
+def test_distill_command_writes_a_dense_transformers_model(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    models.t5(layers=2).save_pretrained(tmp_path / "t5")
+    env = {"PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moeify", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300,
+                                    env={**__import__("os").environ, **env})
+    assert run("convert", tmp_path / "t5", "--experts", "4", "--seq-len", "8", "--noise", "0.1",
+               "--out", tmp_path / "moe").returncode == 0
+    result = run("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["student_parameters"] < data["teacher_parameters"]
+    student = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense")
+    teacher = moeify.load(tmp_path / "moe")
+    expected = moeify.distill(teacher)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value)
+    again = run("distill", tmp_path / "moe", "--out", tmp_path / "dense")
+    assert again.returncode != 0 and "already exists" in again.stderr
