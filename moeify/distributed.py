@@ -293,7 +293,6 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, sharded)
-    model._moeify_expert_parallel = (rank, world)
     return model
 
 

@@ -104,12 +104,11 @@ def _example(wrapper: nn.Module, model: nn.Module, batch: int, seq_len: int) -> 
     return tuple(values[name] for name in wrapper.inputs)
 
 
-def _stream_weights(program, weights) -> int:
+def _stream_weights(program, weights) -> None:
     """Point every meta initializer at its tensor in the checkpoint, read when saved."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
-    streamed = 0
     for name, value in program.model.graph.initializers.items():
         current = value.const_value
         raw = getattr(current, "raw", None)
@@ -124,8 +123,6 @@ def _stream_weights(program, weights) -> int:
 
         value.const_value = ir.LazyTensor(read, dtype=current.dtype, shape=current.shape,
                                           name=name)
-        streamed += 1
-    return streamed
 
 
 def _graph_bytes(program) -> int:
