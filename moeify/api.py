@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -96,7 +97,11 @@ def _install_aux_hook(model: nn.Module):
 
 def set_expert_dropout(model: nn.Module, rate: float) -> None:
     """Set the dropout inside every Switch layer's experts (fine-tuning: the paper uses
-    0.4 there and 0.1 elsewhere); the rest of the model's dropout is untouched."""
+    0.4 there and 0.1 elsewhere); the rest of the model's dropout is untouched.
+
+    Overrides the rate each site took at conversion (by default the dropout inside its
+    dense FFN); recorded in the model's conversion, so `save` / `load` keep it.
+    """
     if not 0.0 <= rate < 1.0:
         raise MoEError(f"expert dropout must be within [0, 1), got {rate}")
     layers = switch_layers(model)
@@ -105,6 +110,13 @@ def set_expert_dropout(model: nn.Module, rate: float) -> None:
     for _, layer in layers:
         layer.experts.dropout = rate
         layer.config = layer.config.replace(expert_dropout=rate)
+    from moeify.program import CONVERSION_ATTR, conversion_of
+
+    conversion = conversion_of(model)
+    if conversion is not None:
+        model.__dict__[CONVERSION_ATTR] = dataclasses.replace(
+            conversion, config=conversion.config.replace(expert_dropout=rate)
+        )
 
 
 def routing_stats(model: nn.Module) -> list[LayerStats]:

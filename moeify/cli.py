@@ -56,7 +56,9 @@ GateKind = Annotated[str, typer.Option("--gate", help="softmax (Switch) or norma
 Jitter = Annotated[float, typer.Option("--jitter", help="Router input jitter eps (training).")]
 AuxCoef = Annotated[float, typer.Option("--aux-loss-coef", help="Load-balancing loss weight.")]
 ZCoef = Annotated[float, typer.Option("--z-loss-coef", help="Router z-loss weight.")]
-ExpertDropout = Annotated[float, typer.Option("--expert-dropout", help="Dropout inside experts.")]
+ExpertDropout = Annotated[Optional[float], typer.Option(
+    "--expert-dropout", help="Dropout inside the experts; default: the dropout inside the "
+    "source FFN (0 if none); the paper uses 0.4 for fine-tuning.")]
 MinCapacity = Annotated[int, typer.Option("--min-capacity", help="Floor on expert capacity.")]
 SeqLen = Annotated[Optional[int], typer.Option(
     "--seq-len", help="Declared sequence length that fixes each layer's capacity.")]
@@ -108,13 +110,15 @@ def _print_report(report, console, *, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for column in ("", "FFN site", "#", "shape", "capacity", "found by"):
+    for column in ("", "FFN site", "#", "shape", "capacity", "dropout", "found by"):
         table.add_column(column, overflow="fold")
     for site in report.sites:
         capacity = "" if site.capacity_train is None else f"{site.capacity_train}/{site.capacity_eval}"
+        dropout = "" if site.expert_dropout is None else f"{site.expert_dropout:g}"
         table.add_row("*" if site.selected else "", site.path, str(site.index), site.ffn,
-                      capacity, site.found_by.split(" of ")[0])
-    table.caption = "* converted; capacity = slots per expert and sequence, train/eval"
+                      capacity, dropout, site.found_by.split(" of ")[0])
+    table.caption = ("* converted; capacity = slots per expert and sequence, train/eval; "
+                     "dropout = inside the experts")
     console.print(table)
     import re
 
@@ -139,7 +143,7 @@ def inspect(
     top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
     noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
     aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
-    expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
+    expert_dropout: ExpertDropout = None, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
     dtype: Dtype = "float32", seed: Seed = 0, json_out: JsonOut = False,
 ) -> None:
     """Plan a conversion on the meta device (no weights allocated) and report it."""
@@ -191,7 +195,7 @@ def convert(
     top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
     noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
     aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
-    expert_dropout: ExpertDropout = 0.1, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
+    expert_dropout: ExpertDropout = None, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
     dtype: Dtype = "float32", seed: Seed = 0, random_init: RandomInit = False,
     format: Annotated[str, typer.Option(
         "--format", help="torch (moeify checkpoint), hf (SwitchTransformers, T5 v1.0) or "

@@ -66,7 +66,12 @@ class MoEConfig:
     jitter_eps: multiplicative router-input jitter U(1-eps, 1+eps), training only.
     aux_loss_coef / z_loss_coef: weights of the load-balancing loss (alpha) and the
         router z-loss (beta).
-    expert_dropout: dropout inside the experts, between the two matmuls.
+    expert_dropout: dropout rate inside the experts, between the two matmuls. ``None``
+        (the default): each site takes the dropout found inside the dense FFN it
+        replaces, between its two projections (T5's FFN dropout; 0 where there is none,
+        e.g. GPT-2 and BERT, whose dropout follows the FFN and stays in the model), so
+        conversion does not change the function in training. A number overrides it for
+        every site (the paper fine-tunes with 0.4). See `resolve_expert_dropout`.
     router_dtype: the router's compute dtype ("selective precision").
     seed: seeds every random initialization the conversion makes.
     """
@@ -85,7 +90,7 @@ class MoEConfig:
     jitter_eps: float = 0.01
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    expert_dropout: float = 0.1
+    expert_dropout: float | None = None
     router_dtype: str = "float32"
     seed: int = 0
 
@@ -123,7 +128,8 @@ class MoEConfig:
         _require_float("jitter_eps", self.jitter_eps, unit, "in [0, 1)")
         _require_float("aux_loss_coef", self.aux_loss_coef, non_negative, ">= 0")
         _require_float("z_loss_coef", self.z_loss_coef, non_negative, ">= 0")
-        _require_float("expert_dropout", self.expert_dropout, unit, "in [0, 1)")
+        if self.expert_dropout is not None:
+            _require_float("expert_dropout", self.expert_dropout, unit, "in [0, 1) or None")
         if self.router_dtype not in ROUTER_DTYPES:
             raise ValueError(
                 f"MoEConfig.router_dtype={self.router_dtype!r} is not one of "
@@ -143,6 +149,14 @@ class MoEConfig:
             top_k=self.top_k,
             min_capacity=self.min_capacity,
         )
+
+    def resolve_expert_dropout(self, source_dropout: float = 0.0) -> float:
+        """The experts' dropout rate for a site whose dense FFN applies ``source_dropout``
+        between its projections: ``expert_dropout`` when set, else ``source_dropout``
+        (0 for a layer built without a source FFN)."""
+        if self.expert_dropout is not None:
+            return float(self.expert_dropout)
+        return float(source_dropout)
 
     def replace(self, **changes: Any) -> MoEConfig:
         """A copy with some fields changed (validated like a new config)."""

@@ -31,6 +31,8 @@ class SiteReport:
     moe_params: int  # experts + router when selected, else the dense FFN's
     capacity_train: int | None
     capacity_eval: int | None
+    ffn_dropout: float = 0.0  # the dropout the dense FFN applies between its projections
+    expert_dropout: float | None = None  # the experts' dropout when selected, else None
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ class ConversionReport:
     params_dense / params_moe: parameters of the model before and after conversion
     (``params_moe = params_dense + sum over converted sites of (E x expert - dense FFN
     + router)``). active_params_per_token: parameters a token's forward touches
-    (top_k experts per converted site, plus the router).
+    (top_k experts per converted site, plus the router). Per site, ``ffn_dropout`` is
+    the dropout found inside the dense FFN and ``expert_dropout`` the rate its experts
+    apply (None for a site left dense).
     """
 
     model: str
@@ -87,6 +91,8 @@ class ConversionReport:
                 dense_params=site.num_params, moe_params=moe,
                 capacity_train=capacity(True) if is_chosen else None,
                 capacity_eval=capacity(False) if is_chosen else None,
+                ffn_dropout=site.dropout,
+                expert_dropout=config.resolve_expert_dropout(site.dropout) if is_chosen else None,
             ))
         return cls(
             model=model_name, config=config, seq_len=seq_len, examined=analysis.examined,
@@ -120,7 +126,9 @@ class ConversionReport:
         for s in self.sites:
             mark = "*" if s.selected else " "
             cap = "" if s.capacity_train is None else f" capacity {s.capacity_train}/{s.capacity_eval}"
-            lines.append(f" {mark} {s.path} [{s.stack} #{s.index}] {s.ffn}{cap} ({s.found_by})")
+            drop = "" if s.expert_dropout is None else f" expert dropout {s.expert_dropout:g}"
+            lines.append(f" {mark} {s.path} [{s.stack} #{s.index}] {s.ffn}{cap}{drop} "
+                         f"({s.found_by})")
         for r in self.rejected:
             lines.append(f"   rejected {r.where}: {r.reason}")
         return "\n".join(lines)

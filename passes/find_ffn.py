@@ -48,6 +48,12 @@ class FFNSite:
     stack / index: sites whose paths differ only in numeric components form a stack
         (``"encoder.block.*.layer.*.DenseReluDense"``); index is the position in it.
     up / gate / down: the projections (gate: the activated branch of a gated FFN).
+    dropout: the dropout rate the FFN applies between its projections (an
+        ``nn.Dropout`` module or a ``F.dropout`` call on the hidden activation, e.g.
+        T5's ``DenseReluDense.dropout``), 0.0 if none. That dropout is part of what
+        ``replace`` covers, so the rewrite removes it and the experts apply it instead
+        (`MoEConfig.expert_dropout` None). A dropout after the down-projection (GPT-2's
+        ``mlp.dropout``, BERT's ``output.dropout``) is outside the FFN and stays.
     found_by: how the dataflow was obtained, e.g. "fx.symbolic_trace of h.0.mlp".
     """
 
@@ -266,7 +272,7 @@ def _match(graph: Graph, down_node: fx.Node, down: Projection) -> FFNSite | Reje
     if isinstance(cover, str):
         return reject(cover)
     modules, attributes = cover
-    dropout = max((_dropout_p(graph, n) for n in between.nodes), default=0.0)
+    dropout = _combined_dropout(_dropout_p(graph, n) for n in between.nodes)
     return FFNSite(
         path=modules[0], replace=tuple(modules), bypass_attributes=tuple(attributes), up=up,
         gate=gate, down=down, activation=activation, dropout=dropout, found_by=found_by,
@@ -306,12 +312,33 @@ def _is_dropout(graph: Graph, node: fx.Node) -> bool:
 
 
 def _dropout_p(graph: Graph, node: fx.Node) -> float:
+    """The rate of a dropout node (0.0 for any other node).
+
+    Its ``training`` argument is not read: fx records ``self.training`` as the constant
+    of the mode the model was traced in, while the rate applies in training mode.
+    """
     if not _is_dropout(graph, node):
         return 0.0
     if node.op == "call_module":
-        return float(graph.modules[graph.owners[node][-1]].p)
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        p = graph.modules[graph.owners[node][-1]].p
+    else:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        return 0.0  # a rate computed at run time: nothing to read statically
     return float(p)
+
+
+def _combined_dropout(rates: Iterable[float]) -> float:
+    """One dropout rate equivalent to several in a row: inverted dropouts keep an element
+    with probability ``prod(1 - p)`` and scale it by its inverse, exactly one dropout
+    of rate ``1 - prod(1 - p)`` (a single rate is returned as is)."""
+    rates = [p for p in rates if p > 0]
+    if len(rates) <= 1:
+        return rates[0] if rates else 0.0
+    keep = 1.0
+    for p in rates:
+        keep *= 1.0 - p
+    return 1.0 - keep
 
 
 def _is_passthrough_candidate(graph: Graph, node: fx.Node) -> bool:

@@ -48,13 +48,19 @@ def site_generator(
 def build_experts(
     site: FFNSite, config, dense: DenseFFNWeights, device: str | torch.device | None = None
 ) -> Experts:
-    """A site's `Experts`, initialized from its dense FFN as ``config`` says (seeded)."""
+    """A site's `Experts`, initialized from its dense FFN as ``config`` says (seeded).
+
+    Their dropout is the one the dense FFN applied between its projections
+    (``site.dropout``; the rewrite removes that dropout with the FFN), unless
+    ``config.expert_dropout`` sets one rate for every site.
+    """
     c = config
     device = dense.w_in.device if device is None else torch.device(device)
     d_ff = site.d_ff // c.num_experts if c.init == Init.PARTITION else site.d_ff
     experts = Experts(
         c.num_experts, site.d_model, d_ff, activation=site.activation, gated=site.gated,
-        bias=site.bias, dropout=c.expert_dropout, device=device, dtype=dense.w_in.dtype,
+        bias=site.bias, dropout=c.resolve_expert_dropout(site.dropout), device=device,
+        dtype=dense.w_in.dtype,
     )
     if device.type != "meta":
         generator = site_generator(c.seed, site, device)
@@ -68,7 +74,9 @@ class UpcycleExperts(ProgramPass):
     Requires: `SelectSites` has run; for ``partition``, d_ff divisible by num_experts.
     Guarantees: ``program.experts[site.path]`` holds E experts in the dense FFN's dtype
         and device; copy: exact copies (plus ``noise`` if set); seeded per site from
-        ``config.seed``, so the same seed gives bitwise identical weights.
+        ``config.seed``, so the same seed gives bitwise identical weights; expert
+        dropout ``config.expert_dropout``, or where that is None the site's own
+        (``FFNSite.dropout``), so the converted layer drops where the dense FFN did.
     Preserves the computation: yes (the model is not touched yet).
 
     ``lazy=True`` builds the experts on the meta device instead and keeps each site's

@@ -12,26 +12,27 @@ from torch import nn
 VOCAB = 64
 
 
-def t5(gated: bool = False, layers: int = 4) -> tf.T5ForConditionalGeneration:
+def t5(gated: bool = False, layers: int = 4, **config) -> tf.T5ForConditionalGeneration:
+    """``config``: more `T5Config` fields (``dropout_rate=0.2``)."""
     config = tf.T5Config(
         vocab_size=VOCAB, d_model=16, d_ff=40, num_layers=layers, num_decoder_layers=layers,
         num_heads=2, d_kv=8, feed_forward_proj="gated-gelu" if gated else "relu",
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **config,
     )
     return tf.T5ForConditionalGeneration(config)
 
 
-def bert(layers: int = 4) -> tf.BertModel:
+def bert(layers: int = 4, **config) -> tf.BertModel:
     return tf.BertModel(tf.BertConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
-        num_attention_heads=2, max_position_embeddings=64,
+        num_attention_heads=2, max_position_embeddings=64, **config,
     ))
 
 
-def gpt2(layers: int = 4) -> tf.GPT2LMHeadModel:
+def gpt2(layers: int = 4, **config) -> tf.GPT2LMHeadModel:
     return tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=VOCAB, n_embd=16, n_layer=layers, n_head=2, n_positions=64,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **config,
     ))
 
 
@@ -60,6 +61,41 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class DropoutFFN(nn.Module):
+    """A hand-written FFN with its dropout between the projections (a module, or the
+    functional form with ``functional=True``), inside a small residual model."""
+
+    def __init__(self, d: int = 16, f: int = 40, p: float = 0.15,
+                 functional: bool = False) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d, f), nn.Linear(f, d)
+        self.p, self.functional = p, functional
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x):
+        h = F.relu(self.up(x))
+        if self.functional:
+            h = F.dropout(h, self.p, self.training)
+        else:
+            h = self.dropout(h)
+        return self.down(h)
+
+
+class DropoutFFNModel(nn.Module):
+    """Residual blocks of `DropoutFFN` (no other dropout): ``[B, T, d] -> [B, T, d]``."""
+
+    def __init__(self, layers: int = 2, d: int = 16, p: float = 0.15,
+                 functional: bool = False) -> None:
+        super().__init__()
+        self.ffn = nn.ModuleList(DropoutFFN(d, p=p, functional=functional)
+                                 for _ in range(layers))
+
+    def forward(self, x):
+        for ffn in self.ffn:
+            x = x + ffn(x)
+        return x
 
 
 class CausalSelfAttention(nn.Module):

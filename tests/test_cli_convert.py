@@ -314,3 +314,66 @@ def test_export_command_writes_an_onnx_graph_that_runs(t5_dir, tmp_path):
                    "already exists")
     one_line_error(run("export", out, "--onnx", tmp_path / "n.onnx", "--seq-len", "9"),
                    "declared for [8] tokens, not 9")
+
+
+# --- expert dropout: derived from the source FFN, shown per site, kept by checkpoints ------
+
+
+@pytest.fixture(scope="module")
+def t5_dropout_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("t5-dropout") / "tiny-t5"
+    models.t5(dropout_rate=0.2).save_pretrained(path)
+    return path
+
+
+def expert_dropouts(model):
+    return {layer.experts.dropout for _, layer in moeify.switch_layers(model)}
+
+
+def test_convert_takes_the_expert_dropout_from_the_source_and_load_rebuilds_it(
+        t5_dropout_dir, tmp_path):
+    out = tmp_path / "moe"
+    result = run("convert", t5_dropout_dir, "--experts", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"]["expert_dropout"] is None
+    converted = [s for s in report["sites"] if s["selected"]]
+    assert len(converted) == 4 and {s["expert_dropout"] for s in converted} == {0.2}
+    assert {s["expert_dropout"] for s in report["sites"] if not s["selected"]} == {None}
+    assert json.loads((out / "moeify.json").read_text())["config"]["expert_dropout"] is None
+    assert expert_dropouts(moeify.load(out)) == {0.2}
+
+    override = tmp_path / "override"
+    result = run("convert", t5_dropout_dir, "--experts", "4", "--expert-dropout", "0.4",
+                 "--out", override, "--json")
+    assert result.returncode == 0, result.stderr
+    sites = json.loads(result.stdout)["sites"]
+    assert {s["expert_dropout"] for s in sites if s["selected"]} == {0.4}
+    assert expert_dropouts(moeify.load(override)) == {0.4}
+
+
+def test_inspect_table_shows_each_converted_sites_expert_dropout(t5_dropout_dir):
+    result = run("inspect", t5_dropout_dir, "--experts", "4")
+    assert result.returncode == 0, result.stderr
+    assert "dropout" in result.stderr
+    rows = [line for line in result.stderr.splitlines() if "DenseReluDense" in line]
+    assert len(rows) == 8
+    assert all(("0.2" in row) == ("*" in row) for row in rows), rows  # converted rows only
+    assert "--expert-dropout" in run("convert", "--help").stdout
+
+
+def test_saved_and_loaded_t5_keeps_its_per_site_expert_dropout(tmp_path):
+    for gated in (False, True):
+        model = models.t5(gated=gated, dropout_rate=0.2)
+        moeify.convert(model, MoEConfig(num_experts=4), seq_len=12)
+        moeify.save(model, tmp_path / f"ck{gated}")
+        assert expert_dropouts(moeify.load(tmp_path / f"ck{gated}")) == {0.2}
+    moeify.set_expert_dropout(model, 0.4)  # a later override is what the checkpoint keeps
+    moeify.save(model, tmp_path / "override")
+    assert expert_dropouts(moeify.load(tmp_path / "override")) == {0.4}
+    model = models.gpt2(resid_pdrop=0.3)  # its dropout follows the FFN: none in the experts
+    moeify.convert(model, MoEConfig(num_experts=4), seq_len=12)
+    moeify.save(model, tmp_path / "gpt2")
+    loaded = moeify.load(tmp_path / "gpt2")
+    assert expert_dropouts(loaded) == {0.0} and loaded.transformer.h[1].mlp.dropout.p == 0.3

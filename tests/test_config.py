@@ -76,3 +76,20 @@ def test_capacity_method():
     c = MoEConfig(num_experts=64, capacity_factor=1.25, eval_capacity_factor=2.0)
     assert c.capacity(512, training=True) == 10
     assert c.capacity(512, training=False) == 16
+
+
+def test_expert_dropout_defaults_to_the_source_ffn_and_a_number_overrides():
+    c = MoEConfig()
+    assert c.expert_dropout is None  # None: each site takes its dense FFN's own dropout
+    assert c.resolve_expert_dropout(0.2) == 0.2 and c.resolve_expert_dropout() == 0.0
+    explicit = MoEConfig(expert_dropout=0.4)
+    assert explicit.resolve_expert_dropout(0.2) == 0.4 and explicit.resolve_expert_dropout() == 0.4
+    assert MoEConfig(expert_dropout=0).resolve_expert_dropout(0.2) == 0.0  # 0 is an override
+    assert MoEConfig.from_json(c.to_json()).expert_dropout is None
+    assert '"expert_dropout": null' in c.to_json()
+    assert MoEConfig.from_dict(explicit.to_dict()) == explicit
+    assert c.replace(expert_dropout=0.4) == explicit and explicit.replace(expert_dropout=None) == c
+    for bad in (-0.1, 1.0, float("nan"), "0.1", True):
+        message = r"expert_dropout=.* must be a finite number in \[0, 1\) or None"
+        with pytest.raises(ValueError, match=message):
+            MoEConfig(expert_dropout=bad)

@@ -263,3 +263,149 @@ def test_partition_and_random_init_modes():
 def test_partition_needs_a_divisible_hidden_width():
     with pytest.raises(moeify.MoEError, match="UpcycleExperts: init='partition'.*not divisible"):
         moeify.convert(models.t5(), MoEConfig(num_experts=3, init="partition"))
+
+
+# --- expert dropout: by default the dropout inside the dense FFN ---------------------------
+
+DROPOUT_SOURCES = {
+    # name: (builder, inputs, dropout inside its FFN = its experts' default dropout)
+    "t5": (lambda: models.t5(dropout_rate=0.2), t5_inputs, 0.2),
+    "t5-v1.1": (lambda: models.t5(gated=True, dropout_rate=0.2), t5_inputs, 0.2),
+    # GPT2MLP and BertOutput drop after the down-projection: outside the experts
+    "gpt2": (lambda: models.gpt2(resid_pdrop=0.3), lambda: {"input_ids": ids()}, 0.0),
+    "bert": (lambda: models.bert(hidden_dropout_prob=0.3), lambda: {"input_ids": ids()}, 0.0),
+    "custom": (lambda: models.DropoutFFNModel(p=0.15), lambda: (embeds(),), 0.15),
+    "custom-functional": (lambda: models.DropoutFFNModel(p=0.15, functional=True),
+                          lambda: (embeds(),), 0.15),
+    # linear1 -> activation -> dropout (a sibling module: it becomes a Bypass) -> linear2
+    "torch-encoder": (lambda: models.torch_encoder(norm_first=False), lambda: (embeds(),), 0.1),
+}
+
+
+def build_dropout_source(name):
+    torch.manual_seed(0)
+    make, inputs, expected = DROPOUT_SOURCES[name]
+    return make(), inputs(), expected
+
+
+def convert_dropout_source(name, model, inputs, config, **kwargs):
+    if name in ("custom", "custom-functional", "torch-encoder"):
+        kwargs["example_inputs"] = inputs
+    return moeify.convert(model, config, **kwargs)
+
+
+def dropout_modules(model):
+    return {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
+
+
+@pytest.mark.parametrize("name", DROPOUT_SOURCES)
+def test_expert_dropout_defaults_to_the_dropout_inside_each_source_ffn(name):
+    model, inputs, expected = build_dropout_source(name)
+    before = dropout_modules(model)
+    report = convert_dropout_source(name, model, inputs, MoEConfig(num_experts=E)).report
+    layers = moeify.switch_layers(model)
+    assert layers and {layer.experts.dropout for _, layer in layers} == {expected}
+    assert all(layer.config.expert_dropout is None for _, layer in layers)
+    assert {s.ffn_dropout for s in report.sites} == {expected}
+    assert [s.expert_dropout for s in report.sites] == [
+        expected if s.selected else None for s in report.sites
+    ]
+    # every dropout module outside the converted FFNs is still there, at its rate
+    replaced = {p for s in moeify.conversion_of(model).sites for p in s.replace}
+    kept = {n: p for n, p in before.items()
+            if not any(n == r or n.startswith(r + ".") for r in replaced)}
+    assert dropout_modules(model).items() >= kept.items()
+    if name == "gpt2":
+        assert isinstance(model.transformer.h[1].mlp.c_fc, SwitchFFN)
+        assert model.transformer.h[1].mlp.dropout.p == 0.3  # applied to the layer's output
+    if name == "torch-encoder":
+        assert isinstance(model.layers[1].dropout, moeify.passes.Bypass)  # the experts drop
+
+
+@pytest.mark.parametrize("name", ["t5", "gpt2", "custom"])
+def test_an_explicit_expert_dropout_overrides_every_site(name):
+    model, inputs, _ = build_dropout_source(name)
+    report = convert_dropout_source(name, model, inputs,
+                                    MoEConfig(num_experts=E, expert_dropout=0.4)).report
+    assert {layer.experts.dropout for _, layer in moeify.switch_layers(model)} == {0.4}
+    assert {s.expert_dropout for s in report.sites if s.selected} == {0.4}
+    sites = report.to_dict()["sites"]
+    assert {s["expert_dropout"] for s in sites if s["selected"]} == {0.4}
+    assert "expert dropout 0.4" in str(report)
+    moeify.set_expert_dropout(model, 0.1)  # and the API still overrides afterwards
+    assert {layer.experts.dropout for _, layer in moeify.switch_layers(model)} == {0.1}
+    assert moeify.conversion_of(model).config.expert_dropout == 0.1
+
+
+def test_switch_ffn_without_a_source_ffn_has_no_expert_dropout():
+    assert SwitchFFN(16, 40, MoEConfig(num_experts=E)).experts.dropout == 0.0
+    assert SwitchFFN(16, 40, MoEConfig(num_experts=E), source_dropout=0.2).experts.dropout == 0.2
+    dense = dense_weights(models.t5(), _analysis(models.t5()).sites[0])
+    assert SwitchFFN.from_dense(dense, MoEConfig(num_experts=E)).experts.dropout == 0.0
+    assert SwitchFFN.from_dense(dense, MoEConfig(num_experts=E),
+                                source_dropout=0.2).experts.dropout == 0.2
+    assert SwitchFFN.from_dense(dense, MoEConfig(num_experts=E, expert_dropout=0.4),
+                                source_dropout=0.2).experts.dropout == 0.4
+
+
+@pytest.mark.parametrize("name", DROPOUT_SOURCES)
+def test_in_training_the_converted_model_drops_where_the_dense_one_did(name, monkeypatch):
+    """Each dropout once, at its place and rate: with every ``F.dropout`` replaced by a
+    deterministic stand-in (scale by 1 + p) the upcycled model (normalized gate, nothing
+    dropped) computes the dense model's training-mode function, whatever dispatch path
+    runs (the padded one draws over [E, G*C, f] slots, so real masks cannot line up)."""
+    model, inputs, _ = build_dropout_source(name)
+    model.train()
+    dense = copy.deepcopy(model)
+    convert_dropout_source(name, model, inputs, MoEConfig(gate="normalized", **{
+        **NO_DROP, "expert_dropout": None}))
+    model.train()
+    calls = []
+
+    def stand_in(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        calls.append(p)
+        return input * (1 + p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", stand_in)
+    outputs, applied = [], []
+    for m in (dense, model):
+        calls.clear()
+        torch.manual_seed(3)  # attention-internal (sdpa) dropout draws the same masks
+        with torch.no_grad():
+            outputs.append(first_output(m(*inputs) if isinstance(inputs, tuple) else m(**inputs)))
+        applied.append(sorted(calls))
+    assert applied[0] == applied[1] and applied[0]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["t5", "t5-v1.1"])
+def test_seeded_training_forward_equals_the_dense_t5(gated):
+    """Real dropout masks line up too when every token goes to expert 0 (zero router:
+    equal logits) and the sorted path hands the experts the tokens in order: one mask
+    over [tokens, f] from the same RNG state as the dense FFN's."""
+    from moeify.switch.layer import DispatchPath
+
+    torch.manual_seed(0)
+    dense = models.t5(gated=gated, dropout_rate=0.2).train()
+    model = copy.deepcopy(dense)
+    moeify.convert(model, MoEConfig(gate="normalized", **{**NO_DROP, "expert_dropout": None}),
+                   seq_len=SEQ)
+    model.train()
+    for _, layer in moeify.switch_layers(model):
+        assert layer.experts.dropout == 0.2
+        layer.dispatch_path = DispatchPath.SORTED
+        with torch.no_grad():
+            layer.router.weight.zero_()
+    inputs = t5_inputs()
+    outputs = []
+    for m in (dense, model):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outputs.append(m(**inputs).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        assert not torch.allclose(dense(**inputs).logits, outputs[0])  # dropout is active
+    assert all(s.tokens_per_expert[0] == s.num_tokens for s in moeify.routing_stats(model))

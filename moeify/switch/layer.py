@@ -149,9 +149,12 @@ class SwitchFFN(nn.Module):
         dtype: torch.dtype | None = None,
         router: Router | None = None,
         experts: Experts | None = None,
+        source_dropout: float = 0.0,
     ) -> None:
         """``router`` / ``experts``: modules built elsewhere (the conversion passes) to
-        use instead of allocating fresh ones; their shapes must match."""
+        use instead of allocating fresh ones; their shapes must match.
+        ``source_dropout``: the dropout rate inside the dense FFN this layer replaces;
+        fresh experts use it unless ``config.expert_dropout`` overrides it."""
         super().__init__()
         self.config = config
         self.d_model, self.d_ff = d_model, d_ff
@@ -167,7 +170,8 @@ class SwitchFFN(nn.Module):
         if experts is None:
             experts = Experts(
                 config.num_experts, d_model, d_ff, activation=activation, gated=gated,
-                bias=bias, dropout=config.expert_dropout, device=device, dtype=dtype,
+                bias=bias, dropout=config.resolve_expert_dropout(source_dropout),
+                device=device, dtype=dtype,
             )
         expected = (config.num_experts, d_model)
         if tuple(router.weight.shape) != expected:
@@ -191,15 +195,19 @@ class SwitchFFN(nn.Module):
         seq_len: int | None = None,
         activation: Activation | str = Activation.RELU,
         generator: torch.Generator | None = None,
+        source_dropout: float = 0.0,
     ) -> SwitchFFN:
-        """Upcycle one dense FFN: experts from its weights (``config.init``), new router."""
+        """Upcycle one dense FFN: experts from its weights (``config.init``), new router.
+
+        ``source_dropout``: the dropout rate the dense FFN applies between its projections
+        (the experts' rate unless ``config.expert_dropout`` overrides it)."""
         d, f = dense.w_in.shape
         if config.init == Init.PARTITION:
             f //= config.num_experts
         layer = cls(
             d, f, config, seq_len=seq_len, activation=activation,
             gated=dense.w_gate is not None, bias=dense.b_in is not None,
-            device=dense.w_in.device, dtype=dense.w_in.dtype,
+            device=dense.w_in.device, dtype=dense.w_in.dtype, source_dropout=source_dropout,
         )
         if generator is None:
             generator = torch.Generator(device=dense.w_in.device).manual_seed(config.seed)

@@ -120,6 +120,7 @@ def test_activation_in_module_code_becomes_an_attribute_bypass():
     site = analysis.sites[0]
     assert site.replace == ("layers.0.linear1", "layers.0.dropout", "layers.0.linear2")
     assert site.bypass_attributes == ("layers.0.activation",)
+    assert site.dropout == 0.1  # linear1 -> activation -> dropout -> linear2, via export
 
 
 def test_without_inputs_an_ffn_in_untraceable_code_asks_for_them():
@@ -161,3 +162,54 @@ def test_meta_bert_inspect_follows_the_export_dataflow():
     assert [s.path for s in report.sites] == [
         "encoder.layer.0.intermediate", "encoder.layer.1.intermediate"
     ]
+
+
+# --- the dropout inside an FFN (what its experts apply by default) -------------------------
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["t5-v1.0", "t5-v1.1"])
+def test_t5_dropout_between_wi_and_wo_is_the_sites_dropout(gated):
+    analysis = analyze(models.t5(gated=gated, layers=2, dropout_rate=0.2))
+    assert len(analysis.sites) == 4
+    assert {s.dropout for s in analysis.sites} == {0.2}
+    # T5LayerFF.dropout (after wo, on the residual branch) is outside: one dropout counted
+    assert all(s.replace == (s.path,) and s.path.endswith("DenseReluDense")
+               for s in analysis.sites)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: models.gpt2(layers=2, resid_pdrop=0.3),  # GPT2MLP: c_fc, act, c_proj, dropout
+    lambda: models.bert(layers=2, hidden_dropout_prob=0.3),  # BertOutput: dense, dropout, LN
+    lambda: models.NanoGPT(layers=2),  # MLP: c_fc, gelu, c_proj, dropout
+], ids=["gpt2", "bert", "nanogpt"])
+def test_a_dropout_after_the_down_projection_is_not_the_ffns(make):
+    model = make()
+    analysis = analyze(model)
+    assert analysis.sites and {s.dropout for s in analysis.sites} == {0.0}
+    dropouts = {n for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    assert not dropouts & {p for s in analysis.sites for p in s.replace}  # none is replaced
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.Dropout", "F.dropout"])
+def test_a_dropout_on_the_hidden_activation_of_a_custom_ffn(functional):
+    analysis = analyze(models.DropoutFFNModel(p=0.15, functional=functional))
+    assert [(s.path, s.replace, s.dropout) for s in analysis.sites] == [
+        ("ffn.0", ("ffn.0",), 0.15), ("ffn.1", ("ffn.1",), 0.15)
+    ]
+
+
+def test_dropouts_in_a_row_combine_into_one_rate():
+    model = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Dropout(0.1), nn.Dropout(0.2),
+                          nn.Linear(24, 8))
+    (site,) = analyze(model).sites
+    assert site.replace == ("0", "1", "2", "3", "4")
+    assert site.dropout == pytest.approx(1 - 0.9 * 0.8)  # keep 0.72, scaled by 1 / 0.72
+
+
+def test_a_dropout_on_one_branch_of_a_gated_ffn_counts():
+    class GatedDropout(Gated):
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * F.dropout(self.up(x), 0.25, self.training))
+
+    (site,) = analyze(nn.Sequential(GatedDropout())).sites
+    assert site.gated and site.dropout == 0.25
