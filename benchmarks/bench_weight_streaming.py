@@ -25,6 +25,7 @@ THREADS = 2
 
 
 def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
     samples = []
     for _ in range(repeats):

@@ -39,7 +39,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeify.errors import MoEError
-from moeify.switch.dispatch import combine_sorted, sort_by_expert
+from moeify.switch.dispatch import (
+    combine_sorted,
+    dispatch_sorted,
+    gather_rows,
+    sort_by_expert,
+)
 from moeify.switch.experts import Experts
 from moeify.switch.layer import RoutingRecord, SwitchFFN, _is_tracing
 from moeify.switch.losses import load_balancing_loss, router_z_loss
@@ -182,7 +187,7 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         x_flat = x.flatten(0, 1)
         assignments = sort_by_expert(routing, sizes)
         dtype = _exchange_dtype(x_flat)
-        rows = x_flat.index_select(0, assignments.token).to(dtype)  # sorted by global expert
+        rows = dispatch_sorted(x_flat, assignments, sizes.top_k).to(dtype)  # by global expert
         where = ("dispatch", self.layer_name, self.rank)
         # 1. how many rows each rank sends to each of this rank's experts
         counts = torch.tensor(assignments.counts, dtype=torch.int64)  # [E], experts in order
@@ -196,11 +201,12 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         received = _AllToAll.apply(rows, send, recv, self.group, where)
         expert_of_row = torch.arange(n_local).repeat(W).repeat_interleave(incoming.flatten())
         order = torch.argsort(expert_of_row, stable=True)
-        out = self.experts.forward_sorted(received.index_select(0, order),
-                                          incoming.sum(0).tolist())
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
-        out = out.to(dtype).index_select(0, back)  # source order again
+        # permutations both ways; gather_rows makes each one's gradient a gather too
+        out = self.experts.forward_sorted(gather_rows(received, order, back.unsqueeze(1)),
+                                          incoming.sum(0).tolist())
+        out = gather_rows(out.to(dtype), back, order.unsqueeze(1))  # source order again
         # 3. results back to the ranks that own the tokens
         expert_out = _AllToAll.apply(out, recv, send, self.group,
                                      ("combine", self.layer_name, self.rank))

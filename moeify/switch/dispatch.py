@@ -94,11 +94,14 @@ class SortedAssignments(NamedTuple):
 
     order:  [n] int64, index of each assignment in the flattened ``[G, T, k]`` routing.
     token:  [n] int64, index of its token in the flattened ``[G*T, d]`` input.
+    row:    [G*T*k] int64, the inverse of ``order``: the sorted row of each choice, ``n``
+            for a choice that was not kept.
     counts: per-expert number of assignments (Python ints, sum n).
     """
 
     order: Tensor
     token: Tensor
+    row: Tensor
     counts: list[int]
 
 
@@ -108,14 +111,61 @@ def sort_by_expert(routing: Routing, sizes: Sizes) -> SortedAssignments:
     key = torch.where(routing.kept, routing.expert_index, E).flatten()  # dropped -> E
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=E + 1)[:E].tolist()
-    order = order[: sum(counts)]
-    return SortedAssignments(order, torch.div(order, k, rounding_mode="floor"), counts)
+    n = sum(counts)
+    order = order[:n]
+    row = torch.full_like(key, n).index_copy_(0, order, torch.arange(n, device=key.device))
+    token = torch.div(order, k, rounding_mode="floor")
+    return SortedAssignments(order, token, row, counts)
+
+
+def dispatch_sorted(x_flat: Tensor, assignments: SortedAssignments, top_k: int) -> Tensor:
+    """The rows the experts compute, sorted by expert: x_flat [G*T, d] -> [n, d]."""
+    inverse = assignments.row.view(-1, top_k)  # [G*T, k]: the rows that read each token
+    return gather_rows(x_flat, assignments.token, inverse)
 
 
 def combine_sorted(
     expert_out: Tensor, routing: Routing, assignments: SortedAssignments, x_flat: Tensor
 ) -> Tensor:
-    """Scatter-add weighted expert rows back to their tokens. -> like x_flat, [G*T, d]."""
-    weights = routing.combine_weights.flatten().index_select(0, assignments.order)
-    weighted = expert_out * weights.to(expert_out.dtype).unsqueeze(-1)
-    return torch.zeros_like(x_flat).index_add(0, assignments.token, weighted.to(x_flat.dtype))
+    """Weighted sum of each token's expert rows. expert_out [n, d] -> like x_flat, [G*T, d].
+
+    A choice that was not kept reads a zero row, so a token with no kept choice comes out
+    as exactly 0.
+    """
+    k = routing.expert_index.shape[-1]
+    picked = gather_rows(expert_out, assignments.row, assignments.order.unsqueeze(1))
+    weights = routing.combine_weights.reshape(-1, 1).to(picked.dtype)  # [G*T*k, 1]
+    weighted = (picked * weights).to(x_flat.dtype)  # [G*T*k, d]
+    return weighted if k == 1 else weighted.unflatten(0, (-1, k)).sum(1)
+
+
+def gather_rows(src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """``src[index]``, where an index equal to ``len(src)`` reads a zero row, with a
+    gradient that is a gather too. src: [m, d]; index: [r] int64.
+
+    inverse: [m, j] int64, the output rows that read each source row (at most j of them;
+    ``r`` fills the unused places). The backward sums those rows of the output gradient
+    instead of scattering it with ``index_add``, which runs one row at a time on CPU.
+    """
+    return _GatherRows.apply(src, index, inverse)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return _with_zero_row(src).index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (inverse,) = ctx.saved_tensors
+        picked = _with_zero_row(grad_out.contiguous()).index_select(0, inverse.flatten())
+        picked = picked.unflatten(0, inverse.shape)  # [m, j, d]
+        grad_src = picked[:, 0] if inverse.shape[1] == 1 else picked.sum(1)
+        return grad_src, None, None
+
+
+def _with_zero_row(x: Tensor) -> Tensor:
+    """x [m, d] with one zero row appended: [m + 1, d]."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])

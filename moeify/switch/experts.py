@@ -154,11 +154,24 @@ class Experts(nn.Module):
         hidden = act(h_in) if h_gate is None else act(h_gate) * h_in
         return F.dropout(hidden, self.dropout, self.training)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """All experts on their padded buffers: [E, N, d] -> [E, N, d] (batched matmuls)."""
-        h_in = _linear(x, self.w_in, self.b_in, batched=True)
-        h_gate = None if self.w_gate is None else _linear(x, self.w_gate, self.b_gate, batched=True)
-        return _linear(self._hidden(h_in, h_gate), self.w_out, self.b_out, batched=True)
+    def forward(self, x: Tensor, *, batched: bool = True) -> Tensor:
+        """All experts on equal row counts (padded buffers): [E, N, d] -> [E, N, d].
+
+        batched: one batched matmul (``bmm``) per weight, the form tracing and export
+        need; otherwise the per-expert matmuls of `forward_sorted` over the same rows.
+        """
+        if not batched:
+            E, N = x.shape[0], x.shape[1]
+            return self.forward_sorted(x.flatten(0, 1), [N] * E).unflatten(0, (E, N))
+        h_in = _bmm(x, self.w_in, self.b_in)
+        h_gate = None if self.w_gate is None else _bmm(x, self.w_gate, self.b_gate)
+        return _bmm(self._hidden(h_in, h_gate), self.w_out, self.b_out)
+
+    def batched_matmul_ok(self) -> bool:
+        """Whether an eager ``bmm`` runs in the weights' own dtype. Under autocast it
+        would first cast every expert's weights as one full-size copy (and their
+        gradient back), which costs more than the matmuls at many experts."""
+        return matmul_dtype(self.w_in) == self.w_in.dtype
 
     def forward_sorted(self, x: Tensor, counts: list[int]) -> Tensor:
         """Rows sorted by expert, ``counts[e]`` rows for expert e: [n, d] -> [n, d].
@@ -179,11 +192,9 @@ class Experts(nn.Module):
         )
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None, *, batched: bool = False) -> Tensor:
-    """``x @ w + b``; batched: x [E, N, i], w [E, i, o], b [E, o]."""
-    if batched:
-        return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
-    return x @ w if b is None else torch.addmm(b, x, w)
+def _bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w + b`` for every expert at once: x [E, N, i], w [E, i, o], b [E, o]."""
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
 
 
 def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
@@ -199,63 +210,110 @@ def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
     return torch.stack(source.chunk(num_experts, dim=f_axis))
 
 
+def matmul_dtype(w: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in for weights ``w``.
+
+    Inside a ``torch.autocast`` region of ``w``'s device: the autocast dtype, for the
+    weights autocast would cast (floating point, not float64), exactly as ``nn.Linear``
+    runs there. Elsewhere: the weights' own dtype.
+    """
+    device_type = w.device.type
+    if (torch.is_autocast_enabled(device_type) and w.is_floating_point()
+            and w.dtype != torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return w.dtype
+
+
 def segment_linear(x: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
     """Per-segment ``x @ w[e] + b[e]``: rows sorted by expert, ``counts[e]`` rows each.
 
-    x: [n, i]; w: [E, i, o]; b: [E, o] or None -> [n, o]. Each matmul writes into its
-    slice of one output buffer, and the backward writes each expert's weight gradient
-    into its slice of one ``[E, i, o]`` gradient, so a step allocates one buffer per
-    tensor instead of one per expert plus a concatenation (at 64 experts and few
-    tokens per expert those copies and their page faults dominate the step).
+    x: [n, i]; w: [E, i, o]; b: [E, o] or None -> [n, o] in `matmul_dtype` (w).
+
+    One matmul per expert that has rows, each writing into its slice of one output; the
+    backward writes each expert's weight gradient into its slice of one ``[E, i, o]``
+    gradient in the weights' dtype, which autograd then installs as ``.grad`` as it is.
+    So a step allocates one buffer per tensor, never one per expert plus a concatenation.
+
+    Under autocast the matmuls run in the autocast dtype like ``nn.Linear``'s, but no
+    pass casts the whole ``[E, i, o]`` weight: each expert's weight is cast into one
+    small reused buffer right before its matmul, which then reads it from cache (again
+    in the backward, for the input gradient: a second read of the float32 weights costs
+    less than writing and re-reading a kept half-precision copy in fresh memory, measured
+    in BENCHMARKS.md). Each expert's weight gradient is cast into its slice of the
+    float32 gradient as it is computed, so no full-size half-precision gradient exists.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # out= matmuls bypass autocast: cast here
-        dtype = torch.get_autocast_dtype(device_type)
-        x, w = x.to(dtype), w.to(dtype)
-        b = None if b is None else b.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        if b is None:
-            return _SegmentLinear.apply(x, w, counts)
-        return _SegmentLinear.apply(x, w, counts, b)
+    dtype = matmul_dtype(w)
+    x = x.to(dtype)  # autograd casts the input gradient back, as autocast does
+    with torch.autocast(w.device.type, enabled=False):  # the out= matmuls below
+        return _SegmentLinear.apply(x, w, b, counts, dtype)
+
+
+class _ExpertWeights:
+    """One expert's weight (and bias) in the matmul dtype: a view where the weights
+    already have it, else a cast into one reused ``[i, o]`` buffer."""
+
+    def __init__(self, w: Tensor, b: Tensor | None, dtype: torch.dtype) -> None:
+        self.w, self.b, self.dtype = w, b, dtype
+        self.buffer = None if w.dtype == dtype else w.new_empty(w.shape[1:], dtype=dtype)
+
+    def __call__(self, e: int) -> tuple[Tensor, Tensor | None]:
+        b = None if self.b is None else self.b[e].to(self.dtype)
+        if self.buffer is None:
+            return self.w[e], b
+        return self.buffer.copy_(self.w[e]), b
 
 
 class _SegmentLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, counts: list[int], b: Tensor | None = None) -> Tensor:
-        ctx.counts = counts
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(x, w)
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, counts: list[int],
+                dtype: torch.dtype) -> Tensor:
+        ctx.counts, ctx.dtype, ctx.has_bias = counts, dtype, b is not None
+        weights = _ExpertWeights(w, b, dtype)
         out = x.new_empty(x.shape[0], w.shape[-1])
         for e, rows in _segments(counts):
-            if b is None:
-                torch.mm(x[rows], w[e], out=out[rows])
+            w_e, b_e = weights(e)
+            if b_e is None:
+                torch.mm(x[rows], w_e, out=out[rows])
             else:
-                torch.addmm(b[e], x[rows], w[e], out=out[rows])
+                torch.addmm(b_e, x[rows], w_e, out=out[rows])
+        ctx.save_for_backward(x, w)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, w = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # e.g. an expanded gradient of a sum()
+        counts, dtype = ctx.counts, ctx.dtype
+        grad_out = grad_out.to(dtype).contiguous()  # e.g. an expanded gradient of a sum()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.has_bias and ctx.needs_input_grad[3]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = None
-        if need_w:  # experts without rows get zeros; every other slice is written below
-            grad_w = torch.zeros_like(w) if 0 in ctx.counts else torch.empty_like(w)
-        grad_b = grad_out.new_zeros(w.shape[0], w.shape[-1]) if need_b else None
-        for e, rows in _segments(ctx.counts):
+        grad_w = torch.empty_like(w) if need_w else None  # the weights' dtype
+        grad_b = w.new_empty(w.shape[0], w.shape[-1]) if need_b else None
+        for e, count in enumerate(counts):  # experts without rows: zero gradients
+            if count == 0:
+                for grad in (grad_w, grad_b):
+                    if grad is not None:
+                        grad[e].zero_()
+        weights = _ExpertWeights(w, None, dtype) if need_x else None
+        # A weight gradient computed in a lower dtype goes through one reused buffer.
+        staged = None if not need_w or w.dtype == dtype else w.new_empty(w.shape[1:], dtype=dtype)
+        # Half precision: x transposed once ([i, n], row-major), on which oneDNN's matmul
+        # runs about twice as fast as on a transposed view of each expert's rows; float32
+        # (MKL) takes the view as fast, so it skips the copy.
+        x_t = None if not need_w else x.T.contiguous() if x.element_size() < 4 else x.T
+        for e, rows in _segments(counts):
             g = grad_out[rows]
             if need_x:
-                torch.mm(g, w[e].T, out=grad_x[rows])
+                torch.mm(g, weights(e)[0].T, out=grad_x[rows])
             if need_w:
-                torch.mm(x[rows].T, g, out=grad_w[e])
+                if staged is None:
+                    torch.mm(x_t[:, rows], g, out=grad_w[e])
+                else:
+                    grad_w[e].copy_(torch.mm(x_t[:, rows], g, out=staged))
             if need_b:
-                torch.sum(g, dim=0, out=grad_b[e])
-        if ctx.has_bias:
-            return grad_x, grad_w, None, grad_b
-        return grad_x, grad_w, None
+                grad_b[e].copy_(g.sum(0))  # in the matmul dtype, as nn.Linear
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _segments(counts: list[int]) -> Iterator[tuple[int, slice]]:

@@ -19,32 +19,50 @@ from torch import Tensor, nn
 from moeify.config import Activation, Init, MoEConfig
 from moeify.switch.dispatch import (
     Sizes,
+    SortedAssignments,
     combine_padded,
     combine_sorted,
     dispatch_padded,
+    dispatch_sorted,
     sort_by_expert,
 )
-from moeify.switch.experts import DenseFFNWeights, Experts
+from moeify.switch.experts import DenseFFNWeights, Experts, matmul_dtype
 from moeify.switch.losses import load_balancing_loss, router_z_loss
 from moeify.switch.routing import Routing, compute_router_logits, route
 
 
 class DispatchPath(enum.Enum):
-    """Which dispatch implementation `SwitchFFN` runs (see `moeify.switch.dispatch`).
+    """How `SwitchFFN` hands tokens to its experts (see `moeify.switch.dispatch`).
 
-    In eager mode AUTO picks by the size of the padded buffers: with at most
-    `PADDED_MAX_ROWS` rows per expert (G * C) every expert matmul is bound by streaming
-    the expert's weights, where one batched matmul runs faster than a matmul per expert
-    and the padding is free; above it the sorted path saves the padding's FLOPs.
-    BENCHMARKS.md has the measurements behind the threshold.
+    PADDED: static ``[E, G, C, d]`` buffers, empty slots included. Traced, compiled and
+        exported graphs always take it (their shapes must not depend on the routing). In
+        eager mode the expert matmuls are one ``bmm`` per weight where the weights are
+        already in the matmul dtype, else one matmul per expert (see `Experts.forward`).
+    SORTED: only the occupied slots, sorted by expert, one matmul per expert (eager).
+    AUTO: PADDED when traced; in eager mode, after routing, whichever costs less for the
+        rows at hand: PADDED's batched matmul computes every slot, so it is chosen only
+        where ``bmm`` over the padded rows is predicted to beat per-expert matmuls over
+        the occupied rows (`BATCHED_COST`, measured by ``benchmarks/bench_dispatch.py``).
     """
 
-    AUTO = "auto"  # padded under tracing, compile and export; in eager mode, see above
-    PADDED = "padded"  # static [E, G, C, d] buffers
-    SORTED = "sorted"  # occupied slots only (eager)
+    AUTO = "auto"
+    PADDED = "padded"
+    SORTED = "sorted"
 
 
-PADDED_MAX_ROWS = 128
+# Time of one batched matmul (bmm) over R rows per expert relative to E per-expert
+# matmuls over the same rows, per matmul dtype (forward and backward together). AUTO
+# takes PADDED when ``cost * padded_rows < occupied_rows``. Measured on this project's
+# 2-core CPU machines with ``benchmarks/bench_dispatch.py`` (BENCHMARKS.md, "Dispatch
+# cost"): in float32 the two are within the machine's noise of each other (0.8-1.15 over
+# E 8/64 and 16-256 rows per expert), so padding never pays; with bfloat16 weights oneDNN's
+# batched matmul runs at about 0.6-0.85 of the per-expert calls.
+BATCHED_COST: dict[torch.dtype, float] = {
+    torch.float32: 1.0,
+    torch.float64: 1.0,
+    torch.bfloat16: 0.75,
+    torch.float16: 0.75,
+}
 
 
 class RoutingRecord(NamedTuple):
@@ -204,13 +222,14 @@ class SwitchFFN(nn.Module):
         d, f = dense.w_in.shape
         if config.init == Init.PARTITION:
             f //= config.num_experts
-        layer = cls(
+        device = dense.w_in.device
+        layer = cls(  # on meta first: every parameter is written below, none drawn twice
             d, f, config, seq_len=seq_len, activation=activation,
             gated=dense.w_gate is not None, bias=dense.b_in is not None,
-            device=dense.w_in.device, dtype=dense.w_in.dtype, source_dropout=source_dropout,
-        )
+            device="meta", dtype=dense.w_in.dtype, source_dropout=source_dropout,
+        ).to_empty(device=device)
         if generator is None:
-            generator = torch.Generator(device=dense.w_in.device).manual_seed(config.seed)
+            generator = torch.Generator(device=device).manual_seed(config.seed)
         layer.router.reset_parameters(generator)
         layer.experts.load_dense(dense, init=config.init, noise=config.noise, generator=generator)
         return layer
@@ -265,28 +284,33 @@ class SwitchFFN(nn.Module):
             sizes = self._sizes(tokens)
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
         routing = self.route(x, sizes.expert_capacity)
-        if tracing or self._use_padded(x, sizes.expert_capacity):
+        assignments = None if tracing else sort_by_expert(routing, sizes)
+        if assignments is None or self._use_padded(x, assignments, sizes):
             dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
-            expert_out = self.experts(dispatched.flatten(1, 2))  # [E, G*C, d]
+            batched = tracing or self.experts.batched_matmul_ok()
+            expert_out = self.experts(dispatched.flatten(1, 2), batched=batched)  # [E, G*C, d]
             expert_out = expert_out.unflatten(1, (-1, sizes.expert_capacity))  # [E, G, C, d]
             y = combine_padded(expert_out, routing, sizes)  # [G, T, d]
-            counts = None
         else:
             x_flat = x.flatten(0, 1)  # [G*T, d]
-            assignments = sort_by_expert(routing, sizes)
-            rows = x_flat.index_select(0, assignments.token)  # [n, d], sorted by expert
+            rows = dispatch_sorted(x_flat, assignments, sizes.top_k)  # [n, d], by expert
             expert_out = self.experts.forward_sorted(rows, assignments.counts)
             y = combine_sorted(expert_out, routing, assignments, x_flat)
-            counts = assignments.counts
         if not _is_exporting(hidden_states):
+            counts = None if assignments is None else assignments.counts
             self.last_routing = self._record(routing, counts, sizes.expert_capacity)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
 
-    def _use_padded(self, x: Tensor, capacity: int) -> bool:
-        """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d]."""
-        if self.dispatch_path == DispatchPath.AUTO:
-            return x.shape[0] * capacity <= PADDED_MAX_ROWS
-        return self.dispatch_path == DispatchPath.PADDED
+    def _use_padded(self, x: Tensor, assignments: SortedAssignments, sizes: Sizes) -> bool:
+        """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d] (see
+        `DispatchPath`)."""
+        if self.dispatch_path != DispatchPath.AUTO:
+            return self.dispatch_path == DispatchPath.PADDED
+        if not self.experts.batched_matmul_ok():
+            return False  # padded rows would run the same per-expert matmuls, on more rows
+        padded_rows = x.shape[0] * sizes.expert_capacity * sizes.num_experts
+        cost = BATCHED_COST.get(matmul_dtype(self.experts.w_in), 1.0)
+        return cost * padded_rows < sum(assignments.counts)
 
     def route(self, x: Tensor, expert_capacity: int | None = None) -> Routing:
         """Router logits and routing decisions for grouped tokens x: [G, T, d].

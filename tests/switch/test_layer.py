@@ -303,15 +303,95 @@ def test_expert_dropout_acts_between_the_matmuls_in_training_only():
     assert (y[..., 0] / clean[..., 0]).mean().item() == pytest.approx(1.0, abs=0.3)
 
 
-def test_auto_dispatch_pads_small_buffers_and_sorts_large_ones():
-    from moeify.switch.layer import PADDED_MAX_ROWS
+def test_auto_dispatch_follows_the_measured_cost_table():
+    from moeify.switch.dispatch import SortedAssignments
+    from moeify.switch.layer import BATCHED_COST
 
-    layer = SwitchFFN(8, 16, MoEConfig(num_experts=8, capacity_factor=1.0), seq_len=256).train()
-    assert layer.expert_capacity == 32
-    small = torch.randn(PADDED_MAX_ROWS // 32, 256, 8)  # G * C == PADDED_MAX_ROWS
-    large = torch.randn(PADDED_MAX_ROWS // 32 + 1, 256, 8)
-    assert layer._use_padded(small, 32) and not layer._use_padded(large, 32)
+    layer = SwitchFFN(8, 16, MoEConfig(num_experts=4, capacity_factor=1.0, **NO_NOISE),
+                      seq_len=256).train()
+    x = torch.randn(2, 256, 8)  # G=2 groups, C=64: 128 padded rows per expert, 512 in all
+    sizes = layer._sizes(256)
+    full = SortedAssignments(None, None, None, [128] * 4)  # every slot occupied
+    high = SortedAssignments(None, None, None, [120] * 4)  # 94% of the slots
+    low = SortedAssignments(None, None, None, [40] * 4)  # 31%
+
+    assert BATCHED_COST[torch.float32] >= 1.0  # float32: bmm never beats per-expert calls
+    for assignments in (full, high, low):
+        assert not layer._use_padded(x, assignments, sizes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would cast every expert's weights
+        assert not layer.experts.batched_matmul_ok()
+        assert not layer._use_padded(x, full, sizes)
+    layer.to(torch.bfloat16)  # bf16 weights: padded where occupancy beats bmm's cost
+    assert layer.experts.batched_matmul_ok() and BATCHED_COST[torch.bfloat16] < 0.94
+    assert layer._use_padded(x, high, sizes) and not layer._use_padded(x, low, sizes)
     layer.dispatch_path = DispatchPath.SORTED
-    assert not layer._use_padded(small, 32)
+    assert not layer._use_padded(x, full, sizes)
     layer.dispatch_path = DispatchPath.PADDED
-    assert layer._use_padded(large, 32)
+    assert layer._use_padded(x, low, sizes)
+
+
+@pytest.mark.parametrize("path", list(DispatchPath))
+def test_autocast_runs_experts_like_nn_linear_per_expert(path):
+    """Under bf16 autocast the expert matmuls run in bf16 (router in float32), no
+    full-size bf16 copy of the expert weights is made, and output and gradients match
+    an nn.Linear-per-expert reference under the same autocast, tokens dropping."""
+    from tests.switch.test_experts import _record_ops
+
+    torch.manual_seed(5)
+    d, f, E, T = 16, 40, 5, 24
+    config = MoEConfig(num_experts=E, capacity_factor=1.0, min_capacity=1, **NO_NOISE)
+    layer = SwitchFFN(d, f, config, seq_len=T, activation="relu").train()
+    layer.dispatch_path = path
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(3, T, d, requires_grad=True)
+    grad = torch.randn(3, T, d)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(grad)
+        return y
+
+    y, calls = _record_ops(run)
+    assert 0 < layer.last_routing.dropped_fraction < 1
+    matmuls = [c for c in calls if c[0] in ("mm", "addmm", "bmm", "baddbmm")]
+    expert = [c for c in matmuls if f in c[2]]  # every matmul with the hidden width
+    router = [c for c in matmuls if c[2][-1] == E]
+    assert expert and all(set(dtypes) == {torch.bfloat16} for _, dtypes, _, _ in expert)
+    assert router and all(set(dtypes) == {torch.float32} for _, dtypes, _, _ in router)
+    assert not [c for c in calls if c[2] in ((E, d, f), (E, f, d)) and c[3] == torch.bfloat16]
+    assert layer.experts.w_in.grad.dtype == torch.float32
+
+    # reference: the same routing, one nn.Linear pair per expert, HF-style loop
+    ref_x = x.detach().clone().requires_grad_()
+    ups = [nn.Linear(d, f, bias=False) for _ in range(E)]
+    downs = [nn.Linear(f, d, bias=False) for _ in range(E)]
+    router = nn.Linear(d, E, bias=False)
+    with torch.no_grad():
+        router.weight.copy_(layer.router.weight)
+        for e in range(E):
+            ups[e].weight.copy_(layer.experts.w_in[e].T)
+            downs[e].weight.copy_(layer.experts.w_out[e].T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            logits = router(ref_x.reshape(-1, d))
+        probs = torch.softmax(logits, -1)
+        gate, index = probs.max(-1)
+        position = (F.one_hot(index.view(3, T), E).cumsum(1) * F.one_hot(index.view(3, T), E)
+                    ).sum(-1).flatten() - 1
+        kept = position < layer.expert_capacity
+        out = torch.zeros(3 * T, d)
+        flat = ref_x.reshape(-1, d)
+        for e in range(E):
+            rows = torch.nonzero(kept & (index == e)).flatten()
+            h = downs[e](F.relu(ups[e](flat[rows])))
+            out = out.index_add(0, rows, (h * gate[rows, None].to(h.dtype)).float())
+    out.view(3, T, d).backward(grad)
+    tol = dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(y, out.view(3, T, d), **tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    torch.testing.assert_close(layer.router.weight.grad, router.weight.grad, **tol)
+    for e in range(E):
+        torch.testing.assert_close(layer.experts.w_in.grad[e], ups[e].weight.grad.T, **tol)
+        torch.testing.assert_close(layer.experts.w_out.grad[e], downs[e].weight.grad.T, **tol)
