@@ -1,26 +1,81 @@
-"""Benchmark moeify's Switch layer on CPU against the dense FFN, HF's SparseMLP and a
-one-hot einsum dispatch, and compare it with this machine's roofline floor.
+"""Benchmark moeify's Switch layer against the dense FFN and HF's SparseMLP, in the
+layouts people run.
 
-Implementations (all fp32, the same weights, the same routing and expert capacity C):
+Two sections (``--section batched|one-group|all``, default ``batched``).
 
-* ``moeify``  `moeify.SwitchFFN`, default eager dispatch (``DispatchPath.SORTED``)
-* ``padded``  the same layer with ``DispatchPath.PADDED`` (static ``[E, G*C, d]`` buffers)
-* ``dense``   the dense FFN with the same d, f and tokens (``Linear -> ReLU -> Linear``)
-* ``hf``      ``transformers``' ``SwitchTransformersSparseMLP`` with copied weights
-* ``einsum``  GShard / Mesh-TF style one-hot ``[G, T, E, C]`` dispatch and combine tensors
+batched (the default): batched sequences, one group per sequence
+-----------------------------------------------------------------
 
-Tokens are laid out as ONE group: input ``[G=1, T=tokens, d]`` (a group is the whole
-batch of tokens, like Mesh-TF's ``group_size``); the capacity is per group, so HF, which
-routes per sequence with an absolute capacity, computes the same function (checked per
-configuration with ``torch.allclose`` on eval outputs, atol 1e-4).
+The layout users get from ``moeify.convert`` with the default ``MoEConfig.group_size=None``:
+input ``x: [batch, seq, d]``, every sequence routed as its own group, the layer built with
+``seq_len=seq``, so the expert capacity is per sequence:
+``C = max(min_capacity=4, ceil(1.25 * seq / E))``. Capacity factor 1.25 in training and in
+evaluation, no expert dropout, no router jitter, ReLU experts, top-1, softmax gate.
 
-Modes: "fwd" is the eval-mode forward under ``torch.inference_mode()``; "fwd+bwd" is the
-train-mode ``y = impl(x); y.backward(grad)`` with a fixed random ``grad`` and
-``x.requires_grad=True`` (input and weight gradients), gradients reset to None between
-runs. Expert dropout and router jitter are 0 and ``eval_capacity_factor ==
-capacity_factor``, so both modes compute the same routing with the same C. Each repeat
-runs every implementation once in turn (the starting implementation rotates); the table
-reports medians.
+Grid: (batch x seq) in {8x512, 32x128, 4x2048} x E in {8, 64} x (d, f) in {(512, 2048),
+(768, 3072)} x precision in
+
+* ``fp32``           float32 weights and input;
+* ``bf16-autocast``  float32 weights and input, the forward under
+                     ``torch.autocast(device, dtype=torch.bfloat16)``, the backward outside
+                     the autocast block (as users write a mixed-precision step);
+* ``bf16-weights``   every module ``.to(torch.bfloat16)``, bfloat16 input. moeify's Router
+                     keeps its weight in float32 by design (selective precision); HF's
+                     router classifier is reset to moeify's float32 weight after the cast
+                     (HF's router computes in float32 too, but ``.to(bfloat16)`` would
+                     have rounded its weight, giving it a different router).
+
+Weights: the experts and the router drawn at random, N(0, 1/fan_in), so that experts
+differ and the routing is realistic (an upcycled layer has identical experts and a tiny
+new router). What is timed is the residual block users run, ``x + FFN(x)``, the same
+residual add for every implementation:
+
+* ``dense``    ``Linear -> ReLU -> Linear`` with random weights of the same d and f, on the
+               same tokens (the cost every MoE is compared against);
+* ``moeify``   `moeify.SwitchFFN` as users get it (``DispatchPath.AUTO``: the layer
+               chooses its dispatch path by the cost of the expert buffers);
+* one entry per forced dispatch path, named by its value (``padded``, ``sorted``, ...):
+               the same layer and parameters with ``dispatch_path`` forced; the list is
+               read from ``moeify.switch.DispatchPath`` (every member but AUTO), so a new
+               path is benchmarked without editing this file;
+* ``hf``       ``transformers``' ``SwitchTransformersSparseMLP`` with moeify's router and
+               expert weights copied in; HF routes per sequence with an absolute
+               ``expert_capacity``, set to moeify's per-sequence C.
+
+Before timing, every point checks that every MoE implementation's eval output (the FFN
+output, under the point's precision) equals moeify's, and raises `EquivalenceError` when
+one does not: fp32 atol 1e-4; bf16 compared in float32 with atol = rtol = 2e-2 (bf16 has
+8 significant bits). HF computes its router in bfloat16 under autocast and takes the
+argmax of bfloat16-rounded probabilities with bfloat16 weights, so in the bf16 precisions a
+few near-tie tokens go to a different expert (or lose or win a slot because of one that
+did) than under moeify's float32 router. The check computes the reference float32 Switch
+routing, excludes the tokens HF routed differently from the comparison, reports their
+number, and raises if they exceed 5% of the tokens (fp32: none allowed).
+
+Modes: ``fwd`` is the eval-mode forward under ``torch.inference_mode()``; ``fwd+bwd`` is
+the train-mode ``y = block(x); y.backward(grad)`` with a fixed random ``grad`` and
+``x.requires_grad`` (input and weight gradients), gradients reset to None between runs as
+``zero_grad()`` does.
+
+Timing: one warm-up of every (implementation, mode) first; then interleaved repeats, each
+running every implementation once per mode with the starting implementation rotating;
+at least 3 repeats per point, more while ``--budget`` seconds of timed repeats last (at
+most ``--max-repeats``). ``--runs N`` (default 3) runs the whole grid N times, one after
+another; the report gives per point the median over runs of the per-run medians and the
+spread (min-max of the per-run medians). A ratio (moeify/dense, moeify/hf) is computed in
+each run from that run's medians; its median and spread are over runs. Targets are
+evaluated on those medians. The 1-minute load average is read first: above
+``--max-load`` the script polls every 10 s for up to ``--wait`` seconds, then runs anyway
+and says so in the header.
+
+one-group: every token in one group (the earlier layout)
+--------------------------------------------------------
+
+Input ``[1, T, d]``, T in {512, 2048, 8192}, one group holding every token (like Mesh-TF's
+``group_size``), fp32, capacity factor 1.25 and 1.0, no residual add. Implementations:
+moeify, the forced paths, dense, hf and ``einsum``, a GShard / Mesh-TF style one-hot
+``[G, T, E, C]`` dispatch and combine. It also reports this machine's roofline floor and
+the peak memory of one fwd+bwd:
 
 Roofline floor (N = tokens, fp32 = 4 bytes; matmul_rate and copy_rate are measured in the
 same run: a 4096^3 fp32 matmul and a 512 MiB ``dst.copy_(src)`` counted as 2x its size):
@@ -38,15 +93,20 @@ same run: a 4096^3 fp32 matmul and a 512 MiB ``dst.copy_(src)`` counted as 2x it
 Peak memory: one extra fwd+bwd per implementation and configuration (not timed) under
 ``torch.profiler.profile(profile_memory=True)``; the profiler records every allocation
 and free of the CPU tensor allocator, and the peak is the maximum of their running sum
-from the start of the forward to the end of the backward: every byte allocated during
-the step (activations, saved tensors, temporaries, gradients of x and of the weights),
-excluding the weights, x and grad that exist before it.
+from the start of the forward to the end of the backward.
+
+Device: ``--device cpu`` (default; 2 threads, ``THP_MEM_ALLOC_ENABLE=1`` unless
+``--no-thp``) or ``--device cuda`` (synchronized timings, autocast on "cuda", default
+precisions ``bf16-autocast bf16-weights``; the one-group section is CPU only).
 
 Usage::
 
-    python benchmarks/bench_layer.py                  # full grid (~20-25 min on 2 cores)
-    python benchmarks/bench_layer.py --quick          # tiny smoke grid
-    python benchmarks/bench_layer.py --out table.md --json raw.json
+    python benchmarks/bench_layer.py                     # batched grid, 3 runs (~35 min, 2 cores)
+    python benchmarks/bench_layer.py --device cuda       # the same on a GPU, bf16
+    python benchmarks/bench_layer.py --quick             # tiny smoke grid, 1 run
+    python benchmarks/bench_layer.py --dims 768x3072 --experts 64 --batch-seq 8x512 \\
+        --precisions fp32 --runs 1                       # one point
+    python benchmarks/bench_layer.py --section one-group --out table.md --json raw.json
 """
 
 from __future__ import annotations
@@ -57,11 +117,12 @@ import sys
 # PyTorch's CPU allocator backs large tensors with transparent huge pages when this is set
 # before torch allocates anything. Fresh gradient buffers then cost a few hundred page
 # faults instead of tens of thousands per step (see BENCHMARKS.md); --no-thp measures
-# without it. Every implementation runs under the same setting.
+# without it. Every implementation runs under the same setting. (CPU only.)
 if "--no-thp" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -71,7 +132,7 @@ import platform
 import shlex
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,63 +143,56 @@ from torch.profiler import ProfilerActivity, profile
 from moeify import DenseFFNWeights, MoEConfig, SwitchFFN
 from moeify.switch import DispatchPath
 
-THREADS = 2
-IMPLS = ("moeify", "sorted", "padded", "dense", "hf", "einsum")
+CPU_THREADS = 2
 MODES = ("fwd", "fwd+bwd")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
+CUDA_PRECISIONS = ("bf16-autocast", "bf16-weights")
+FORCED_PATHS = [p for p in DispatchPath if p is not DispatchPath.AUTO]
+FORCED = tuple(p.value for p in FORCED_PATHS)
+BATCHED_IMPLS = ("dense", "moeify", *FORCED, "hf")
+ONE_GROUP_IMPLS = ("moeify", *FORCED, "dense", "hf", "einsum")
+CAPACITY_FACTOR = 1.25
 MiB = 2**20
 EINSUM_LIMIT_BYTES = 6 * 2**30  # skip the one-hot einsum above this estimated footprint
+SWITCH_BASE_64 = dict(batch=8, seq=512, d=768, f=3072, experts=64)
 
 
-# --------------------------------------------------------------------------- grid
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    d: int
-    f: int
-    tokens: int
-    experts: int
-    cf: float
-
-    @property
-    def key(self) -> str:
-        return f"d{self.d}_f{self.f}_T{self.tokens}_E{self.experts}_cf{self.cf}"
-
-
-def full_grid() -> list[Config]:
-    return [
-        Config(d, f, tokens, experts, cf)
-        for (d, f), tokens, experts, cf in itertools.product(
-            [(512, 2048), (768, 3072)], [512, 2048, 8192], [8, 64], [1.25, 1.0]
-        )
-    ]
-
-
-def quick_grid() -> list[Config]:
-    return [Config(128, 512, tokens, 8, 1.25) for tokens in (256, 1024)]
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ implementations
 
 
-def build_moeify(cfg: Config, generator: torch.Generator) -> tuple[SwitchFFN, DenseFFNWeights]:
-    """The Switch layer upcycled from a random dense FFN, then given distinct experts and
-    a router at realistic scale (upcycled experts are identical and the new router is
-    tiny, which would make the routing uniform-random)."""
-    d, f = cfg.d, cfg.f
+def build_moeify(
+    d: int, f: int, experts: int, *, seq_len: int, generator: torch.Generator,
+    capacity_factor: float = CAPACITY_FACTOR, min_capacity: int | None = None,
+) -> tuple[SwitchFFN, DenseFFNWeights]:
+    """A Switch layer with distinct random experts and a router at realistic scale, and a
+    random dense FFN of the same shape. ``min_capacity=None`` keeps MoEConfig's default.
+
+    Not upcycled: upcycled experts are identical and a new router is tiny, which makes the
+    routing uniform-random, and the equivalence check could not tell experts apart. The
+    layer is built on the meta device and every parameter drawn once, N(0, 1/fan_in):
+    the constructor's truncated-normal init would take ~25 s per layer at d=768, f=3072,
+    E=64 on 2 cores, only to be overwritten.
+    """
     dense = DenseFFNWeights(
         w_in=torch.randn(d, f, generator=generator) / math.sqrt(d),
         w_out=torch.randn(f, d, generator=generator) / math.sqrt(f),
     )
+    extra = {} if min_capacity is None else {"min_capacity": min_capacity}
     moe_cfg = MoEConfig(
-        num_experts=cfg.experts, capacity_factor=cfg.cf, eval_capacity_factor=cfg.cf,
-        expert_dropout=0.0, jitter_eps=0.0, min_capacity=1,
+        num_experts=experts, capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor, expert_dropout=0.0, jitter_eps=0.0, **extra,
     )
-    layer = SwitchFFN.from_dense(dense, moe_cfg, seq_len=cfg.tokens)
+    layer = SwitchFFN(d, f, moe_cfg, seq_len=seq_len, device="meta").to_empty(device="cpu")
+    buffers = [name for name, _ in layer.named_buffers()]
+    if buffers:
+        raise RuntimeError(f"SwitchFFN now has buffers {buffers}: initialize them here")
     with torch.no_grad():
-        layer.router.weight.normal_(0.0, 1 / math.sqrt(d), generator=generator)
-        layer.experts.w_in.normal_(0.0, 1 / math.sqrt(d), generator=generator)
-        layer.experts.w_out.normal_(0.0, 1 / math.sqrt(f), generator=generator)
+        for param in layer.parameters():  # router [E, d], w_in [E, d, f], w_out [E, f, d]
+            param.normal_(0.0, 1 / math.sqrt(param.shape[1]), generator=generator)
     return layer, dense
 
 
@@ -151,11 +205,23 @@ class Forced(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
+        previous = self.layer.dispatch_path
         self.layer.dispatch_path = self.path
         try:
             return self.layer(x)
         finally:
-            self.layer.dispatch_path = DispatchPath.AUTO
+            self.layer.dispatch_path = previous
+
+
+class Residual(nn.Module):
+    """``x + ffn(x)``: the residual block users run, the same for every implementation."""
+
+    def __init__(self, ffn: nn.Module) -> None:
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.ffn(x)
 
 
 def build_dense(dense: DenseFFNWeights) -> nn.Module:
@@ -168,6 +234,8 @@ def build_dense(dense: DenseFFNWeights) -> nn.Module:
 
 
 def build_hf(layer: SwitchFFN) -> nn.Module:
+    """HF's SparseMLP with moeify's weights. Its forward (transformers 5.x) returns the
+    output tensor alone; the router works per sequence with an absolute capacity."""
     from transformers import SwitchTransformersConfig
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         SwitchTransformersSparseMLP,
@@ -179,7 +247,9 @@ def build_hf(layer: SwitchFFN) -> nn.Module:
         expert_capacity=layer.expert_capacity, router_jitter_noise=0.0, dropout_rate=0.0,
         dense_act_fn="relu", router_bias=False,
     )
-    mlp = SwitchTransformersSparseMLP(config)
+    with torch.device("meta"):  # no random init of E experts we overwrite anyway
+        mlp = SwitchTransformersSparseMLP(config)
+    mlp.to_empty(device=layer.router.weight.device)
     with torch.no_grad():
         mlp.router.classifier.weight.copy_(layer.router.weight)
         for e in range(E):
@@ -187,6 +257,37 @@ def build_hf(layer: SwitchFFN) -> nn.Module:
             expert.wi.weight.copy_(layer.experts.w_in[e].T)
             expert.wo.weight.copy_(layer.experts.w_out[e].T)
     return mlp
+
+
+def keep_hf_router_float32(mlp: nn.Module, layer: SwitchFFN) -> None:
+    """After a dtype cast: HF's router classifier back in float32 with moeify's weight
+    (HF computes the router in float32; the cast would have rounded the weight)."""
+    classifier = mlp.router.classifier
+    classifier.to(torch.float32)
+    with torch.no_grad():
+        classifier.weight.copy_(layer.router.weight.float())
+
+
+def hf_routing(mlp: nn.Module, x: Tensor) -> Tensor:
+    """The expert HF's router sends each token of x [B, S, d] to: [B*S] int64, -1 where
+    the token is over capacity (HF's dispatch mask is all zero for it)."""
+    mask, _, _ = mlp.router(x)  # [B, S, E] one-hot, zero when dropped
+    index = mask.argmax(dim=-1)
+    return torch.where(mask.sum(dim=-1) > 0, index, -1).flatten()
+
+
+def switch_routing(x: Tensor, router_weight: Tensor, capacity: int) -> Tensor:
+    """Reference top-1 Switch routing in float32 (DESIGN.md section 2), one group per
+    sequence: [B*S] int64 expert per token, -1 where over capacity."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        logits = F.linear(x.float(), router_weight.float())  # [B, S, E]
+        index = torch.softmax(logits, dim=-1).argmax(dim=-1)  # [B, S]
+    one_hot = F.one_hot(index, router_weight.shape[0])
+    position = (one_hot.cumsum(dim=1) * one_hot).sum(-1) - 1  # slot claimed in order
+    return torch.where(position < capacity, index, -1).flatten()
 
 
 class OneHotEinsum(nn.Module):
@@ -223,13 +324,694 @@ class OneHotEinsum(nn.Module):
         return torch.einsum("gtec,egcd->gtd", combine, expert_out)
 
 
+# ------------------------------------------------------------------- equivalence
+
+
+class EquivalenceError(AssertionError):
+    """An implementation computes a different function from moeify's layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    max_rerouted: float  # fraction of tokens an implementation may route differently
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-5, max_rerouted=0.0),
+    "bf16": Tolerance(atol=2e-2, rtol=2e-2, max_rerouted=0.05),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """How one implementation's eval output compares with the reference's."""
+
+    max_abs_diff: float  # float32, over the compared tokens
+    rerouted: int  # tokens it routed differently (left out of the comparison)
+    tokens: int
+
+
+def check_equivalence(
+    outputs: dict[str, Tensor], tolerance: Tolerance, *, reference: str = "moeify",
+    rerouted: dict[str, Tensor] | None = None, where: str = "",
+) -> dict[str, Agreement]:
+    """Compare every output ``[..., d]`` with the reference's, token by token, in float32.
+
+    ``rerouted[name]``: bool per token, where that implementation's own router chose a
+    different expert (or slot fate) than the reference routing; those tokens are left out
+    and counted. Raises `EquivalenceError` when a compared token differs beyond the
+    tolerance or too many tokens were rerouted.
+    """
+    rerouted = rerouted or {}
+    ref = outputs[reference].float().flatten(0, -2)
+    result = {}
+    for name, out in outputs.items():
+        if name == reference:
+            continue
+        out = out.float().flatten(0, -2)
+        if out.shape != ref.shape:
+            raise EquivalenceError(
+                f"{name} output {tuple(out.shape)} != {tuple(ref.shape)} {where}")
+        skip = rerouted.get(name, torch.zeros(ref.shape[0], dtype=torch.bool)).to(ref.device)
+        n_skip = int(skip.sum())
+        if n_skip > tolerance.max_rerouted * ref.shape[0]:
+            raise EquivalenceError(
+                f"{name} routes {n_skip}/{ref.shape[0]} tokens differently from the float32 "
+                f"Switch routing (allowed {tolerance.max_rerouted:.0%}) {where}"
+            )
+        keep = ~skip
+        diff = (out[keep] - ref[keep]).abs()
+        max_diff = float(diff.max()) if diff.numel() else 0.0
+        bad = diff > tolerance.atol + tolerance.rtol * ref[keep].abs()
+        if bad.any() or not torch.isfinite(out[keep]).all():
+            n_bad = int(bad.any(dim=-1).sum())
+            raise EquivalenceError(
+                f"{name} differs from {reference} {where}: {n_bad} tokens beyond atol "
+                f"{tolerance.atol:g} / rtol {tolerance.rtol:g}, max |diff| {max_diff:.3g}"
+            )
+        result[name] = Agreement(max_diff, n_skip, ref.shape[0])
+    return result
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> float:
+    """Seconds one call takes (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatPolicy:
+    """Interleaved repeats: at least ``min_repeats``, more while ``budget_s`` seconds of
+    timed repeats last, at most ``max_repeats``."""
+
+    min_repeats: int
+    max_repeats: int
+    budget_s: float
+    warmups: int = 1
+
+
+def interleave(
+    steps: dict[str, dict[str, Callable[[], None]]],
+    reset: Callable[[str], None],
+    policy: RepeatPolicy,
+    device: torch.device,
+) -> tuple[int, dict[str, dict[str, list[float]]]]:
+    """Time ``steps[mode][impl]()``: warm-ups, then repeats that run every implementation
+    once per mode, the starting implementation rotating. ``reset(impl)`` runs before and
+    after every call, untimed. Returns (repeats, seconds per mode and implementation)."""
+    names = list(next(iter(steps.values())))
+    times = {mode: {name: [] for name in names} for mode in steps}
+
+    def run(mode: str, name: str) -> float:
+        reset(name)
+        seconds = timed(steps[mode][name], device)
+        reset(name)
+        return seconds
+
+    for _ in range(policy.warmups):
+        for mode, name in itertools.product(steps, names):
+            run(mode, name)
+    start = time.perf_counter()
+    repeat = 0
+    while repeat < policy.min_repeats or (
+        repeat < policy.max_repeats and time.perf_counter() - start < policy.budget_s
+    ):
+        shift = repeat % len(names)
+        order = names[shift:] + names[:shift]
+        for mode in steps:
+            for name in order:
+                times[mode][name].append(run(mode, name))
+        repeat += 1
+    return repeat, times
+
+
+def reset_module(module: nn.Module, x: Tensor) -> None:
+    """What ``zero_grad()`` does (grads to None), plus the layer's routing record."""
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    for m in module.modules():
+        if isinstance(m, SwitchFFN):
+            m.last_routing = None
+
+
+# ------------------------------------------------------------------ batched grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of the batched grid."""
+
+    batch: int
+    seq: int
+    d: int
+    f: int
+    experts: int
+    precision: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def key(self) -> str:
+        return f"{self.batch}x{self.seq}_d{self.d}_f{self.f}_E{self.experts}_{self.precision}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.seq} d={self.d} f={self.f} E={self.experts} {self.precision}"
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """'8x512' -> (8, 512)."""
+    try:
+        a, b = text.lower().split("x")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AxB (e.g. 8x512), got {text!r}") from None
+
+
+def batched_grid(quick: bool, precisions: Sequence[str]) -> list[Point]:
+    if quick:
+        batch_seqs, experts, dims = [(4, 64), (2, 128)], [8], [(64, 256)]
+    else:
+        batch_seqs, experts = [(8, 512), (32, 128), (4, 2048)], [8, 64]
+        dims = [(512, 2048), (768, 3072)]
+    return [
+        Point(b, s, d, f, e, p)
+        for (d, f), e, (b, s), p in itertools.product(dims, experts, batch_seqs, precisions)
+    ]
+
+
+def filter_grid(grid: list[Point], args: argparse.Namespace) -> list[Point]:
+    def keep(p: Point) -> bool:
+        return ((not args.experts or p.experts in args.experts)
+                and (not args.batch_seq or (p.batch, p.seq) in args.batch_seq)
+                and (not args.dims or (p.d, p.f) in args.dims))
+    return [p for p in grid if keep(p)]
+
+
+def precision_family(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "bf16"
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Case:
+    """Everything one grid point runs: modules on the device in the point's precision."""
+
+    point: Point
+    device: torch.device
+    capacity: int
+    ffns: dict[str, nn.Module]  # impl -> FFN (compared for equivalence)
+    blocks: dict[str, nn.Module]  # impl -> Residual(FFN) (timed)
+    router_weight: Tensor  # moeify's float32 router weight (reference routing)
+    x: Tensor  # [batch, seq, d]
+    x_grad: Tensor  # the same values, requires_grad (fwd+bwd)
+    grad: Tensor  # fixed output gradient
+
+
+def build_case(point: Point, impls: Sequence[str], *, seed: int, device: torch.device) -> Case:
+    generator = torch.Generator().manual_seed(seed)
+    layer, dense = build_moeify(point.d, point.f, point.experts, seq_len=point.seq,
+                                generator=generator)
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "dense": lambda: build_dense(dense),
+        "moeify": lambda: layer,
+        "hf": lambda: build_hf(layer),
+        **{p.value: (lambda p=p: Forced(layer, p)) for p in FORCED_PATHS},
+    }
+    ffns = {name: makers[name]() for name in BATCHED_IMPLS if name in impls}
+    dtype = torch.bfloat16 if point.precision == "bf16-weights" else torch.float32
+    for module in ffns.values():
+        module.to(device=device, dtype=dtype)
+    if "hf" in ffns:
+        keep_hf_router_float32(ffns["hf"], layer)
+    x = torch.randn(point.batch, point.seq, point.d, generator=generator).to(device, dtype)
+    grad = torch.randn(point.batch, point.seq, point.d, generator=generator).to(device, dtype)
+    layer.eval()
+    return Case(
+        point=point, device=device, capacity=layer.expert_capacity, ffns=ffns,
+        blocks={name: Residual(m) for name, m in ffns.items()},
+        router_weight=layer.router.weight.detach(), x=x,
+        x_grad=x.clone().requires_grad_(), grad=grad,
+    )
+
+
+def verify_case(case: Case) -> dict[str, Agreement]:
+    """Eval outputs of every MoE implementation against moeify's (raises on mismatch)."""
+    ctx = lambda: precision_context(case.point.precision, case.device)  # noqa: E731
+    outputs, rerouted = {}, {}
+    with torch.inference_mode():
+        reference = switch_routing(case.x, case.router_weight, case.capacity)
+        for name, ffn in case.ffns.items():
+            if name == "dense":
+                continue
+            ffn.eval()
+            with ctx():
+                outputs[name] = ffn(case.x)
+                if name == "hf":
+                    rerouted[name] = hf_routing(ffn, case.x) != reference
+    return check_equivalence(
+        outputs, TOLERANCES[precision_family(case.point.precision)], rerouted=rerouted,
+        where=f"at {case.point.label}",
+    )
+
+
+def case_steps(case: Case) -> dict[str, dict[str, Callable[[], None]]]:
+    """The callables timed per mode and implementation: fwd in eval mode under
+    inference_mode, fwd+bwd in train mode with the backward outside autocast."""
+    ctx = lambda: precision_context(case.point.precision, case.device)  # noqa: E731
+
+    def fwd(block: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            block.eval()
+            with torch.inference_mode(), ctx():
+                block(case.x)
+        return step
+
+    def fwd_bwd(block: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            block.train()
+            with ctx():
+                y = block(case.x_grad)
+            y.backward(case.grad)  # outside autocast, as users write it
+        return step
+
+    return {"fwd": {name: fwd(b) for name, b in case.blocks.items()},
+            "fwd+bwd": {name: fwd_bwd(b) for name, b in case.blocks.items()}}
+
+
+def bench_case(case: Case, policy: RepeatPolicy) -> dict[str, Any]:
+    """Time one point; returns {"repeats": n, "times_s": {mode: {impl: [seconds]}}}."""
+    repeats, times = interleave(
+        case_steps(case), lambda name: reset_module(case.blocks[name], case.x_grad), policy,
+        case.device,
+    )
+    return {"repeats": repeats, "times_s": times}
+
+
+# --------------------------------------------------------------- runs and spread
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """A quantity measured once per run: median over runs and spread (min, max)."""
+
+    median: float
+    lo: float
+    hi: float
+    per_run: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values), tuple(values))
+
+    def fmt(self, digits: int = 2) -> str:
+        return f"{self.median:.{digits}f}"
+
+    def fmt_spread(self, digits: int = 2) -> str:
+        return f"{self.lo:.{digits}f}-{self.hi:.{digits}f}"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+RATIOS = {"moeify/dense": ("moeify", "dense"), "moeify/hf": ("moeify", "hf")}
+
+
+def run_medians(record: dict, mode: str) -> dict[str, float]:
+    """ms per implementation: the median of one run's repeats."""
+    return {impl: 1e3 * statistics.median(samples)
+            for impl, samples in record["times_s"][mode].items() if samples}
+
+
+def summarize(runs: list[list[dict]]) -> dict[str, dict[str, dict[str, dict[str, Stat]]]]:
+    """summary[point key][mode] = {"ms": {impl: Stat}, "ratio": {name: Stat}}."""
+    per_point: dict[str, list[dict]] = {}
+    for records in runs:
+        for rec in records:
+            per_point.setdefault(rec["point"]["key"], []).append(rec)
+    summary = {}
+    for key, recs in per_point.items():
+        summary[key] = {}
+        for mode in MODES:
+            medians = [run_medians(r, mode) for r in recs]
+            impls = [i for i in medians[0] if all(i in m for m in medians)]
+            ms = {i: Stat.of([m[i] for m in medians]) for i in impls}
+            ratio = {name: Stat.of([m[a] / m[b] for m in medians])
+                     for name, (a, b) in RATIOS.items() if a in impls and b in impls}
+            summary[key][mode] = {"ms": ms, "ratio": ratio}
+    return summary
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    verdict: str  # PASS, FAIL or n/a
+    detail: str
+    info: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        return [f"- [{self.verdict}] {self.name}: {self.detail}"] + [f"  - {i}" for i in self.info]
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def all_points_target(name: str, ratios: dict[Point, Stat], limit: float) -> Target:
+    """Every point's median ratio <= limit; the count passing and the worst point."""
+    if not ratios:
+        return Target(name, "n/a", "no measured point")
+    worst = max(ratios, key=lambda p: ratios[p].median)
+    n_ok = sum(s.median <= limit for s in ratios.values())
+    w = ratios[worst]
+    return Target(name, _verdict(n_ok == len(ratios)),
+                  f"{n_ok}/{len(ratios)} points <= {limit:.2f}x; worst {w.fmt(3)}x "
+                  f"(spread {w.fmt_spread(3)}) at {worst.label}")
+
+
+def one_point_target(name: str, stat: Stat | None, limit: float, what: str) -> Target:
+    if stat is None:
+        return Target(name, "n/a", f"{what} not measured")
+    return Target(name, _verdict(stat.median <= limit),
+                  f"{stat.fmt(3)}x (spread {stat.fmt_spread(3)}, <= {limit:.2f}x)")
+
+
+def evaluate_targets(points: list[Point], summary: dict, runs: list[list[dict]]) -> list[Target]:
+    def ratio(p: Point, mode: str, name: str) -> Stat | None:
+        return summary.get(p.key, {}).get(mode, {}).get("ratio", {}).get(name)
+
+    def ratios(mode: str, name: str, select: Callable[[Point], bool]) -> dict[Point, Stat]:
+        out = {p: ratio(p, mode, name) for p in points if select(p)}
+        return {p: s for p, s in out.items() if s is not None}
+
+    def sb64(precision: str) -> Point:
+        return Point(**SWITCH_BASE_64, precision=precision)
+
+    targets = [
+        all_points_target(f"moeify <= 1.0x HF, {mode}, every configuration and precision",
+                          ratios(mode, "moeify/hf", lambda p: True), 1.0)
+        for mode in MODES
+    ]
+    sb = "Switch-Base-64 shape (d=768 f=3072 E=64 8x512)"
+    for precision in ("fp32", "bf16-autocast"):
+        targets.append(one_point_target(
+            f"{sb} fwd+bwd <= 0.8x HF, {precision}",
+            ratio(sb64(precision), "fwd+bwd", "moeify/hf"), 0.8, "that point"))
+    targets.append(one_point_target(
+        f"{sb} fwd+bwd <= 1.3x dense, fp32",
+        ratio(sb64("fp32"), "fwd+bwd", "moeify/dense"), 1.3, "that point"))
+    for mode in MODES:
+        target = all_points_target(
+            f"8 experts, {mode} <= 1.10x dense at every (batch x seq) point, fp32",
+            ratios(mode, "moeify/dense", lambda p: p.experts == 8 and p.precision == "fp32"),
+            1.10)
+        info = []
+        for precision in PRECISIONS[1:]:
+            other = all_points_target(
+                "", ratios(mode, "moeify/dense",
+                           lambda p, q=precision: p.experts == 8 and p.precision == q), 1.10)
+            if other.verdict != "n/a":
+                info.append(f"[info] {precision}: {other.detail}")
+        targets.append(dataclasses.replace(target, info=tuple(info)))
+    targets.append(one_point_target(
+        f"bf16 weights, moeify fwd at the {sb} <= 0.5x moeify's fp32 fwd there",
+        cross_point_ratio(runs, sb64("bf16-weights"), sb64("fp32"), "fwd", "moeify"), 0.5,
+        "bf16-weights and fp32 at that shape"))
+    return targets
+
+
+def cross_point_ratio(runs: list[list[dict]], a: Point, b: Point, mode: str,
+                      impl: str) -> Stat | None:
+    """impl's ms at point a / at point b, per run (both measured in that run)."""
+    values = []
+    for records in runs:
+        by_key = {r["point"]["key"]: r for r in records}
+        if a.key in by_key and b.key in by_key:
+            ma, mb = run_medians(by_key[a.key], mode), run_medians(by_key[b.key], mode)
+            if impl in ma and impl in mb:
+                values.append(ma[impl] / mb[impl])
+    return Stat.of(values) if values else None
+
+
+# ----------------------------------------------------------------------- report
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    return out + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
+def batched_tables(points: list[Point], capacities: dict[str, int], summary: dict,
+                   runs: list[list[dict]], impls: Sequence[str]) -> list[str]:
+    key_cols = ["batch x seq", "d", "f", "E", "precision", "C", "n"]
+    repeats: dict[str, list[int]] = {}
+    for records in runs:
+        for r in records:
+            repeats.setdefault(r["point"]["key"], []).append(r["repeats"])
+
+    def keys(p: Point) -> list[Any]:
+        n = repeats[p.key]
+        n_cell = str(n[0]) if min(n) == max(n) else f"{min(n)}-{max(n)}"
+        return [f"{p.batch}x{p.seq}", p.d, p.f, p.experts, p.precision, capacities[p.key], n_cell]
+
+    lines = []
+    for mode in MODES:
+        ratio_names = [r for r in RATIOS if all(r in summary[p.key][mode]["ratio"] for p in points)]
+        columns = key_cols + [f"{i} ms" for i in impls]
+        for r in ratio_names:
+            columns += [r, f"{r} spread"]
+        rows = []
+        for p in points:
+            s = summary[p.key][mode]
+            row = keys(p) + [fmt_ms(s["ms"][i].median) if i in s["ms"] else "n/a" for i in impls]
+            for r in ratio_names:
+                row += [s["ratio"][r].fmt(), s["ratio"][r].fmt_spread()]
+            rows.append(row)
+        lines += [f"### {mode}: ms (median over runs of the per-run medians) and ratios", ""]
+        lines += markdown_table(columns, rows) + [""]
+        columns = key_cols[:-1] + [f"{i} spread ms" for i in impls]
+        rows = [keys(p)[:-1] + [
+            f"{fmt_ms(summary[p.key][mode]['ms'][i].lo)}-{fmt_ms(summary[p.key][mode]['ms'][i].hi)}"
+            if i in summary[p.key][mode]["ms"] else "n/a" for i in impls] for p in points]
+        lines += [f"### {mode}: spread (min-max of the per-run medians, ms)", ""]
+        lines += markdown_table(columns, rows) + [""]
+    return lines
+
+
+def equivalence_table(points: list[Point], agreements: dict[str, dict[str, dict]],
+                      impls: Sequence[str]) -> list[str]:
+    compared = [i for i in impls if i not in ("dense", "moeify")]
+    if not compared:
+        return []
+    columns = ["point"] + [f"{i} max abs diff" for i in compared] + (
+        ["hf rerouted tokens"] if "hf" in compared else [])
+    rows = []
+    for p in points:
+        agree = agreements[p.key]
+        row = [p.label] + [f"{agree[i]['max_abs_diff']:.2g}" for i in compared]
+        if "hf" in compared:
+            row.append(f"{agree['hf']['rerouted']}/{agree['hf']['tokens']}")
+        rows.append(row)
+    return ["### equivalence with moeify (eval outputs, float32 comparison; max over runs)", "",
+            *markdown_table(columns, rows), ""]
+
+
+def fmt_load(load: Sequence[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in load)
+
+
+def environment_lines(
+    args: argparse.Namespace, device: torch.device, load_info: dict
+) -> list[str]:
+    lines = [
+        f"- command: `{command_line(args.argv)}` (run from the repository root)",
+        f"- torch {torch.__version__}, python {platform.python_version()}, device "
+        f"{device_name(device)}, {torch.get_num_threads()} CPU threads",
+    ]
+    if device.type == "cpu":
+        lines.append(
+            f"- THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')} "
+            "(PyTorch CPU allocator: transparent huge pages for large tensors)")
+    waited = load_info["waited_s"]
+    note = (f"waited {waited:.0f} s" if waited else "no wait") + (
+        f"; STILL ABOVE --max-load {args.max_load} when the run started: timings may be "
+        "disturbed" if load_info["above"] else f"; below --max-load {args.max_load}")
+    lines.append(f"- load average (1 / 5 / 15 min) at start: {fmt_load(load_info['start'])}; "
+                 f"when timing began: {fmt_load(load_info['begin'])} ({note})")
+    return lines
+
+
+def batched_header(args: argparse.Namespace, device: torch.device, load_info: dict,
+                   impls: Sequence[str]) -> list[str]:
+    forced = ", ".join(FORCED)
+    return [
+        "# moeify Switch layer benchmark: batched sequences, one group per sequence",
+        "",
+        *environment_lines(args, device, load_info),
+        f"- runs: {args.runs}; per point >= {args.policy.min_repeats} interleaved repeats, "
+        f"more while {args.policy.budget_s:g} s last (max {args.policy.max_repeats}); "
+        f"n = repeats per run",
+        "- layout: x [batch, seq, d], one group per sequence (MoEConfig.group_size=None, layer "
+        "built with seq_len=seq); C = max(4, ceil(1.25 * seq / E)) per expert and sequence; "
+        "capacity factor 1.25 train and eval, no expert dropout, no jitter, ReLU experts",
+        "- timed: the residual block x + FFN(x); fwd = eval under torch.inference_mode(); "
+        "fwd+bwd = train, x.requires_grad, y.backward(fixed grad), grads reset to None",
+        "- precisions: fp32; bf16-autocast = fp32 weights, forward under torch.autocast("
+        f"'{device.type}', bfloat16), backward outside; bf16-weights = modules "
+        ".to(bfloat16), bf16 input (routers stay float32)",
+        f"- impls: {', '.join(impls)}. moeify = SwitchFFN as users get it (DispatchPath.AUTO); "
+        f"{forced} = the same layer forced onto that path; dense = Linear-ReLU-Linear; "
+        "hf = transformers SwitchTransformersSparseMLP with moeify's weights",
+        "- ms: median over runs of the per-run medians; spread = min-max of the per-run "
+        "medians; ratios computed per run from that run's medians, then median / spread",
+        "",
+    ]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "benchmarks/bench_layer.py", *argv])
+
+
+# ------------------------------------------------------------------------ load
+
+
+def wait_for_quiet(max_load: float, wait_s: float, poll_s: float = 10.0) -> dict[str, Any]:
+    """Poll the 1-minute load average until it is <= max_load or wait_s has passed."""
+    start_load = os.getloadavg()
+    load, start = start_load, time.monotonic()
+    while load[0] > max_load and time.monotonic() - start < wait_s:
+        remaining = wait_s - (time.monotonic() - start)
+        log(f"load average {load[0]:.2f} > --max-load {max_load}: waiting "
+            f"({remaining:.0f} s left)")
+        time.sleep(max(0.0, min(poll_s, remaining)))
+        load = os.getloadavg()
+    return {"start": list(start_load), "begin": list(load),
+            "waited_s": time.monotonic() - start, "above": load[0] > max_load}
+
+
+# ---------------------------------------------------------------- batched section
+
+
+def run_batched(args: argparse.Namespace, device: torch.device, load_info: dict) -> dict:
+    impls = [i for i in BATCHED_IMPLS if i in args.impls_batched]
+    points = filter_grid(batched_grid(args.quick, args.precisions), args)
+    if not points:
+        raise SystemExit("the filters leave no grid point")
+    runs: list[list[dict]] = []
+    capacities: dict[str, int] = {}
+    agreements: dict[str, dict[str, dict]] = {}
+    start = time.perf_counter()
+    for run in range(args.runs):
+        records = []
+        for i, point in enumerate(points, 1):
+            gc.collect()
+            case = build_case(point, impls, seed=args.seed, device=device)
+            capacities[point.key] = case.capacity
+            agree = {k: dataclasses.asdict(v) for k, v in verify_case(case).items()}
+            for name, a in agree.items():  # keep the worst over runs
+                prev = agreements.setdefault(point.key, {}).get(name)
+                if prev is None or a["max_abs_diff"] > prev["max_abs_diff"]:
+                    agreements[point.key][name] = a
+            result = bench_case(case, args.policy)
+            records.append({"point": {**dataclasses.asdict(point), "key": point.key},
+                            "capacity": case.capacity, "run": run, **result,
+                            "equivalence": agree})
+            med = {m: run_medians(result, m).get("moeify") for m in MODES}
+            log(f"[run {run + 1}/{args.runs}, {i}/{len(points)}] {point.label} "
+                f"C={case.capacity} n={result['repeats']} moeify fwd {fmt_ms(med['fwd'])} ms, "
+                f"fwd+bwd {fmt_ms(med['fwd+bwd'])} ms ({time.perf_counter() - start:.0f} s)")
+            del case
+        runs.append(records)
+    gc.collect()
+    summary = summarize(runs)
+    targets = evaluate_targets(points, summary, runs)
+    lines = (batched_header(args, device, load_info, impls)
+             + batched_tables(points, capacities, summary, runs, impls)
+             + equivalence_table(points, agreements, impls)
+             + ["## Targets (batched)", ""] + [l for t in targets for l in t.lines()])
+    return {
+        "lines": lines,
+        "seconds": time.perf_counter() - start,
+        "json": {
+            "impls": impls,
+            "points": [{**dataclasses.asdict(p), "key": p.key, "capacity": capacities[p.key]}
+                       for p in points],
+            "runs": runs,
+            "summary": {k: {m: {kind: {n: dataclasses.asdict(s) for n, s in stats.items()}
+                                for kind, stats in modes.items()}
+                            for m, modes in v.items()} for k, v in summary.items()},
+            "equivalence": agreements,
+            "targets": [dataclasses.asdict(t) for t in targets],
+        },
+    }
+
+
+# -------------------------------------------------------------- one-group section
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One configuration of the one-group grid: input [1, tokens, d]."""
+
+    d: int
+    f: int
+    tokens: int
+    experts: int
+    cf: float
+
+    @property
+    def key(self) -> str:
+        return f"d{self.d}_f{self.f}_T{self.tokens}_E{self.experts}_cf{self.cf}"
+
+
+def one_group_grid(quick: bool) -> list[Config]:
+    if quick:
+        return [Config(128, 512, tokens, 8, 1.25) for tokens in (256, 1024)]
+    return [
+        Config(d, f, tokens, experts, cf)
+        for (d, f), tokens, experts, cf in itertools.product(
+            [(512, 2048), (768, 3072)], [512, 2048, 8192], [8, 64], [1.25, 1.0]
+        )
+    ]
+
+
 def einsum_footprint(cfg: Config, capacity: int) -> int:
     """Rough bytes the one-hot path needs: dispatch, combine, their gradient and the
     einsum operands' contiguous copies, about six [G, T, E, C] fp32 tensors."""
     return 6 * 4 * cfg.tokens * cfg.experts * capacity
-
-
-# ------------------------------------------------------------------------- running
 
 
 @dataclasses.dataclass
@@ -243,35 +1025,26 @@ class Setup:
     grad: Tensor  # fixed output gradient
 
 
-def make_setup(cfg: Config, seed: int) -> Setup:
+def make_setup(cfg: Config, seed: int, impls: Sequence[str]) -> Setup:
     generator = torch.Generator().manual_seed(seed)
-    layer, dense = build_moeify(cfg, generator)
+    layer, dense = build_moeify(cfg.d, cfg.f, cfg.experts, seq_len=cfg.tokens,
+                                generator=generator, capacity_factor=cfg.cf, min_capacity=1)
     capacity = layer.expert_capacity
-    modules: dict[str, nn.Module] = {
-        "moeify": layer,
-        "dense": build_dense(dense),
-        "hf": build_hf(layer),
-        "einsum": OneHotEinsum(layer),
-        "sorted": Forced(layer, DispatchPath.SORTED),
-        "padded": Forced(layer, DispatchPath.PADDED),
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "moeify": lambda: layer,
+        "dense": lambda: build_dense(dense),
+        "hf": lambda: build_hf(layer),
+        "einsum": lambda: OneHotEinsum(layer),
+        **{p.value: (lambda p=p: Forced(layer, p)) for p in FORCED_PATHS},
     }
     skipped = {}
     need = einsum_footprint(cfg, capacity)
-    if need > EINSUM_LIMIT_BYTES:
+    if "einsum" in impls and need > EINSUM_LIMIT_BYTES:
         skipped["einsum"] = f"one-hot [G,T,E,C] tensors need ~{need / 2**30:.1f} GiB"
-        del modules["einsum"]
+    modules = {n: makers[n]() for n in ONE_GROUP_IMPLS if n in impls and n not in skipped}
     x = torch.randn(1, cfg.tokens, cfg.d, generator=generator)
     grad = torch.randn(1, cfg.tokens, cfg.d, generator=generator)
     return Setup(cfg, capacity, modules, skipped, x, x.clone().requires_grad_(), grad)
-
-
-def reset(module: nn.Module, x: Tensor) -> None:
-    for p in module.parameters():
-        p.grad = None
-    x.grad = None
-    for m in module.modules():
-        if isinstance(m, SwitchFFN):
-            m.last_routing = None
 
 
 def run_fwd(module: nn.Module, setup: Setup) -> None:
@@ -289,33 +1062,20 @@ def run_fwd_bwd(module: nn.Module, setup: Setup) -> None:
 RUNNERS: dict[str, Callable[[nn.Module, Setup], None]] = {"fwd": run_fwd, "fwd+bwd": run_fwd_bwd}
 
 
-def timed(fn: Callable[[], None]) -> float:
-    """Seconds one call takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def check_equivalence(setup: Setup) -> list[str]:
-    """Eval outputs of every MoE implementation against moeify's; warnings for mismatches."""
+def verify_setup(setup: Setup) -> None:
+    """Eval outputs of every MoE implementation equal moeify's (raises otherwise)."""
     outputs = {}
-    for name, module in setup.modules.items():
-        if name == "dense":
-            continue
-        module.eval()
-        with torch.inference_mode():
-            outputs[name] = module(setup.x)
-    warnings = []
-    for name, out in outputs.items():
-        if name != "moeify" and not torch.allclose(out, outputs["moeify"], atol=1e-4):
-            diff = (out - outputs["moeify"]).abs().max().item()
-            warnings.append(f"{name} differs from moeify on {setup.cfg.key}: max |diff| {diff:.3g}")
-    return warnings
+    with torch.inference_mode():
+        for name, module in setup.modules.items():
+            if name != "dense":
+                module.eval()
+                outputs[name] = module(setup.x)
+    check_equivalence(outputs, TOLERANCES["fp32"], where=f"on {setup.cfg.key}")
 
 
 def peak_memory_fwd_bwd(module: nn.Module, setup: Setup) -> float:
     """Peak bytes allocated during one fwd+bwd (see the module docstring)."""
-    reset(module, setup.x_grad)
+    reset_module(module, setup.x_grad)
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run_fwd_bwd(module, setup)
@@ -325,33 +1085,19 @@ def peak_memory_fwd_bwd(module: nn.Module, setup: Setup) -> float:
     for event in events:
         current += event.nbytes()
         peak = max(peak, current)
-    reset(module, setup.x_grad)
+    reset_module(module, setup.x_grad)
     return float(peak)
 
 
-def bench_config(setup: Setup, *, min_repeats: int, max_repeats: int, budget_s: float) -> dict:
-    names = list(setup.modules)
-    times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in MODES}
-    for mode, name in itertools.product(MODES, names):  # warmup
-        reset(setup.modules[name], setup.x_grad)
-        RUNNERS[mode](setup.modules[name], setup)
-    start = time.perf_counter()
-    repeat = 0
-    while repeat < min_repeats or (
-        repeat < max_repeats and time.perf_counter() - start < budget_s
-    ):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotate
-        for mode in MODES:
-            for name in order:
-                module = setup.modules[name]
-                reset(module, setup.x_grad)
-                times[mode][name].append(timed(lambda: RUNNERS[mode](module, setup)))
-        repeat += 1
-    memory = {name: peak_memory_fwd_bwd(setup.modules[name], setup) for name in names}
-    return {"repeats": repeat, "times_s": times, "peak_bytes": memory}
-
-
-# ---------------------------------------------------------------------- ceilings
+def bench_setup(setup: Setup, policy: RepeatPolicy) -> dict:
+    steps = {mode: {name: (lambda m=module, r=runner: r(m, setup))
+                    for name, module in setup.modules.items()}
+             for mode, runner in RUNNERS.items()}
+    repeats, times = interleave(
+        steps, lambda name: reset_module(setup.modules[name], setup.x_grad), policy,
+        torch.device("cpu"))
+    memory = {name: peak_memory_fwd_bwd(m, setup) for name, m in setup.modules.items()}
+    return {"repeats": repeats, "times_s": times, "peak_bytes": memory}
 
 
 def matmul_samples(n: int = 4096, runs: int = 5) -> list[float]:
@@ -374,12 +1120,10 @@ def roofline(cfg: Config, matmul_rate: float, copy_rate: float) -> dict[str, dic
     expert_weights = 4 * E * 2 * d * f
     nbytes = 4 * N * (2 * d + 2 * f) + expert_weights + 4 * E * d
     out = {}
-    for mode, fl, by in (("fwd", flops, nbytes), ("fwd+bwd", 3 * flops, 2 * nbytes + expert_weights)):
+    modes = (("fwd", flops, nbytes), ("fwd+bwd", 3 * flops, 2 * nbytes + expert_weights))
+    for mode, fl, by in modes:
         out[mode] = {"flops": fl, "bytes": by, "floor_s": max(fl / matmul_rate, by / copy_rate)}
     return out
-
-
-# ------------------------------------------------------------------------ report
 
 
 def median_ms(result: dict, mode: str, impl: str) -> float | None:
@@ -387,14 +1131,8 @@ def median_ms(result: dict, mode: str, impl: str) -> float | None:
     return 1e3 * statistics.median(samples) if samples else None
 
 
-def fmt_ms(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def fmt_ratio(a: float | None, b: float | None, suffix: str = "") -> str:
-    return "n/a" if a is None or b is None else f"{a / b:.2f}{suffix}"
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
 
 def fmt_mb(value: float | None) -> str:
@@ -403,13 +1141,10 @@ def fmt_mb(value: float | None) -> str:
     return f"{value / MiB:.1f}" if value < 10 * MiB else f"{value / MiB:.0f}"
 
 
-def header_lines(args: argparse.Namespace, ceilings: dict) -> list[str]:
+def one_group_header(ceilings: dict) -> list[str]:
     return [
-        "# moeify Switch layer benchmark (CPU, fp32)",
+        "# moeify Switch layer benchmark: one group holding every token (CPU, fp32)",
         "",
-        f"- command: `{shlex.join(['python', *sys.argv])}` (run from the repository root)",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"python {platform.python_version()}, {platform.processor() or platform.machine()}",
         f"- matmul ceiling: {ceilings['matmul_rate'] / 1e9:.1f} GFLOP/s (median, fp32 "
         f"4096x4096 @ 4096x4096; start/end medians {ceilings['matmul_start'] / 1e9:.1f} / "
         f"{ceilings['matmul_end'] / 1e9:.1f})",
@@ -417,16 +1152,14 @@ def header_lines(args: argparse.Namespace, ceilings: dict) -> list[str]:
         f"`dst.copy_(src)` counted as 2x size; start/end medians "
         f"{ceilings['copy_start'] / 1e9:.1f} / {ceilings['copy_end'] / 1e9:.1f})",
         "- layout: ONE group per forward, input [G=1, T=tokens, d] (a group is the whole "
-        "batch of tokens, like Mesh-TF group_size); C = ceil(cf * T / E) slots per expert",
+        "batch of tokens, like Mesh-TF group_size); C = ceil(cf * T / E) slots per expert; "
+        "no residual add",
         "- fwd: eval mode under torch.inference_mode(); fwd+bwd: train mode, "
         "y.backward(fixed random grad), x.requires_grad; ms = median over the interleaved "
-        "repeats (n)",
-        "- impls: moeify = SwitchFFN as users get it (DispatchPath.AUTO: padded when G*C <= "
-        "128 rows per expert, else sorted); sorted / padded = the same layer forced onto one "
-        "path; dense = Linear-ReLU-Linear; hf = transformers SwitchTransformersSparseMLP; "
-        "einsum = one-hot [G,T,E,C] dispatch/combine",
-        f"- THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')} "
-        "(PyTorch CPU allocator: transparent huge pages for large tensors)",
+        "repeats (n), one run",
+        f"- impls: moeify = SwitchFFN as users get it (DispatchPath.AUTO); {', '.join(FORCED)} "
+        "= the same layer forced onto one path; dense = Linear-ReLU-Linear; hf = transformers "
+        "SwitchTransformersSparseMLP; einsum = one-hot [G,T,E,C] dispatch/combine",
         "- floor = max(FLOPs / matmul ceiling, bytes / copy ceiling); fwd FLOPs = 4*N*d*f + "
         "2*N*d*E; fwd bytes = 4*N*(2d+2f) + 4*E*2*d*f + 4*E*d; fwd+bwd FLOPs = 3x fwd, "
         "bytes = 2x fwd + 4*E*2*d*f; 'x floor' = moeify time / floor",
@@ -436,48 +1169,40 @@ def header_lines(args: argparse.Namespace, ceilings: dict) -> list[str]:
     ]
 
 
-def table_lines(records: list[dict]) -> list[str]:
+def one_group_tables(records: list[dict], impls: Sequence[str]) -> list[str]:
     """One time table per mode, then one peak-memory table."""
     key_cols = ["d", "f", "tokens", "E", "cf", "C"]
-    lines = []
 
     def key_cells(rec: dict) -> list:
         cfg = rec["config"]
         return [cfg["d"], cfg["f"], cfg["tokens"], cfg["experts"], cfg["cf"], rec["capacity"]]
 
-    def table(columns: list[str], rows: list[list]) -> list[str]:
-        out = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-        return out + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-
+    lines = []
     for mode in MODES:
-        columns = key_cols + ["n"] + [f"{impl} ms" for impl in IMPLS] + [
+        columns = key_cols + ["n"] + [f"{impl} ms" for impl in impls] + [
             "floor ms", "moeify/dense", "moeify/hf", "moeify x floor"]
         rows = []
         for rec in records:
             res = rec["result"]
-            ms = {impl: median_ms(res, mode, impl) for impl in IMPLS}
+            ms = {impl: median_ms(res, mode, impl) for impl in impls}
             floor_ms = 1e3 * rec["roofline"][mode]["floor_s"]
-            rows.append(key_cells(rec) + [res["repeats"]] + [fmt_ms(ms[i]) for i in IMPLS] + [
-                fmt_ms(floor_ms), fmt_ratio(ms["moeify"], ms["dense"]),
-                fmt_ratio(ms["moeify"], ms["hf"]), fmt_ratio(ms["moeify"], floor_ms)])
-        lines += [f"### {mode} (median ms)", ""] + table(columns, rows) + [""]
-    columns = key_cols + [f"{impl} MB" for impl in IMPLS]
-    rows = [key_cells(rec) + [fmt_mb(rec["result"]["peak_bytes"].get(i)) for i in IMPLS]
+            rows.append(key_cells(rec) + [res["repeats"]] + [fmt_ms(ms[i]) for i in impls] + [
+                fmt_ms(floor_ms), fmt_ratio(ms["moeify"], ms.get("dense")),
+                fmt_ratio(ms["moeify"], ms.get("hf")), fmt_ratio(ms["moeify"], floor_ms)])
+        lines += [f"### {mode} (median ms)", ""] + markdown_table(columns, rows) + [""]
+    columns = key_cols + [f"{impl} MB" for impl in impls]
+    rows = [key_cells(rec) + [fmt_mb(rec["result"]["peak_bytes"].get(i)) for i in impls]
             for rec in records]
-    lines += ["### peak memory of one fwd+bwd (MB)", ""] + table(columns, rows)
-    return lines
+    return lines + ["### peak memory of one fwd+bwd (MB)", ""] + markdown_table(columns, rows)
 
 
-def summary_lines(records: list[dict]) -> list[str]:
-    """Evaluate the targets; PASS/FAIL lines with the measured numbers."""
+def one_group_summary(records: list[dict]) -> list[str]:
+    """Evaluate the one-group targets; PASS/FAIL lines with the measured numbers."""
     by_cfg = {Config(**r["config"]): r for r in records}
     token_counts = sorted({c.tokens for c in by_cfg})
     largest = token_counts[-1]
     previous = token_counts[-2] if len(token_counts) > 1 else None
-    lines = ["## Targets", ""]
-
-    def verdict(ok: bool) -> str:
-        return "PASS" if ok else "FAIL"
+    lines = ["## Targets (one group)", ""]
 
     def ms(rec: dict, mode: str, impl: str) -> float | None:
         return median_ms(rec["result"], mode, impl)
@@ -485,33 +1210,37 @@ def summary_lines(records: list[dict]) -> list[str]:
     def label(c: Config) -> str:
         return f"d={c.d} f={c.f} T={c.tokens} E={c.experts} cf={c.cf}"
 
+    def have(*impls: str) -> bool:
+        return all(ms(r, "fwd", i) is not None for r in by_cfg.values() for i in impls)
+
     # 1. close to dense at 8 experts, the largest token count, factor 1.25
     limits = {"fwd": 1.15, "fwd+bwd": 1.20}
     chosen = [c for c in by_cfg if c.experts == 8 and c.tokens == largest and c.cf == 1.25]
-    if not chosen:
-        lines.append("- [n/a] moeify vs dense at E=8, cf=1.25: no such configuration in the grid")
-    for c in chosen:
+    if not chosen or not have("dense"):
+        lines.append("- [n/a] moeify vs dense at E=8, cf=1.25: not measured")
+    for c in chosen if have("dense") else []:
         rec = by_cfg[c]
         parts, ok = [], True
         for mode, limit in limits.items():
             ratio = ms(rec, mode, "moeify") / ms(rec, mode, "dense")
             ok &= ratio <= limit
             parts.append(f"{mode} {ratio:.3f}x (<= {limit:.2f}x)")
-        lines.append(f"- [{verdict(ok)}] moeify / dense at {label(c)}: " + ", ".join(parts))
+        lines.append(f"- [{_verdict(ok)}] moeify / dense at {label(c)}: " + ", ".join(parts))
 
     # 2. faster than HF's SparseMLP in fwd+bwd everywhere; fwd never > 5% slower
-    fb = {c: ms(r, "fwd+bwd", "moeify") / ms(r, "fwd+bwd", "hf") for c, r in by_cfg.items()}
-    fw = {c: ms(r, "fwd", "moeify") / ms(r, "fwd", "hf") for c, r in by_cfg.items()}
-    worst_fb, worst_fw = max(fb, key=fb.get), max(fw, key=fw.get)
-    lines.append(
-        f"- [{verdict(fb[worst_fb] < 1.0)}] fwd+bwd faster than HF in every configuration: "
-        f"{sum(v < 1.0 for v in fb.values())}/{len(fb)} faster; worst moeify/hf "
-        f"{fb[worst_fb]:.3f}x at {label(worst_fb)}; best {min(fb.values()):.3f}x"
-    )
-    lines.append(
-        f"- [{verdict(fw[worst_fw] <= 1.05)}] fwd never more than 5% slower than HF: worst "
-        f"moeify/hf {fw[worst_fw]:.3f}x at {label(worst_fw)}; best {min(fw.values()):.3f}x"
-    )
+    if have("hf"):
+        fb = {c: ms(r, "fwd+bwd", "moeify") / ms(r, "fwd+bwd", "hf") for c, r in by_cfg.items()}
+        fw = {c: ms(r, "fwd", "moeify") / ms(r, "fwd", "hf") for c, r in by_cfg.items()}
+        worst_fb, worst_fw = max(fb, key=fb.get), max(fw, key=fw.get)
+        lines.append(
+            f"- [{_verdict(fb[worst_fb] < 1.0)}] fwd+bwd faster than HF in every configuration: "
+            f"{sum(v < 1.0 for v in fb.values())}/{len(fb)} faster; worst moeify/hf "
+            f"{fb[worst_fb]:.3f}x at {label(worst_fb)}; best {min(fb.values()):.3f}x")
+        lines.append(
+            f"- [{_verdict(fw[worst_fw] <= 1.05)}] fwd never more than 5% slower than HF: worst "
+            f"moeify/hf {fw[worst_fw]:.3f}x at {label(worst_fw)}; best {min(fw.values()):.3f}x")
+    else:
+        lines.append("- [n/a] moeify vs HF: hf not measured")
 
     # 3. roofline
     frac = {(c, m): ms(r, m, "moeify") / (1e3 * r["roofline"][m]["floor_s"])
@@ -523,10 +1252,9 @@ def summary_lines(records: list[dict]) -> list[str]:
         worst = max(keys, key=frac.get)
         n_ok = sum(frac[k] <= limit for k in keys)
         lines.append(
-            f"- [{verdict(n_ok == len(keys))}] moeify within {limit}x of the floor {scope}: "
+            f"- [{_verdict(n_ok == len(keys))}] moeify within {limit}x of the floor {scope}: "
             f"{n_ok}/{len(keys)} (config, mode) pairs; worst {frac[worst]:.2f}x "
-            f"({worst[1]}, {label(worst[0])})"
-        )
+            f"({worst[1]}, {label(worst[0])})")
 
     # 4. linear growth from the second-largest to the largest token count
     if previous is None:
@@ -535,100 +1263,57 @@ def summary_lines(records: list[dict]) -> list[str]:
     limit = 1.1 * largest / previous
     growth_rows, ok_all = [], True
     for c in sorted(by_cfg, key=lambda c: (c.d, c.experts, -c.cf)):
-        if c.tokens != largest:
-            continue
         small = by_cfg.get(dataclasses.replace(c, tokens=previous))
-        if small is None:
+        if c.tokens != largest or small is None:
             continue
         big = by_cfg[c]
         cells = []
         for mode in MODES:
             r_moe = ms(big, mode, "moeify") / ms(small, mode, "moeify")
             ok_all &= r_moe <= limit
-            e_big, e_small = ms(big, mode, "einsum"), ms(small, mode, "einsum")
-            r_ein = f"{e_big / e_small:.2f}x" if e_big and e_small else "n/a"
-            r_dense = ms(big, mode, "dense") / ms(small, mode, "dense")
-            cells.append(f"{mode} {r_moe:.2f}x (dense {r_dense:.2f}x, einsum {r_ein})")
+            growth = {i: fmt_ratio(ms(big, mode, i), ms(small, mode, i))
+                      for i in ("dense", "einsum")}
+            cells.append(f"{mode} {r_moe:.2f}x (dense {growth['dense']}x, "
+                         f"einsum {growth['einsum']}x)")
         m_big, m_small = big["result"]["peak_bytes"], small["result"]["peak_bytes"]
         r_mem = m_big["moeify"] / m_small["moeify"]
         ok_all &= r_mem <= limit
-        e_mem = (f"{m_big['einsum'] / m_small['einsum']:.2f}x"
-                 if "einsum" in m_big and "einsum" in m_small else "n/a")
-        cells.append(f"memory {r_mem:.2f}x (einsum {e_mem})")
+        cells.append(f"memory {r_mem:.2f}x (einsum "
+                     f"{fmt_ratio(m_big.get('einsum'), m_small.get('einsum'))}x)")
         growth_rows.append(f"  - d={c.d} E={c.experts} cf={c.cf}: " + ", ".join(cells))
     lines.append(
-        f"- [{verdict(ok_all)}] linear growth, moeify time and peak memory at {largest} vs "
-        f"{previous} tokens <= {limit:.2f}x in every configuration:"
-    )
-    lines += growth_rows
-    return lines
+        f"- [{_verdict(ok_all)}] linear growth, moeify time and peak memory at {largest} vs "
+        f"{previous} tokens <= {limit:.2f}x in every configuration:")
+    return lines + growth_rows
 
 
-# -------------------------------------------------------------------------- main
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke grid: d,f=128,512; tokens 256/1024; E=8; cf 1.25; "
-                             "3 repeats")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="exact number of interleaved repeats per configuration "
-                             "(default: adaptive, at least 5, more while --budget lasts)")
-    parser.add_argument("--budget", type=float, default=6.0,
-                        help="seconds of timed repeats per configuration for the adaptive "
-                             "mode (default 6)")
-    parser.add_argument("--max-repeats", type=int, default=30,
-                        help="cap on adaptive repeats (default 30)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the markdown report to this path")
-    parser.add_argument("--json", help="dump raw results (every sample) to this path")
-    parser.add_argument("--tokens", type=int, nargs="+", help="only these token counts")
-    parser.add_argument("--experts", type=int, nargs="+", help="only these expert counts")
-    parser.add_argument("--no-thp", action="store_true",
-                        help="leave THP_MEM_ALLOC_ENABLE unset (read before torch loads)")
-    return parser.parse_args(argv)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(THREADS)
-    grid = quick_grid() if args.quick else full_grid()
-    grid = [c for c in grid if (not args.tokens or c.tokens in args.tokens)
-            and (not args.experts or c.experts in args.experts)]
-    if args.repeats is not None:
-        min_repeats = max_repeats = args.repeats
-    elif args.quick:
-        min_repeats = max_repeats = 3
-    else:
-        min_repeats, max_repeats = 5, max(5, args.max_repeats)
-
+def run_one_group(args: argparse.Namespace) -> dict:
+    impls = [i for i in ONE_GROUP_IMPLS if i in args.impls_one_group]
+    grid = [c for c in one_group_grid(args.quick)
+            if (not args.tokens or c.tokens in args.tokens)
+            and (not args.experts or c.experts in args.experts)
+            and (not args.dims or (c.d, c.f) in args.dims)]
+    if not grid:
+        raise SystemExit("the filters leave no one-group configuration")
+    policy = args.one_group_policy
     log("measuring ceilings ...")
     matmul_start, copy_start = matmul_samples(), copy_samples()
-
-    records, warnings = [], []
-    run_start = time.perf_counter()
+    records = []
+    start = time.perf_counter()
     for i, cfg in enumerate(grid, 1):
         gc.collect()
-        setup = make_setup(cfg, args.seed)
-        warnings += check_equivalence(setup)
-        result = bench_config(setup, min_repeats=min_repeats, max_repeats=max_repeats,
-                              budget_s=args.budget)
+        setup = make_setup(cfg, args.seed, impls)
+        verify_setup(setup)
+        result = bench_setup(setup, policy)
         result["skipped"] = setup.skipped
         records.append({"config": dataclasses.asdict(cfg), "capacity": setup.capacity,
                         "result": result})
-        log(f"[{i}/{len(grid)}] {cfg.key} C={setup.capacity} n={result['repeats']} "
-            f"moeify fwd {median_ms(result, 'fwd', 'moeify'):.1f} ms, fwd+bwd "
-            f"{median_ms(result, 'fwd+bwd', 'moeify'):.1f} ms "
-            f"({time.perf_counter() - run_start:.0f} s elapsed)")
+        log(f"[one-group {i}/{len(grid)}] {cfg.key} C={setup.capacity} n={result['repeats']} "
+            f"moeify fwd {fmt_ms(median_ms(result, 'fwd', 'moeify'))} ms, fwd+bwd "
+            f"{fmt_ms(median_ms(result, 'fwd+bwd', 'moeify'))} ms "
+            f"({time.perf_counter() - start:.0f} s)")
         del setup
     gc.collect()
-
     log("measuring ceilings again ...")
     matmul_end, copy_end = matmul_samples(), copy_samples()
     ceilings = {
@@ -642,33 +1327,140 @@ def main(argv: list[str] | None = None) -> int:
     for rec in records:
         rec["roofline"] = roofline(Config(**rec["config"]), ceilings["matmul_rate"],
                                    ceilings["copy_rate"])
-
-    lines = header_lines(args, ceilings) + table_lines(records) + [""] + summary_lines(records)
+    lines = (one_group_header(ceilings) + one_group_tables(records, impls) + [""]
+             + one_group_summary(records))
     skipped = {f"{r['config']} {impl}": why for r in records
                for impl, why in r["result"]["skipped"].items()}
     if skipped:
         lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
-    if warnings:
-        lines += ["", "WARNINGS (outputs differ):"] + [f"- {w}" for w in warnings]
-    lines.append(f"\nTotal benchmark time: {time.perf_counter() - run_start:.0f} s")
+    return {
+        "lines": lines,
+        "seconds": time.perf_counter() - start,
+        "json": {"impls": impls, "layout": "G=1, T=tokens", "ceilings": ceilings,
+                 "ceiling_samples": {"matmul_flops_per_s": matmul_start + matmul_end,
+                                     "copy_bytes_per_s": copy_start + copy_end},
+                 "records": records},
+    }
+
+
+# -------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The method is described in this file's module docstring.")
+    parser.add_argument("--section", choices=("batched", "one-group", "all"), default="batched",
+                        help="batched sequences with one group per sequence (default), the "
+                             "earlier one-group grid with roofline and memory, or both")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke grids, 1 run, 2 repeats (batched: d,f=64,256, E=8, "
+                             "4x64 and 2x128; one-group: d,f=128,512, T 256/1024)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="times the whole batched grid is run (default 3; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="exact number of interleaved repeats per point (default: "
+                             "adaptive, see --budget)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="after the minimum repeats (3 batched, 5 one-group), repeat "
+                             "while a point's timed repeats took less than this many seconds "
+                             "(default 8 batched, 6 one-group)")
+    parser.add_argument("--max-repeats", type=int, default=30,
+                        help="cap on adaptive repeats (default 30)")
+    parser.add_argument("--batch-seq", type=parse_pair, nargs="+", metavar="BxS",
+                        help="only these (batch x seq) points, e.g. 8x512 32x128")
+    parser.add_argument("--dims", type=parse_pair, nargs="+", metavar="DxF",
+                        help="only these (d_model x d_ff), e.g. 768x3072")
+    parser.add_argument("--experts", type=int, nargs="+", help="only these expert counts")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS,
+                        help="default: all three on cpu; bf16-autocast bf16-weights on cuda")
+    parser.add_argument("--impls", nargs="+", choices=sorted({*BATCHED_IMPLS, *ONE_GROUP_IMPLS}),
+                        help="only these implementations (moeify, the reference, always runs)")
+    parser.add_argument("--tokens", type=int, nargs="+",
+                        help="one-group section: only these token counts")
+    parser.add_argument("--max-load", type=float, default=0.5,
+                        help="wait while the 1-minute load average is above this (default 0.5)")
+    parser.add_argument("--wait", type=float, default=300,
+                        help="seconds to wait at most for --max-load (default 300), then run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the markdown report to this path")
+    parser.add_argument("--json", help="dump raw results (every sample) to this path")
+    parser.add_argument("--no-thp", action="store_true",
+                        help="CPU: leave THP_MEM_ALLOC_ENABLE unset (read before torch loads)")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.tokens and args.section == "batched":
+        parser.error("--tokens filters the one-group section: add --section one-group")
+    if args.device == "cuda" and args.section != "batched":
+        parser.error("the one-group section measures CPU ceilings: use --section batched")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
+    if args.precisions is None:
+        args.precisions = list(CUDA_PRECISIONS if args.device == "cuda" else PRECISIONS)
+    chosen = set(args.impls or ()) | {"moeify"}
+    args.impls_batched = [i for i in BATCHED_IMPLS if not args.impls or i in chosen]
+    args.impls_one_group = [i for i in ONE_GROUP_IMPLS if not args.impls or i in chosen]
+    args.policy = repeat_policy(args, min_repeats=3, budget=8.0)
+    args.one_group_policy = repeat_policy(args, min_repeats=5, budget=6.0)
+    return args
+
+
+def repeat_policy(args: argparse.Namespace, *, min_repeats: int, budget: float) -> RepeatPolicy:
+    warmups = 3 if args.device == "cuda" else 1
+    if args.repeats is not None:
+        return RepeatPolicy(args.repeats, args.repeats, 0.0, warmups)
+    if args.quick:
+        return RepeatPolicy(2, 2, 0.0, warmups)
+    return RepeatPolicy(min_repeats, max(min_repeats, args.max_repeats),
+                        budget if args.budget is None else args.budget, warmups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    load_info = wait_for_quiet(args.max_load, args.wait)
+    start = time.perf_counter()
+    sections = {}
+    if args.section in ("batched", "all"):
+        sections["batched"] = run_batched(args, device, load_info)
+    if args.section in ("one-group", "all"):
+        sections["one_group"] = run_one_group(args)
+    lines = []
+    for name, section in sections.items():
+        if name == "one_group" and "batched" not in sections:
+            lines += environment_lines(args, device, load_info) + [""]
+        lines += section["lines"] + ["", f"Section time: {section['seconds']:.0f} s", ""]
+    end_load = os.getloadavg()
+    total = time.perf_counter() - start
+    lines += [f"Load average (1 / 5 / 15 min) at the end: {fmt_load(end_load)}",
+              f"Total benchmark time: {total:.0f} s ({total / 60:.1f} min)"]
     report = "\n".join(lines) + "\n"
-    for w in warnings:
-        log(f"WARNING: {w}")
     print(report)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(report)
     if args.json:
         meta: dict[str, Any] = {
-            "command": [sys.executable, *sys.argv], "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "layout": "G=1, T=tokens",
-            "ceilings": ceilings,
-            "ceiling_samples": {"matmul_flops_per_s": matmul_start + matmul_end,
-                                "copy_bytes_per_s": copy_start + copy_end},
-            "warnings": warnings,
+            "command": command_line(args.argv), "argv": args.argv,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": device_name(device), "threads": torch.get_num_threads(),
+            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "runs": args.runs,
+            "policy": dataclasses.asdict(args.policy), "load_start": load_info,
+            "load_end": list(end_load), "total_s": total,
+            "forced_paths": list(FORCED),
         }
+        payload = {"meta": meta, **{name: s["json"] for name, s in sections.items()}}
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "records": records}, fh, indent=1)
+            json.dump(payload, fh, indent=1)
     return 0
 
 
