@@ -2,7 +2,7 @@
 
 The pass below freezes every weight that did not come out of the conversion (a
 common upcycling recipe: train only the routers and experts at first). It runs
-right after `InsertRouter`, when the Switch layers exist.
+right after `ReplaceModules`, when the Switch layers are in the model.
 
     python examples/custom_pass.py
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import transformers
 
 import moeify
-from moeify.passes import InsertRouter, ProgramPass, default_pipeline
+from moeify.passes import ProgramPass, ReplaceModules
+from moeify.pipeline import default_pipeline
 from moeify.program import Program
 from moeify.switch import SwitchFFN
 
@@ -20,14 +21,14 @@ from moeify.switch import SwitchFFN
 class FreezeDenseWeights(ProgramPass):
     """Freeze every parameter outside the Switch layers.
 
-    Requires: `InsertRouter` has run (the model has Switch layers).
+    Requires: `ReplaceModules` has run (the model has Switch layers).
     Guarantees: only router and expert parameters have ``requires_grad=True``.
     Preserves the computation: yes.
     """
 
     def requires(self, program: Program) -> None:
         if not program.layers:
-            raise self.fail("no Switch layers yet: insert this pass after InsertRouter")
+            raise self.fail("no Switch layers yet: insert this pass after ReplaceModules")
 
     def run(self, program: Program) -> bool:
         moe = {id(p) for m in program.model.modules() if isinstance(m, SwitchFFN)
@@ -43,8 +44,8 @@ def main() -> None:
         num_attention_heads=4, num_key_value_heads=4,
     ))
     config = moeify.MoEConfig(num_experts=4)
-    pipeline = default_pipeline(config)
-    position = next(i for i, p in enumerate(pipeline.passes) if isinstance(p, InsertRouter))
+    pipeline = default_pipeline()
+    position = next(i for i, p in enumerate(pipeline.passes) if isinstance(p, ReplaceModules))
     pipeline.passes.insert(position + 1, FreezeDenseWeights())
     print("pipeline:", " -> ".join(type(p).__name__ for p in pipeline.passes))
 

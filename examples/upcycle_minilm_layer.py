@@ -91,7 +91,7 @@ def main() -> None:
     layer = SwitchFFN.from_dense(weights, config, seq_len=args.seq_len, activation="gelu")
     with torch.no_grad():
         layer.router.weight.normal_(std=0.05)  # a router with opinions, to show balancing
-    optimizer = torch.optim.Adam(layer.router.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(layer.router.parameters(), lr=3e-3)
     print(f"\ntraining capacity {layer.expert_capacity} slots per expert per sequence:")
     for step in range(30):
         y = layer(x)

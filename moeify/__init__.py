@@ -28,7 +28,12 @@ _EXPORTS = {
     "distillation_loss": "moeify.distill",
     "load": "moeify.checkpoint",
     "save": "moeify.checkpoint",
-    "conversion_of": "moeify.program",
+    "conversion_of": "moeify.conversion",
+    "ConversionPlan": "moeify.conversion",
+    "FFNSite": "moeify.conversion",
+    "plan": "moeify.api",
+    "apply": "moeify.api",
+    "default_pipeline": "moeify.pipeline",
     "inspect": "moeify.api",
     "aux_loss": "moeify.api",
     "add_aux_loss_to_output": "moeify.api",
@@ -44,9 +49,11 @@ if TYPE_CHECKING:
         ConversionResult,
         LayerStats,
         add_aux_loss_to_output,
+        apply,
         aux_loss,
         convert,
         inspect,
+        plan,
         routing_stats,
         set_expert_dropout,
         switch_layers,
@@ -55,7 +62,8 @@ if TYPE_CHECKING:
     from moeify.distill import distill, distillation_loss
     from moeify.errors import MoEError
     from moeify.onnx.export import export_onnx
-    from moeify.program import conversion_of
+    from moeify.pipeline import default_pipeline
+    from moeify.conversion import ConversionPlan, FFNSite, conversion_of
     from moeify.report import ConversionReport
     from moeify.config import Activation, Gate, Init, MoEConfig
     from moeify.switch import DenseFFNWeights, SwitchFFN

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -12,8 +11,12 @@ from torch import Tensor, nn
 
 from moeify.config import MoEConfig
 from moeify.errors import MoEError
+from moeify.passes import FindFFN, SelectSites
+from moeify.pipeline import Pipeline, analysis_pipeline, transform_pipeline
+from moeify.conversion import ConversionPlan, conversion_of, record_conversion
+from moeify.program import Program, Progress
 from moeify.report import ConversionReport
-from moeify.switch.layer import SwitchFFN
+from moeify.switch import SwitchFFN
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ def add_aux_loss_to_output(model: nn.Module):
 
 
 def _install_aux_hook(model: nn.Module):
-    if AUX_HOOK_ATTR in model.__dict__:
-        return model.__dict__[AUX_HOOK_ATTR]
+    handle = model.__dict__.get(AUX_HOOK_ATTR)
+    if handle is not None and handle.id in model._forward_hooks:
+        return handle  # still installed
     if not switch_layers(model):
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
 
@@ -110,13 +114,10 @@ def set_expert_dropout(model: nn.Module, rate: float) -> None:
     for _, layer in layers:
         layer.experts.dropout = rate
         layer.config = layer.config.replace(expert_dropout=rate)
-    from moeify.program import CONVERSION_ATTR, conversion_of
-
-    conversion = conversion_of(model)
-    if conversion is not None:
-        model.__dict__[CONVERSION_ATTR] = dataclasses.replace(
-            conversion, config=conversion.config.replace(expert_dropout=rate)
-        )
+    plan = conversion_of(model)
+    if plan is not None:
+        record_conversion(model, dataclasses.replace(
+            plan, config=plan.config.replace(expert_dropout=rate)))
 
 
 def routing_stats(model: nn.Module) -> list[LayerStats]:
@@ -140,9 +141,11 @@ def routing_stats(model: nn.Module) -> list[LayerStats]:
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What `convert` returns: the rewritten model (the same object) and the report."""
+    """What `convert` and `apply` return: the rewritten model (the same object), the
+    plan it was converted by, and the report."""
 
     model: nn.Module
+    plan: ConversionPlan
     report: ConversionReport
 
 
@@ -173,17 +176,36 @@ def _check_model(model: Any) -> None:
         raise MoEError(f"moeify converts a torch.nn.Module, got {type(model).__name__}")
 
 
-def convert(
+def _check_config(config: Any) -> MoEConfig:
+    if config is None:
+        return MoEConfig()
+    if not isinstance(config, MoEConfig):
+        hint = " (MoEConfig(**that_dict) or MoEConfig.from_dict)" if isinstance(config, dict) else ""
+        raise MoEError(f"config must be a moeify.MoEConfig, got {type(config).__name__}{hint}")
+    return config
+
+
+def _check_seq_len(seq_len: Any) -> None:
+    if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool)
+                                or seq_len < 1):
+        raise MoEError(f"seq_len must be an int >= 1 or None, got {seq_len!r}")
+
+
+def plan(
     model: nn.Module,
     config: MoEConfig | None = None,
     *,
     example_inputs: ExampleInputs = None,
     seq_len: int | None = None,
-    pipeline: Any = None,
-    progress: Callable[[str, int, int], None] | None = None,
-    add_aux_loss_to_output: bool = False,
-) -> ConversionResult:
-    """Turn ``model``'s FFNs into Switch layers, in place; returns the model and a report.
+    progress: Progress | None = None,
+) -> ConversionPlan:
+    """Analyse ``model`` and decide its conversion, changing nothing.
+
+    Traces the model, finds every FFN (`FFNSite`, with the modules its rewrite touches)
+    and every rejected candidate with its reason, selects the sites ``config`` asks for
+    and plans the expert sharding. Works on a model on the meta device. The result is a
+    `ConversionPlan`: JSON-serializable, what `apply` carries out and what a checkpoint
+    stores.
 
     config: the Switch settings (`MoEConfig()` by default: 8 experts, every other FFN).
     example_inputs: inputs that run the model (tensor, tuple, dict or (args, kwargs));
@@ -191,31 +213,92 @@ def convert(
         its own (HF models can).
     seq_len: the declared sequence length that fixes every layer's capacity (needed for
         tracing and ONNX export); None: capacity per input length in eager mode.
-    pipeline: a ``PassManager`` to run instead of ``default_pipeline(config, seq_len=)``.
-    progress: callback ``(stage, done, total)``.
-    add_aux_loss_to_output: see `add_aux_loss_to_output` (for models whose outputs carry
-        a ``loss``, like transformers models called with ``labels``).
     """
-    from moeify.pipeline import default_pipeline, run_pipeline
-    from moeify.program import CONVERSION_ATTR, Program
-
     _check_model(model)
-    config = config if config is not None else MoEConfig()
-    params_dense = sum(p.numel() for p in model.parameters())
-    program = Program(
-        model, config, seq_len=seq_len, example_inputs=_normalize_inputs(example_inputs),
-        progress=progress,
-    )
-    manager = pipeline if pipeline is not None else default_pipeline(config, seq_len=seq_len)
-    run_pipeline(manager, program)
-    model.__dict__[CONVERSION_ATTR] = program.conversion()
-    if add_aux_loss_to_output:
-        _install_aux_hook(model)
-    report = ConversionReport.build(
-        type(model).__name__, config, program.seq_len, program.analysis, program.selected,
-        params_dense,
-    )
-    return ConversionResult(model, report)
+    config = _check_config(config)
+    _check_seq_len(seq_len)
+    program = Program(model, config, seq_len=seq_len,
+                      example_inputs=_normalize_inputs(example_inputs), progress=progress)
+    analysis_pipeline()(program)
+    return program.plan
+
+
+def apply(
+    model: nn.Module,
+    plan: ConversionPlan,
+    *,
+    progress: Progress | None = None,
+    add_aux_loss_to_output: bool = False,
+) -> ConversionResult:
+    """Carry out ``plan`` on ``model``, in place, without tracing it.
+
+    ``model`` must have the architecture the plan was made for (every selected site's
+    modules, with the same projection shapes): a `MoEError` says which site does not fit.
+    A model on the meta device gets Switch layers on the meta device (loading a
+    checkpoint assigns their tensors).
+    add_aux_loss_to_output: see `add_aux_loss_to_output`.
+    """
+    program = apply_program(model, plan, progress=progress)
+    return _finish(program, add_aux_loss_to_output)
+
+
+def apply_program(
+    model: nn.Module, plan: ConversionPlan, *, lazy: bool = False,
+    progress: Progress | None = None,
+) -> Program:
+    """`apply`, returning the `Program` it ran. ``lazy`` builds the Switch layers on the
+    meta device and keeps each site's dense weights in ``program.dense`` (what the
+    streaming checkpoint writer materializes layers from)."""
+    _check_model(model)
+    if not isinstance(plan, ConversionPlan):
+        raise MoEError(f"apply takes a moeify.ConversionPlan, got {type(plan).__name__}")
+    if conversion_of(model) is not None or switch_layers(model):
+        raise MoEError("the model is already converted (it has Switch layers); apply the "
+                       "plan to the dense source model")
+    if not plan.selected:
+        raise MoEError("the plan selects no FFN site: nothing to apply (see its rejections "
+                       "with moeify inspect)")
+    plan.check_model(model)
+    program = Program.from_plan(model, plan, progress=progress)
+    transform_pipeline(lazy=lazy)(program)
+    record_conversion(model, program.plan)
+    return program
+
+
+def _finish(program: Program, add_aux_loss: bool) -> ConversionResult:
+    plan = program.plan
+    record_conversion(program.model, plan)
+    if add_aux_loss:
+        _install_aux_hook(program.model)
+    return ConversionResult(program.model, plan, ConversionReport.from_plan(plan))
+
+
+def convert(
+    model: nn.Module,
+    config: MoEConfig | None = None,
+    *,
+    example_inputs: ExampleInputs = None,
+    seq_len: int | None = None,
+    pipeline: Pipeline | None = None,
+    progress: Progress | None = None,
+    add_aux_loss_to_output: bool = False,
+) -> ConversionResult:
+    """Turn ``model``'s FFNs into Switch layers, in place: `plan` then `apply`.
+
+    Arguments as for `plan` and `apply`. ``pipeline``: a `moeify.pipeline.Pipeline` to
+    run instead of the standard analysis and transformation (e.g. with a pass of your
+    own inserted, ``examples/custom_pass.py``).
+    """
+    if pipeline is None:
+        return apply(model, plan(model, config, example_inputs=example_inputs,
+                                 seq_len=seq_len, progress=progress),
+                     progress=progress, add_aux_loss_to_output=add_aux_loss_to_output)
+    _check_model(model)
+    _check_seq_len(seq_len)
+    program = Program(model, _check_config(config), seq_len=seq_len,
+                      example_inputs=_normalize_inputs(example_inputs), progress=progress)
+    pipeline(program)
+    return _finish(program, add_aux_loss_to_output)
 
 
 def inspect(
@@ -225,17 +308,12 @@ def inspect(
     example_inputs: ExampleInputs = None,
     seq_len: int | None = None,
 ) -> ConversionReport:
-    """The report `convert` would give, without converting; works on the meta device."""
-    from moeify.passes import FindFFN, SelectSites
-    from moeify.pipeline import run_pipeline
-    from moeify.program import Program
-    from torch.fx.passes.infra.pass_manager import PassManager
-
+    """The report `convert` would give, without converting: `plan`'s report. Works on
+    the meta device; a model whose FFNs are all rejected reports why instead of raising."""
     _check_model(model)
-    config = config if config is not None else MoEConfig()
-    program = Program(model, config, seq_len=seq_len, example_inputs=_normalize_inputs(example_inputs))
-    run_pipeline(PassManager([FindFFN(), SelectSites(allow_empty=True)]), program)
-    return ConversionReport.build(
-        type(model).__name__, config, seq_len, program.analysis, program.selected,
-        sum(p.numel() for p in model.parameters()),
-    )
+    config = _check_config(config)
+    _check_seq_len(seq_len)
+    program = Program(model, config, seq_len=seq_len,
+                      example_inputs=_normalize_inputs(example_inputs))
+    Pipeline([FindFFN(), SelectSites(allow_empty=True)])(program)
+    return ConversionReport.from_plan(program.plan)

@@ -2,9 +2,9 @@
 
 Layout of a checkpoint directory::
 
-    moeify.json                     format version, MoEConfig, declared seq_len, source
-                                    (architecture), converted sites, sharding plan,
-                                    tied-weight aliases, dtype
+    moeify.json                     format version, the whole `ConversionPlan` (config,
+                                    declared seq_len, sites, sharding), source
+                                    (architecture), tied-weight aliases, dtypes
     model.safetensors.index.json    {"metadata": {"total_size": ...}, "weight_map": {...}}
     model-00001-of-0000N.safetensors
 
@@ -12,6 +12,12 @@ Shards are written one at a time (safetensors serializes a whole file in memory,
 one file for a large model would double peak memory). The directory is assembled under
 a temporary name beside the target and renamed into place: an interrupted write
 leaves no partial output, and the previous output stays intact until the rename.
+
+Loading applies the stored plan to the source architecture built on the meta device,
+then assigns the tensors: it never traces the model, so a later change to FFN discovery
+cannot change what an existing checkpoint loads as. Format 1 checkpoints (written before
+the plan was stored) are still read: their plan is made again by tracing, and must
+select the sites the checkpoint lists.
 """
 
 from __future__ import annotations
@@ -21,19 +27,23 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from moeify import __version__
+from moeify.api import apply
+from moeify.api import plan as make_plan
 from moeify.config import MoEConfig
 from moeify.errors import MoEError
-from moeify.program import conversion_of
+from moeify.conversion import ConversionPlan, conversion_of
 from moeify.sources import CHECKPOINT_FILE, Source, build_hf, read_checkpoint_meta
 
 INDEX_FILE = "model.safetensors.index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
@@ -144,6 +154,12 @@ def write_shards(
     return index
 
 
+def refuse_existing(out: Path) -> None:
+    """Raise `MoEError` if ``out`` exists (outputs are replaced only with ``force``)."""
+    if out.exists():
+        raise MoEError(f"{out} already exists: choose another --out or pass --force")
+
+
 class atomic_directory:
     """``with atomic_directory(out, force=...) as tmp:`` build ``tmp``, renamed to ``out``
     on success; removed on failure. An existing ``out`` is refused without ``force``, and
@@ -154,8 +170,8 @@ class atomic_directory:
         self.force = force
 
     def __enter__(self) -> Path:
-        if self.out.exists() and not self.force:
-            raise MoEError(f"{self.out} already exists: choose another --out or pass --force")
+        if not self.force:
+            refuse_existing(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         return self.tmp
@@ -173,34 +189,35 @@ class atomic_directory:
             shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
 
 
-def _checkpoint_meta(conversion, source: Source | None, aliases, specs) -> dict[str, Any]:
+def _checkpoint_meta(plan: ConversionPlan, source: Source | None, aliases, specs) -> dict[str, Any]:
     return {
         "format": "moeify",
         "format_version": FORMAT_VERSION,
-        "moeify_version": _version(),
-        "config": conversion.config.to_dict(),
-        "seq_len": conversion.seq_len,
+        "moeify_version": __version__,
+        "plan": plan.to_dict(),
         "source": None if source is None else source.to_dict(),
-        "sites": [site.path for site in conversion.sites],
-        "sharding": None if conversion.sharding is None else conversion.sharding.to_dict(),
         "aliases": aliases,
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()}),
     }
 
 
-def write_checkpoint(
+def save(
     model: nn.Module,
     path: str | os.PathLike,
-    fetch: Callable[[str], Iterable[torch.Tensor]] | None = None,
     *,
     source: Source | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
+    fetch: Callable[[str], Iterable[torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a converted model's checkpoint; ``fetch`` supplies tensors still on meta."""
-    conversion = conversion_of(model)
-    if conversion is None:
+    """Write a converted model as a moeify checkpoint directory (see the module docs).
+
+    ``fetch(name)``: the chunks of a parameter still on the meta device (the streaming
+    converter's Switch layers, `moeify.stream`).
+    """
+    plan = conversion_of(model)
+    if plan is None:
         raise MoEError("the model is not converted: run moeify.convert before moeify.save")
     source = source or hf_source_of(model)
     specs, aliases = _canonical_tensors(model)
@@ -215,29 +232,9 @@ def write_checkpoint(
 
     with atomic_directory(path, force=force) as tmp:
         write_shards(specs, tmp, tensors_of, max_shard_bytes, progress)
-        meta = _checkpoint_meta(conversion, source, aliases, specs)
+        meta = _checkpoint_meta(plan, source, aliases, specs)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
     return Path(path)
-
-
-def save(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    source: Source | None = None,
-    force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress=None,
-) -> Path:
-    """Write a converted model as a moeify checkpoint directory (see the module docs)."""
-    return write_checkpoint(model, path, source=source, force=force,
-                            max_shard_bytes=max_shard_bytes, progress=progress)
-
-
-def _version() -> str:
-    from moeify import __version__
-
-    return __version__
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -268,6 +265,64 @@ def read_tensors(path: Path, index: dict[str, Any]) -> Iterable[tuple[str, torch
             raise MoEError(
                 f"shard {shard} is damaged or truncated ({error}); re-create the checkpoint"
             ) from None
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's ``moeify.json``, checked.
+
+    plan: the stored conversion plan (format 2); None for format 1, which stored only
+        ``config``, ``seq_len`` and the converted site paths (``sites``).
+    """
+
+    path: Path
+    version: int
+    plan: ConversionPlan | None
+    config: MoEConfig
+    seq_len: int | None
+    sites: tuple[str, ...]
+    source: Source | None
+    aliases: dict[str, str]
+
+    @property
+    def file(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """Read and check a checkpoint's ``moeify.json``; every problem is one `MoEError`
+    line that names the file."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE
+    try:
+        meta = read_checkpoint_meta(path)
+    except json.JSONDecodeError as error:
+        raise MoEError(f"{file} is not valid JSON ({error}); re-create the checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != "moeify":
+        raise MoEError(f"{file} is not a moeify checkpoint description (no \"format\": "
+                       "\"moeify\"); re-create the checkpoint")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MoEError(f"{file}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise MoEError(f"{file} is format {version}; this moeify reads formats 1 to "
+                       f"{FORMAT_VERSION}: upgrade moeify")
+    try:
+        source = Source.from_dict(meta["source"]) if meta.get("source") else None
+        if version == 1:
+            plan = None
+            config = MoEConfig.from_dict(meta["config"])
+            seq_len, sites = meta.get("seq_len"), tuple(meta["sites"])
+        else:
+            plan = ConversionPlan.from_dict(meta["plan"])
+            config, seq_len, sites = plan.config, plan.seq_len, plan.selected
+        aliases = dict(meta.get("aliases", {}))
+    except KeyError as error:
+        raise MoEError(f"{file} lacks {error} (format {version}); re-create the "
+                       "checkpoint") from None
+    except (MoEError, TypeError, ValueError) as error:
+        raise MoEError(f"{file}: {error}") from None
+    return CheckpointMeta(path, version, plan, config, seq_len, sites, source, aliases)
 
 
 def _dense_skeleton(source: Source) -> nn.Module:
@@ -302,6 +357,19 @@ def _params_to_meta(model: nn.Module) -> None:
             module._parameters[name] = replaced[id(param)]
 
 
+def _plan_of(meta: CheckpointMeta, model: nn.Module) -> ConversionPlan:
+    """The stored plan; for a format 1 checkpoint, made again by tracing the model."""
+    if meta.plan is not None:
+        return meta.plan
+    plan = make_plan(model, meta.config, seq_len=meta.seq_len)
+    if plan.selected != meta.sites:
+        raise MoEError(
+            f"rebuilding the format 1 checkpoint {meta.path} selects {list(plan.selected)}, "
+            f"but it holds {list(meta.sites)}: convert the source again with this moeify"
+        )
+    return plan
+
+
 def load_skeleton(
     path: str | os.PathLike, *, model: nn.Module | None = None
 ) -> tuple[nn.Module, CheckpointWeights]:
@@ -311,36 +379,22 @@ def load_skeleton(
     `CheckpointWeights` that reads any parameter from the shards on demand. `load` assigns
     them all; `moeify.export_onnx` streams them into an ONNX file one at a time.
     """
-    from moeify.api import convert
-
     path = Path(path)
-    meta = read_checkpoint_meta(path)
-    if meta.get("format") != "moeify" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise MoEError(
-            f"{path / CHECKPOINT_FILE} is format {meta.get('format_version')}; this moeify "
-            f"reads up to {FORMAT_VERSION}: upgrade moeify"
-        )
+    meta = read_meta(path)
     index_path = path / INDEX_FILE
     if not index_path.exists():
         raise MoEError(f"checkpoint {path} has no {INDEX_FILE}")
     index = json.loads(index_path.read_text())
     if model is None:
-        source = Source.from_dict(meta["source"]) if meta.get("source") else None
-        if source is None:
+        if meta.source is None:
             raise MoEError(
                 f"checkpoint {path} records no source architecture: pass the dense model "
                 "to moeify.load(path, model=...)"
             )
-        model = _dense_skeleton(source)
+        model = _dense_skeleton(meta.source)
     _params_to_meta(model)
-    config = MoEConfig.from_dict(meta["config"])
-    result = convert(model, config, seq_len=meta.get("seq_len"))
-    converted = [s.path for s in result.report.sites if s.selected]
-    if converted != meta["sites"]:
-        raise MoEError(
-            f"rebuilding {path} converted {converted}, but the checkpoint holds {meta['sites']}"
-        )
-    return model.eval(), CheckpointWeights(path, index, meta.get("aliases", {}))
+    apply(model, _plan_of(meta, model))
+    return model.eval(), CheckpointWeights(path, index, meta.aliases)
 
 
 class CheckpointWeights:
@@ -390,9 +444,10 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     """Rebuild a converted model from a moeify checkpoint and load its weights.
 
     The architecture comes from the checkpoint's source (or ``model``, a dense model of
-    that architecture, when the source was a factory); it is converted again with the
-    saved config on meta parameters, then every parameter is assigned straight from the
-    shards, so peak memory stays near one copy of the checkpoint.
+    that architecture, when the source was a factory), built with its parameters on the
+    meta device; the stored plan is applied to it (no tracing), then every parameter is
+    assigned straight from the shards, so peak memory stays near one copy of the
+    checkpoint.
     """
     model, weights = load_skeleton(path, model=model)
     try:

@@ -7,11 +7,17 @@ as one line with exit code 1; set ``MOEIFY_DEBUG=1`` to see the traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import os
 import sys
-from typing import Annotated, Optional
+from inspect import Parameter, signature
+from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
+
+from moeify.config import ConfigError, MoEConfig  # torch-free: --help stays instant
 
 app = typer.Typer(
     name="moeify",
@@ -39,57 +45,89 @@ def version() -> None:
                f"transformers {transformers.__version__})")
 
 
-# --- shared options ------------------------------------------------------------------------
+# --- options generated from MoEConfig ------------------------------------------------------
 
-Experts = Annotated[int, typer.Option("--experts", "-e", help="Experts per Switch layer (>= 2).")]
-Capacity = Annotated[float, typer.Option(
-    "--capacity", help="Training capacity factor: slots per expert as a multiple of T/E.")]
-EvalCapacity = Annotated[float, typer.Option("--eval-capacity", help="Evaluation capacity factor.")]
-TopK = Annotated[int, typer.Option("--top-k", help="1 (Switch) or 2 (GShard random routing).")]
-Every = Annotated[int, typer.Option(
-    "--every", help="Convert every N-th FFN of each stack (2: odd indices 1, 3, 5, ...).")]
-Layers = Annotated[Optional[str], typer.Option(
-    "--layers", help="Explicit FFN indices to convert, e.g. 1,3,5 (overrides --every).")]
-InitMode = Annotated[str, typer.Option("--init", help="Expert init: copy, partition or random.")]
-Noise = Annotated[float, typer.Option("--noise", help="Relative noise added to copied experts.")]
-GateKind = Annotated[str, typer.Option("--gate", help="softmax (Switch) or normalized.")]
-Jitter = Annotated[float, typer.Option("--jitter", help="Router input jitter eps (training).")]
-AuxCoef = Annotated[float, typer.Option("--aux-loss-coef", help="Load-balancing loss weight.")]
-ZCoef = Annotated[float, typer.Option("--z-loss-coef", help="Router z-loss weight.")]
-ExpertDropout = Annotated[Optional[float], typer.Option(
-    "--expert-dropout", help="Dropout inside the experts; default: the dropout inside the "
-    "source FFN (0 if none); the paper uses 0.4 for fine-tuning.")]
-MinCapacity = Annotated[int, typer.Option("--min-capacity", help="Floor on expert capacity.")]
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` one option per `MoEConfig` field in place of its ``config`` parameter.
+
+    Each field's metadata names its option and help (see `moeify.config`); its default is
+    the field's. The command is called with ``config=MoEConfig(...)`` built from them; a
+    value the config refuses is reported with the option's name (``--experts 0 must be an
+    integer >= 2``).
+    """
+    own = signature(command, eval_str=True)
+    names = {f.name for f in dataclasses.fields(MoEConfig)}
+    clash = names & (set(own.parameters) - {"config"})
+    assert "config" in own.parameters and not clash, f"{command.__name__}: {sorted(clash)}"
+    hints = get_type_hints(MoEConfig)
+    params: list[Parameter] = []
+    for param in own.parameters.values():
+        if param.name == "config":
+            params.extend(_config_option(f, hints[f.name]) for f in dataclasses.fields(MoEConfig))
+        else:  # keyword-only: Typer passes keywords, and options may then follow freely
+            params.append(param.replace(kind=Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(command)
+    def run(**options: Any) -> Any:
+        values = {name: options.pop(name) for name in names}
+        try:
+            config = MoEConfig(**values)
+        except ConfigError as error:
+            raise ValueError(error.render(_as_option)) from error
+        return command(config=config, **options)
+
+    run.__signature__ = own.replace(parameters=params)  # read by Typer (inspect.signature)
+    run.__annotations__ = {p.name: p.annotation for p in params}  # and by get_type_hints
+    return run
+
+
+def _config_option(field: dataclasses.Field, hint: Any) -> Parameter:
+    """The parameter declaring ``field``'s option, with the field's default."""
+    parser, metavar = _PARSERS.get(hint, (None, None))
+    option = typer.Option(*field.metadata["cli"], help=field.metadata["help"], parser=parser,
+                          metavar=metavar)
+    annotation = Optional[str] if parser else hint  # a parser takes the option's text
+    return Parameter(field.name, Parameter.KEYWORD_ONLY, default=field.default,
+                     annotation=Annotated[annotation, option])
+
+
+def _parse_indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:  # BadParameter, not ValueError: Typer would prefix "Value error, "
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers, "
+                                 "e.g. 1,3,5") from None
+
+
+# Field types Typer does not parse itself: type -> (parser of the option's text, metavar).
+# int, float, str, their Optional forms and the enums (choices) it handles.
+_PARSERS: dict[Any, tuple[Callable[[str], Any], str]] = {
+    tuple[int, ...] | None: (_parse_indices, "<i,j,...>"),
+}
+
+
+def _as_option(name: str, value: Any) -> str:
+    """A config field and its value as written on the command line: ``--layers 1,1``."""
+    option = next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, tuple):
+        return f"{option} {','.join(map(str, value))}"
+    return f"{option} {value!r}" if isinstance(value, str) else f"{option} {value}"
+
+
+# --- other shared options -------------------------------------------------------------------
+
 SeqLen = Annotated[Optional[int], typer.Option(
     "--seq-len", help="Declared sequence length that fixes each layer's capacity.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seeds every random initialization.")]
 RandomInit = Annotated[bool, typer.Option(
     "--random-init", help="Build the architecture (preset or config.json) with fresh weights.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")]
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-
-
-def _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise, gate,
-                jitter, aux_loss_coef, z_loss_coef, expert_dropout, min_capacity, seed):
-    from moeify.config import MoEConfig
-
-    if top_k > experts:
-        raise ValueError(f"--top-k {top_k} exceeds --experts {experts}")
-    parsed = None
-    if layers:
-        try:
-            parsed = tuple(int(v) for v in layers.split(","))
-        except ValueError:
-            raise ValueError(f"--layers {layers!r} must be comma-separated integers, e.g. 1,3,5")
-    return MoEConfig(
-        num_experts=experts, capacity_factor=capacity, eval_capacity_factor=eval_capacity,
-        top_k=top_k, every=every, layers=parsed, init=init, noise=noise, gate=gate,
-        jitter_eps=jitter, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
-        expert_dropout=expert_dropout, min_capacity=min_capacity, seed=seed,
-    )
 
 
 def _dtype(name: str):
@@ -137,14 +175,11 @@ def _print_report(report, console, *, title: str) -> None:
 
 
 @app.command()
+@config_options
 def inspect(
     model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
-    experts: Experts = 8, capacity: Capacity = 1.25, eval_capacity: EvalCapacity = 2.0,
-    top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
-    noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
-    aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
-    expert_dropout: ExpertDropout = None, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
-    dtype: Dtype = "float32", seed: Seed = 0, json_out: JsonOut = False,
+    config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
+    json_out: JsonOut = False,
 ) -> None:
     """Plan a conversion on the meta device (no weights allocated) and report it."""
     import json
@@ -152,9 +187,6 @@ def inspect(
     import moeify
     from moeify.sources import load_source
 
-    config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
-                         gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
-                         min_capacity, seed)
     dense, source = load_source(model, random_init=True if _is_preset(model) else False,
                                 dtype=_dtype(dtype), device="meta")
     report = moeify.inspect(dense, config, seq_len=seq_len)
@@ -188,15 +220,12 @@ def _bytes(report, dtype) -> dict[str, int]:
 
 
 @app.command()
+@config_options
 def convert(
     model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.")],
-    experts: Experts = 8, capacity: Capacity = 1.25, eval_capacity: EvalCapacity = 2.0,
-    top_k: TopK = 1, every: Every = 2, layers: Layers = None, init: InitMode = "copy",
-    noise: Noise = 0.0, gate: GateKind = "softmax", jitter: Jitter = 0.01,
-    aux_loss_coef: AuxCoef = 0.01, z_loss_coef: ZCoef = 0.001,
-    expert_dropout: ExpertDropout = None, min_capacity: MinCapacity = 4, seq_len: SeqLen = None,
-    dtype: Dtype = "float32", seed: Seed = 0, random_init: RandomInit = False,
+    config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
+    random_init: RandomInit = False,
     format: Annotated[str, typer.Option(
         "--format", help="torch (moeify checkpoint), hf (SwitchTransformers, T5 v1.0) or "
         "onnx (--out is the .onnx file).")] = "torch",
@@ -219,16 +248,15 @@ def convert(
         raise MoEError("--format hf writes HF's per-sequence expert_capacity: pass --seq-len")
     if format == "onnx" and seq_len is None:
         raise MoEError("--format onnx fixes the sequence axis and the capacity: pass --seq-len")
-    config = _moe_config(experts, capacity, eval_capacity, top_k, every, layers, init, noise,
-                         gate, jitter, aux_loss_coef, z_loss_coef, expert_dropout,
-                         min_capacity, seed)
     if Path(out).exists() and not force:
         raise MoEError(f"{out} already exists: choose another --out or pass --force")
     console = _console(json_out)
-    with console.status(f"planning {model}"):
-        _check_memory(model, config, format=format, dtype=dtype, random_init=random_init,
-                      seq_len=seq_len)
-    torch.manual_seed(seed)
+    with console.status(f"planning {model}"):  # on the meta device: no weights yet
+        skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
+                                  dtype=_dtype(dtype), device="meta")
+        plan = moeify.plan(skeleton, config, seq_len=seq_len)
+        _check_memory(model, plan, format=format, dtype=dtype)
+    torch.manual_seed(config.seed)
     with console.status(f"loading {model}"):
         dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
     progress = _progress(console)
@@ -236,18 +264,16 @@ def convert(
         if format == "hf":
             from moeify.hf_switch import save_hf_switch
 
-            report = moeify.convert(dense, config, seq_len=seq_len,
-                                    progress=progress.callback).report
+            report = moeify.apply(dense, plan, progress=progress.callback).report
             save_hf_switch(dense, out, force=force)
         elif format == "onnx":  # --out is the .onnx file
-            report = moeify.convert(dense, config, seq_len=seq_len,
-                                    progress=progress.callback).report
+            report = moeify.apply(dense, plan, progress=progress.callback).report
             moeify.export_onnx(dense, out, seq_len=seq_len, force=force)
         else:  # streamed: one Switch layer in memory at a time
             from moeify.stream import convert_to_checkpoint
 
-            report = convert_to_checkpoint(dense, config, out, seq_len=seq_len, source=source,
-                                           force=force, progress=progress.callback)
+            report = convert_to_checkpoint(dense, plan, out, source=source, force=force,
+                                           progress=progress.callback)
     data = {**report.to_dict(), "source": source.ref, "out": str(out), "format": format}
     if json_out:
         typer.echo(json.dumps(data))
@@ -379,34 +405,26 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_memory(model, config, *, format, dtype, random_init, seq_len) -> None:
-    """Refuse a conversion predicted not to fit, before loading anything."""
-    import moeify
+def _check_memory(model: str, plan, *, format: str, dtype: str) -> None:
+    """Refuse a conversion the plan predicts will not fit, before loading any weight."""
     from moeify.errors import MoEError
-    from moeify.report import expert_params
-    from moeify.sources import load_source
 
     available = available_memory()
     if available is None:
         return
-    torch_dtype = _dtype(dtype)
-    skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
-                              dtype=torch_dtype, device="meta")
-    report = moeify.inspect(skeleton, config, seq_len=seq_len)
-    size = torch_dtype.itemsize
-    dense = report.params_dense * size
-    if format == "hf":  # built in memory, then copied into HF's per-expert layout
-        need = dense + 2 * report.params_moe * size
-    else:  # streamed: the dense model plus the largest Switch layer
-        largest = max((s.moe_params for s in report.sites if s.selected), default=0)
-        need = dense + largest * size
+    size = _dtype(dtype).itemsize
+    dense = plan.params_dense * size
+    if format == "torch":  # streamed: the dense model plus the largest Switch layer
+        need = dense + plan.largest_layer_params() * size
+    else:  # built in memory (then copied into HF's layout or traced for ONNX)
+        need = dense + 2 * plan.params_moe * size
     need += PROCESS_OVERHEAD
     if need > available:
         gib = 2**30
         options = []
         if size > 2:
             options.append(f"--dtype bfloat16 (about {(need - PROCESS_OVERHEAD) / 2 / gib + 1:.1f} GiB)")
-        if format == "hf":
+        if format != "torch":
             options.append("--format torch (streams one layer at a time)")
         options.append("moeify inspect to plan without weights")
         raise MoEError(

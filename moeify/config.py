@@ -2,7 +2,9 @@
 
 A frozen dataclass, validated at construction, saved beside every checkpoint as JSON.
 Enumerated fields take the enum or its string value (``gate="normalized"``); the stored
-value is always the enum, and ``to_dict`` writes the string back.
+value is always the enum, and ``to_dict`` writes the string back. Each field's metadata
+holds its command-line option (``cli``: the option's names; ``help``), from which
+`moeify.cli` declares the options. Also the capacity formula, `expert_capacity`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,55 @@ class Activation(str, enum.Enum):
 ROUTER_DTYPES = ("float32", "float64")
 
 
+def expert_capacity(
+    tokens_per_group: int,
+    *,
+    num_experts: int,
+    capacity_factor: float,
+    top_k: int = 1,
+    min_capacity: int = 1,
+) -> int:
+    """Slots per expert and group: ``min(T, max(min_capacity, ceil(cf * k * T / E)))``.
+
+    Ceil (DeepSpeed, Tutel) rather than Mesh-TF's floor or flaxformer's round: a factor
+    of 1.0 then always leaves room for a perfectly balanced group. The product is
+    rounded to 9 decimals first so that 1.1 * 10 does not become 12 through float error.
+    """
+    if tokens_per_group < 1:
+        raise ValueError(f"tokens_per_group={tokens_per_group} must be >= 1")
+    even_share = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
+    return min(tokens_per_group, max(min_capacity, math.ceil(even_share)))
+
+
+class ConfigError(ValueError):
+    """A `MoEConfig` field holds a value it cannot take.
+
+    ``fields`` maps each field the message names (the one at fault first) to its value;
+    ``template`` is the message with ``{name}`` where a field is named. In Python a field
+    reads ``MoEConfig.top_k=3``; the CLI renders it as its option, ``--top-k 3``.
+    """
+
+    def __init__(self, template: str, **fields: Any) -> None:
+        self.template = template
+        self.fields = fields
+        super().__init__(self.render(lambda name, value: f"MoEConfig.{name}={value!r}"))
+
+    @property
+    def field(self) -> str:
+        """The field at fault."""
+        return next(iter(self.fields))
+
+    def render(self, name_value: Callable[[str, Any], str]) -> str:
+        """The message with each field written as ``name_value(name, value)``."""
+        return self.template.format(**{n: name_value(n, v) for n, v in self.fields.items()})
+
+
+def _field(default: Any, *cli: str, help: str) -> Any:
+    """A field with its command-line option: ``cli`` holds the option's names (long name
+    first), ``help`` its one-line help. `moeify.cli` builds one option per field from this."""
+    return dataclasses.field(default=default, metadata={"cli": cli, "help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Switch Transformer settings (Fedus, Zoph, Shazeer 2021; defaults from the paper).
@@ -76,23 +127,42 @@ class MoEConfig:
     seed: seeds every random initialization the conversion makes.
     """
 
-    num_experts: int = 8
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    top_k: int = 1
-    min_capacity: int = 4
-    group_size: int | None = None
-    every: int = 2
-    layers: tuple[int, ...] | None = None
-    init: Init = Init.COPY
-    noise: float = 0.0
-    gate: Gate = Gate.SOFTMAX
-    jitter_eps: float = 0.01
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    expert_dropout: float | None = None
-    router_dtype: str = "float32"
-    seed: int = 0
+    num_experts: int = _field(8, "--experts", "-e", help="Experts per Switch layer (>= 2).")
+    capacity_factor: float = _field(
+        1.25, "--capacity", help="Training capacity factor: slots per expert as a multiple of T/E."
+    )
+    eval_capacity_factor: float = _field(2.0, "--eval-capacity", help="Evaluation capacity factor.")
+    top_k: int = _field(1, "--top-k", help="Experts per token: 1 (Switch) or 2 (GShard).")
+    min_capacity: int = _field(4, "--min-capacity", help="Floor on the expert capacity.")
+    group_size: int | None = _field(
+        None, "--group-size", help="Tokens routed together; default: one sequence per group."
+    )
+    every: int = _field(
+        2, "--every", help="Convert every N-th FFN of each stack (2: odd indices 1, 3, 5, ...)."
+    )
+    layers: tuple[int, ...] | None = _field(
+        None, "--layers", help="Explicit FFN indices to convert, e.g. 1,3,5 (overrides --every)."
+    )
+    init: Init = _field(
+        Init.COPY, "--init", help="Expert init: copy (upcycling), partition or random."
+    )
+    noise: float = _field(0.0, "--noise", help="Relative noise added to copied experts.")
+    gate: Gate = _field(
+        Gate.SOFTMAX, "--gate", help="softmax (Switch) or normalized (weights sum to 1)."
+    )
+    jitter_eps: float = _field(0.01, "--jitter", help="Router input jitter eps (training only).")
+    aux_loss_coef: float = _field(0.01, "--aux-loss-coef", help="Load-balancing loss weight.")
+    z_loss_coef: float = _field(0.001, "--z-loss-coef", help="Router z-loss weight.")
+    expert_dropout: float | None = _field(
+        None,
+        "--expert-dropout",
+        help="Dropout inside the experts; default: the dropout inside the source FFN (0 if "
+        "none); the paper uses 0.4 for fine-tuning.",
+    )
+    router_dtype: str = _field(
+        "float32", "--router-dtype", help="The router's compute dtype: float32 or float64."
+    )
+    seed: int = _field(0, "--seed", help="Seeds every random initialization.")
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -102,10 +172,11 @@ class MoEConfig:
                 set_(name, kind(value))
             except ValueError:
                 allowed = ", ".join(repr(k.value) for k in kind)
-                raise ValueError(f"MoEConfig.{name}={value!r} is not one of {allowed}") from None
+                raise ConfigError(f"{{{name}}} is not one of {allowed}", **{name: value}) from None
         if self.layers is not None:
             set_("layers", tuple(self.layers))
 
+        # One field at a time, in declaration order, then the checks that relate fields.
         _require_int("num_experts", self.num_experts, lambda v: v >= 2, ">= 2")
         _require_int("top_k", self.top_k, lambda v: v in (1, 2), "1 or 2 (Switch or GShard)")
         _require_int("min_capacity", self.min_capacity, lambda v: v >= 1, ">= 1")
@@ -116,9 +187,8 @@ class MoEConfig:
         if self.layers is not None:
             bad = [i for i in self.layers if not _is_int(i) or i < 0]
             if bad or len(set(self.layers)) != len(self.layers):
-                raise ValueError(
-                    f"MoEConfig.layers={self.layers!r} must list distinct layer indices >= 0"
-                )
+                raise ConfigError("{layers} must list distinct layer indices >= 0",
+                                  layers=self.layers)
         positive = lambda v: v > 0  # noqa: E731
         non_negative = lambda v: v >= 0  # noqa: E731
         unit = lambda v: 0 <= v < 1  # noqa: E731
@@ -131,16 +201,18 @@ class MoEConfig:
         if self.expert_dropout is not None:
             _require_float("expert_dropout", self.expert_dropout, unit, "in [0, 1) or None")
         if self.router_dtype not in ROUTER_DTYPES:
-            raise ValueError(
-                f"MoEConfig.router_dtype={self.router_dtype!r} is not one of "
+            raise ConfigError(
+                "{router_dtype} is not one of "
                 + ", ".join(repr(d) for d in ROUTER_DTYPES)
-                + " (the router always runs in full precision)"
+                + " (the router always runs in full precision)",
+                router_dtype=self.router_dtype,
             )
+        if self.top_k > self.num_experts:  # unreachable while top_k <= 2 <= num_experts
+            raise ConfigError("{top_k} exceeds {num_experts}",
+                              top_k=self.top_k, num_experts=self.num_experts)
 
     def capacity(self, tokens_per_group: int, *, training: bool) -> int:
         """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int)."""
-        from moeify.switch.routing import expert_capacity
-
         factor = self.capacity_factor if training else self.eval_capacity_factor
         return expert_capacity(
             tokens_per_group,
@@ -195,10 +267,10 @@ def _is_int(value: Any) -> bool:
 
 def _require_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -> None:
     if not _is_int(value) or not ok(value):
-        raise ValueError(f"MoEConfig.{name}={value!r} must be an integer {allowed}")
+        raise ConfigError(f"{{{name}}} must be an integer {allowed}", **{name: value})
 
 
 def _require_float(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"MoEConfig.{name}={value!r} must be a finite number {allowed}")
+        raise ConfigError(f"{{{name}}} must be a finite number {allowed}", **{name: value})

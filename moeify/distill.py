@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.errors import MoEError
-from moeify.program import conversion_of
+from moeify.api import switch_layers
+from moeify.conversion import conversion_of
 
 Rule = Literal["mean", "usage"]
 
@@ -67,8 +68,6 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
     not transformers models; its weights are not used). Returns the student in the
     teacher's dtype and train/eval mode.
     """
-    from moeify.api import switch_layers
-
     conversion = conversion_of(moe_model)
     if conversion is None:
         raise MoEError("distill takes a converted model (moeify.convert or moeify.load)")
@@ -77,7 +76,7 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
     teacher_state = moe_model.state_dict()
     student_state = student.state_dict()
     ffn_params: set[str] = set()
-    for site in conversion.sites:
+    for site in conversion.selected_sites:
         layer = layers.get(site.path)
         if layer is None:
             raise MoEError(f"{site.path} is not a Switch layer in this model")

@@ -38,7 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moeify.api import switch_layers
+from moeify.checkpoint import load_skeleton
 from moeify.errors import MoEError
+from moeify.conversion import conversion_of
 from moeify.switch.dispatch import (
     combine_sorted,
     dispatch_sorted,
@@ -264,11 +267,9 @@ def _exchange_dtype(x: Tensor) -> torch.dtype:
 
 
 def _plan_ranges(model: nn.Module, rank: int, world: int) -> range | None:
-    from moeify.program import conversion_of
-
-    conversion = conversion_of(model)
-    plan = getattr(conversion, "sharding", None)
-    return None if plan is None else plan.experts_of_rank(rank, world)
+    plan = conversion_of(model)
+    sharding = None if plan is None else plan.sharding
+    return None if sharding is None else sharding.experts_of_rank(rank, world)
 
 
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:
@@ -279,8 +280,6 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     ranks from the same weights (same seed or checkpoint) and average gradients with
     `average_gradients` (or DDP over the replicated parameters).
     """
-    from moeify.api import switch_layers
-
     rank, world = _check(group)
     layers = switch_layers(model)
     if not layers:
@@ -340,8 +339,6 @@ def load_expert_parallel(path: str | Path, group=None, *, model: nn.Module | Non
     the replicated weights and only the slices of the expert weights it keeps
     (safetensors slices: no rank ever holds another rank's experts).
     """
-    from moeify.checkpoint import load_skeleton
-
     skeleton, weights = load_skeleton(path, model=model)
     expert_parallel(skeleton, group)
     state: dict[str, Any] = {}

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeify.checkpoint import atomic_directory
 from moeify.config import Gate, Init
 from moeify.errors import MoEError
-from moeify.program import conversion_of
+from moeify.conversion import conversion_of
 
 
 def _fail(reason: str) -> MoEError:
@@ -57,7 +58,7 @@ def switch_config(model: nn.Module):
     if conversion.seq_len is None or c.group_size is not None:
         raise _fail("HF's expert_capacity is per sequence: declare --seq-len (and no group size)")
     layer_index = {}
-    for site in conversion.sites:
+    for site in conversion.selected_sites:
         match = re.fullmatch(r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.DenseReluDense", site.path)
         if match is None:
             raise _fail(f"site {site.path} is not a T5 FFN block")
@@ -114,8 +115,6 @@ def switch_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``model`` (a converted T5 v1.0) as a SwitchTransformers checkpoint directory."""
     import transformers
-
-    from moeify.checkpoint import atomic_directory
 
     config = switch_config(model)
     with torch.device("meta"):

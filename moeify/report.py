@@ -5,17 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moeify.config import Init, MoEConfig
-from moeify.passes.find_ffn import FFNAnalysis, FFNSite, Rejection
-
-
-def expert_params(site: FFNSite, config: MoEConfig) -> int:
-    """Parameters of one expert of a site (partition: a 1/E slice of the hidden width)."""
-    d = site.d_model
-    f = site.d_ff // config.num_experts if config.init == Init.PARTITION else site.d_ff
-    matrices = (3 if site.gated else 2) * d * f
-    biases = (f * (2 if site.gated else 1) + d) if site.bias else 0
-    return matrices + biases
+from moeify.config import MoEConfig
+from moeify.conversion import ConversionPlan, Rejection, expert_params
 
 
 @dataclass(frozen=True)
@@ -62,42 +53,28 @@ class ConversionReport:
         return [s.path for s in self.sites if s.selected]
 
     @classmethod
-    def build(
-        cls,
-        model_name: str,
-        config: MoEConfig,
-        seq_len: int | None,
-        analysis: FFNAnalysis,
-        selected: list[FFNSite],
-        params_dense: int,
-    ) -> ConversionReport:
-        chosen = {s.path for s in selected}
-        tokens = config.group_size if config.group_size is not None else seq_len
-        capacity = lambda training: (  # noqa: E731
-            None if tokens is None else config.capacity(tokens, training=training)
-        )
-        sites, params_moe, active = [], params_dense, params_dense
-        for site in analysis.sites:
-            router = config.num_experts * site.d_model
-            expert = expert_params(site, config)
+    def from_plan(cls, plan: ConversionPlan) -> ConversionReport:
+        """The report of a plan (what `moeify.inspect` and `moeify.convert` return)."""
+        config = plan.config
+        chosen = set(plan.selected)
+        sites = []
+        for site in plan.sites:
             is_chosen = site.path in chosen
-            moe = config.num_experts * expert + router if is_chosen else site.num_params
-            if is_chosen:
-                params_moe += moe - site.num_params
-                active += config.top_k * expert + router - site.num_params
+            moe = (config.num_experts * (expert_params(site, config) + site.d_model)
+                   if is_chosen else site.num_params)
             sites.append(SiteReport(
                 path=site.path, stack=site.stack, index=site.index, ffn=site.describe(),
                 found_by=site.found_by, selected=is_chosen, replace=site.replace,
                 dense_params=site.num_params, moe_params=moe,
-                capacity_train=capacity(True) if is_chosen else None,
-                capacity_eval=capacity(False) if is_chosen else None,
+                capacity_train=plan.capacity(training=True) if is_chosen else None,
+                capacity_eval=plan.capacity(training=False) if is_chosen else None,
                 ffn_dropout=site.dropout,
                 expert_dropout=config.resolve_expert_dropout(site.dropout) if is_chosen else None,
             ))
         return cls(
-            model=model_name, config=config, seq_len=seq_len, examined=analysis.examined,
-            sites=tuple(sites), rejected=analysis.rejected, params_dense=params_dense,
-            params_moe=params_moe, active_params_per_token=active,
+            model=plan.model, config=config, seq_len=plan.seq_len, examined=plan.examined,
+            sites=tuple(sites), rejected=plan.rejected, params_dense=plan.params_dense,
+            params_moe=plan.params_moe, active_params_per_token=plan.active_params_per_token,
         )
 
     def to_dict(self) -> dict[str, Any]:

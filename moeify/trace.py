@@ -1,6 +1,6 @@
 """Tracing: turn a model nobody prepared for us into fx graphs with module paths.
 
-Two strategies, tried in this order (DESIGN.md §4 has why):
+Two strategies, tried in this order (docs/compiler.md, section 1, has why):
 
 1. **Symbolic regions** (`trace_regions`): ``torch.fx`` symbolic tracing, bottom-up.
    Every module that holds a projection is traced with its untraceable descendants
@@ -27,30 +27,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from moeify.switch.layer import SwitchFFN
+from moeify.conversion import Projection, ProjectionKind
+from moeify.switch import SwitchFFN
 
 # --- projections: the linear-like modules an FFN is built from ---------------------------
-
-
-class ProjectionKind(str, enum.Enum):
-    LINEAR = "linear"  # nn.Linear: weight [out, in], y = x W^T + b
-    CONV1D = "conv1d"  # transformers' Conv1D (GPT-2): weight [in, out], y = x W + b
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A linear map ``in_features -> out_features`` held by one module."""
-
-    path: str
-    kind: ProjectionKind
-    in_features: int
-    out_features: int
-    bias: bool
-
-    def weight_in_out(self, module: nn.Module) -> torch.Tensor:
-        """The weight as ``[in, out]`` (``x @ W`` layout), detached."""
-        w = module.weight.detach()
-        return w.T if self.kind == ProjectionKind.LINEAR else w
 
 
 def _conv1d_type() -> type | None:

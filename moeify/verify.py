@@ -12,8 +12,10 @@ and exits non-zero if any failed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,11 @@ from torch import nn
 
 from moeify.config import Init
 from moeify.errors import MoEError
-from moeify.sources import Source, load_source, read_checkpoint_meta
+from moeify.api import switch_layers
+from moeify.checkpoint import CheckpointMeta, load, read_meta, save
+from moeify.conversion import conversion_of
+from moeify.sources import load_source
+from moeify.trace import default_example_inputs
 
 IDENTITY_TOLERANCE = 1e-5
 
@@ -52,8 +58,6 @@ def _outputs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def _inputs(model: nn.Module, seq_len: int | None) -> dict[str, Any]:
-    from moeify.trace import default_example_inputs
-
     example = default_example_inputs(model)
     if example is None:
         raise MoEError("the model makes no example inputs of its own (not a transformers model)")
@@ -69,21 +73,18 @@ def _inputs(model: nn.Module, seq_len: int | None) -> dict[str, Any]:
 
 
 def check_reload(path: Path) -> tuple[Check, nn.Module | None]:
-    from moeify.checkpoint import load, save
-
     try:
         model = load(path)
     except MoEError as error:
         return Check("reload", "fail", str(error)), None
-    meta = read_checkpoint_meta(path)
+    meta = read_meta(path)
     try:
-        inputs = _inputs(model, meta.get("seq_len"))
+        inputs = _inputs(model, meta.seq_len)
     except MoEError as error:
         return Check("reload", "pass", f"loaded; outputs not compared: {error}"), model
     before = _outputs(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
-        source = Source.from_dict(meta["source"]) if meta.get("source") else None
-        save(model, Path(tmp) / "again", source=source)
+        save(model, Path(tmp) / "again", source=meta.source)
         again = load(Path(tmp) / "again")
         after = _outputs(again, inputs)
     same = torch.equal(before, after)
@@ -93,24 +94,21 @@ def check_reload(path: Path) -> tuple[Check, nn.Module | None]:
     return Check("reload", "pass" if same else "fail", detail), model
 
 
-def _source_model(meta: dict[str, Any]) -> nn.Module | None:
-    source = meta.get("source")
-    if not source or source["kind"] not in ("hf-dir", "hub"):
+def _source_model(meta: CheckpointMeta) -> nn.Module | None:
+    source = meta.source
+    if source is None or source.kind not in ("hf-dir", "hub"):
         return None
-    model, _ = load_source(source["ref"])
+    model, _ = load_source(source.ref)
     return model.float().eval()
 
 
-def check_upcycled_weights(model: nn.Module, dense: nn.Module, meta: dict[str, Any]) -> Check:
-    from moeify.program import conversion_of
-    from moeify.passes.upcycle import dense_weights
-
+def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
     conversion = conversion_of(model)
     config = conversion.config
     if config.init != Init.COPY or config.noise > 0:
         return Check("upcycled weights", "skip", f"init={config.init.value}, noise={config.noise}")
     dense_state = dense.state_dict()
-    replaced = {p for site in conversion.sites for p in site.replace}
+    replaced = {p for site in conversion.selected_sites for p in site.replace}
     mismatched = []
     for name, tensor in model.state_dict().items():
         if ".experts." in name or ".router." in name:
@@ -120,8 +118,8 @@ def check_upcycled_weights(model: nn.Module, dense: nn.Module, meta: dict[str, A
         source = dense_state.get(name)
         if source is None or not torch.equal(source.to(tensor.dtype), tensor):
             mismatched.append(name)
-    for site in conversion.sites:
-        weights = dense_weights(dense, site)
+    for site in conversion.selected_sites:
+        weights = site.dense_weights(dense)
         experts = model.get_submodule(site.path).experts
         for field in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate"):
             reference = getattr(weights, field)
@@ -135,17 +133,46 @@ def check_upcycled_weights(model: nn.Module, dense: nn.Module, meta: dict[str, A
         return Check("upcycled weights", "fail",
                      f"{len(mismatched)} tensors differ from the source, first {mismatched[0]}")
     return Check("upcycled weights", "pass",
-                 f"non-expert weights equal the source; {len(conversion.sites)} sites x "
+                 f"non-expert weights equal the source; {len(conversion.selected)} sites x "
                  f"{config.num_experts} experts equal their dense FFN")
 
 
-def check_dense_identity(model: nn.Module, dense: nn.Module, meta: dict[str, Any]) -> Check:
-    from moeify.api import switch_layers
-
-    layers = [layer for _, layer in switch_layers(model)]
-    saved = [(layer.config, layer.tokens_per_group) for layer in layers]
+@contextlib.contextmanager
+def _float32_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` cast to float32 and in eval mode inside the block; afterwards exactly as
+    it was: every module holds its own parameter and buffer tensors again (dtype, device
+    and values untouched, gradients included; the float32 copies are dropped) and its own
+    train/eval flag (modes may differ between modules)."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    parameters = [(m, dict(m._parameters)) for m in modules]
+    # a cast replaces the .data of a parameter and of its gradient in place: keep both
+    tensors = [(p, p.data, p.grad, None if p.grad is None else p.grad.data)
+               for _, owned in parameters for p in owned.values() if p is not None]
+    buffers = [(m, dict(m._buffers)) for m in modules]
     try:
-        inputs = _inputs(dense, meta.get("seq_len"))
+        yield model.float().eval()
+    finally:
+        for m, owned in parameters:  # the same Parameter objects, should a cast replace them
+            m._parameters.update(owned)
+        for p, data, grad, grad_data in tensors:
+            p.data = data
+            if grad is not None:
+                grad.data = grad_data
+            p.grad = grad
+        for m, owned in buffers:
+            m._buffers.update(owned)
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
+def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:
+    """Run ``model`` in float32 with room for every token and the normalized gate, and
+    compare with ``dense``; ``model`` is left as it came (dtype, device, modes, configs)."""
+    layers = [layer for _, layer in switch_layers(model)]
+    saved = [(layer.config, layer.tokens_per_group, layer.last_routing) for layer in layers]
+    try:
+        inputs = _inputs(dense, seq_len)
         reference = _outputs(dense, inputs)
         for layer in layers:
             E = layer.config.num_experts
@@ -154,13 +181,15 @@ def check_dense_identity(model: nn.Module, dense: nn.Module, meta: dict[str, Any
                 group_size=None,
             )
             layer.set_tokens_per_group(layer.tokens_per_group)
-        converted = _outputs(model.float().eval(), inputs)
+        with _float32_eval(model):
+            converted = _outputs(model, inputs)
     except MoEError as error:
         return Check("dense identity", "skip", str(error))
     finally:
-        for layer, (config, tokens) in zip(layers, saved):
+        for layer, (config, tokens, routing) in zip(layers, saved):
             layer.config = config
             layer.set_tokens_per_group(tokens)
+            layer.last_routing = routing
     diff = (converted - reference).abs().max().item()
     passed = math.isfinite(diff) and diff <= IDENTITY_TOLERANCE
     return Check("dense identity", "pass" if passed else "fail",
@@ -171,7 +200,7 @@ def check_dense_identity(model: nn.Module, dense: nn.Module, meta: dict[str, Any
 def verify(path: str | Path) -> list[Check]:
     """Every check that applies to the checkpoint at ``path`` (see the module docs)."""
     path = Path(path)
-    meta = read_checkpoint_meta(path)
+    meta = read_meta(path)
     reload, model = check_reload(path)
     checks = [reload]
     if model is None:
@@ -181,12 +210,13 @@ def verify(path: str | Path) -> list[Check]:
     except MoEError as error:
         dense, why = None, str(error)
     else:
-        why = f"source {meta.get('source', {}) and meta['source'].get('kind')} has no weights to compare"
+        kind = "none recorded" if meta.source is None else meta.source.kind
+        why = f"source ({kind}) has no weights to compare"
     if dense is None:
         checks += [Check("upcycled weights", "skip", why), Check("dense identity", "skip", why)]
     else:
-        checks += [check_upcycled_weights(model, dense, meta),
-                   check_dense_identity(model, dense, meta)]
+        checks += [check_upcycled_weights(model, dense),
+                   check_dense_identity(model, dense, meta.seq_len)]
     onnx_files = sorted(path.glob("*.onnx"))
     checks.append(Check("onnx parity", "skip", "no ONNX file in the checkpoint"
                         if not onnx_files else "ONNX checks are not available yet"))

@@ -12,7 +12,7 @@ class ProgramPass(PassBase):
     """A pass over a `moeify.program.Program`.
 
     Subclasses implement `run(program) -> bool` (whether the model changed) and may
-    override `requires` / `ensures`, which raise `MoEError` naming the pass.
+    override `requires` / `ensures`, which raise `MoEError` naming the pass (`fail`).
     """
 
     def call(self, program: Program) -> PassResult:  # type: ignore[override]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from moeify.passes._base import ProgramPass
-from moeify.passes.find_ffn import FFNAnalysis, Rejection, assign_stacks, find_ffn_sites
-from moeify.program import Program, conversion_of
-from moeify.switch.layer import SwitchFFN
+from moeify.passes.find_ffn import assign_stacks, find_ffn_sites
+from moeify.conversion import FFNAnalysis, Rejection, conversion_of
+from moeify.program import Program
+from moeify.switch import SwitchFFN
 from moeify.trace import default_example_inputs, export_dataflow, projections, trace_regions
 
 

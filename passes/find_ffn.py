@@ -30,86 +30,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from moeify.config import Activation
+from moeify.conversion import FFNSite, Projection, Rejection
 from moeify.switch.experts import activation_fn
-from moeify.trace import Graph, Projection, TraceMethod
+from moeify.trace import Graph, TraceMethod
 
 MAX_OPS_BETWEEN = 64  # ops between projections that an FFN may have (activations are few)
-
-
-@dataclass(frozen=True)
-class FFNSite:
-    """One dense FFN that can become a Switch layer.
-
-    path: the module replaced by the Switch layer (``replace[0]``).
-    replace: the modules that compute exactly this FFN, in dataflow order; the first
-        becomes the Switch layer, the rest pass their input through.
-    bypass_attributes: ``module.attr`` function attributes (an activation applied in
-        a module's own code, ``self.activation = F.relu``) that become pass-throughs.
-    stack / index: sites whose paths differ only in numeric components form a stack
-        (``"encoder.block.*.layer.*.DenseReluDense"``); index is the position in it.
-    up / gate / down: the projections (gate: the activated branch of a gated FFN).
-    dropout: the dropout rate the FFN applies between its projections (an
-        ``nn.Dropout`` module or a ``F.dropout`` call on the hidden activation, e.g.
-        T5's ``DenseReluDense.dropout``), 0.0 if none. That dropout is part of what
-        ``replace`` covers, so the rewrite removes it and the experts apply it instead
-        (`MoEConfig.expert_dropout` None). A dropout after the down-projection (GPT-2's
-        ``mlp.dropout``, BERT's ``output.dropout``) is outside the FFN and stays.
-    found_by: how the dataflow was obtained, e.g. "fx.symbolic_trace of h.0.mlp".
-    """
-
-    path: str
-    replace: tuple[str, ...]
-    up: Projection
-    down: Projection
-    activation: Activation
-    gate: Projection | None = None
-    bypass_attributes: tuple[str, ...] = ()
-    dropout: float = 0.0
-    found_by: str = ""
-    stack: str = ""
-    index: int = 0
-
-    @property
-    def d_model(self) -> int:
-        return self.up.in_features
-
-    @property
-    def d_ff(self) -> int:
-        return self.up.out_features
-
-    @property
-    def bias(self) -> bool:
-        return self.up.bias
-
-    @property
-    def gated(self) -> bool:
-        return self.gate is not None
-
-    @property
-    def num_params(self) -> int:
-        """Parameters of the dense FFN (weights and biases of every projection)."""
-        projs = [self.up, self.down] + ([self.gate] if self.gate else [])
-        return sum(p.in_features * p.out_features + p.bias * p.out_features for p in projs)
-
-    def describe(self) -> str:
-        kind = f"gated {self.activation.value}" if self.gated else self.activation.value
-        return f"{self.d_model}->{self.d_ff}->{self.d_model} {kind}"
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A candidate that is not converted, and why."""
-
-    where: str
-    reason: str
-    found_by: str = ""
-
-
-@dataclass(frozen=True)
-class FFNAnalysis:
-    sites: tuple[FFNSite, ...]
-    rejected: tuple[Rejection, ...]
-    examined: tuple[str, ...] = ()
 
 
 # --- the analysis --------------------------------------------------------------------------
@@ -299,7 +224,7 @@ def _dangling_up_projections(graph: Graph) -> list[Projection]:
 # --- probing the ops between projections ---------------------------------------------------
 
 
-_DROPOUT_FUNCTIONS: set[Callable] = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_DROPOUT_FUNCTIONS: set[Callable] = {F.dropout, torch.dropout}
 _DROPOUT_OPS = {torch.ops.aten.dropout.default}
 
 

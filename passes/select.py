@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from moeify.passes._base import ProgramPass
-from moeify.passes.find_ffn import FFNSite
+from moeify.conversion import FFNSite
 from moeify.program import Program
 
 

@@ -1,9 +1,14 @@
 """The command line: instant help, versions, one-line errors."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
+import pytest
+
 import moeify
+from moeify.config import MoEConfig
 
 
 def run(*args):
@@ -31,3 +36,94 @@ def test_unknown_command_fails_with_usage():
     result = run("frobnicate")
     assert result.returncode != 0
     assert "No such command" in result.stderr
+
+
+# --- options generated from MoEConfig ---------------------------------------------------------
+
+CONFIG_OPTIONS = {  # the names users type; renaming one breaks their scripts
+    "num_experts": "--experts", "capacity_factor": "--capacity",
+    "eval_capacity_factor": "--eval-capacity", "top_k": "--top-k",
+    "min_capacity": "--min-capacity", "group_size": "--group-size", "every": "--every",
+    "layers": "--layers", "init": "--init", "noise": "--noise", "gate": "--gate",
+    "jitter_eps": "--jitter", "aux_loss_coef": "--aux-loss-coef",
+    "z_loss_coef": "--z-loss-coef", "expert_dropout": "--expert-dropout",
+    "router_dtype": "--router-dtype", "seed": "--seed",
+}
+
+
+def command_params(name):
+    import typer.main
+
+    from moeify.cli import app
+
+    return typer.main.get_command(app).commands[name].params
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_each_config_field_is_one_option_with_the_dataclass_default(command):
+    fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
+    params = command_params(command)
+    from_config = [p for p in params if p.name in fields]
+    assert sorted(p.name for p in from_config) == sorted(fields)  # each field exactly once
+    for param in from_config:
+        field = fields[param.name]
+        assert param.opts[0] == CONFIG_OPTIONS[param.name] == field.metadata["cli"][0]
+        assert param.default == field.default, param.name
+        assert param.help == field.metadata["help"]
+    taken = [opt for p in params for opt in p.opts]
+    assert len(taken) == len(set(taken))  # no other option reuses a config option's name
+
+
+def test_help_lists_every_config_option_with_its_default():
+    from typer.testing import CliRunner
+
+    from moeify.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "--help"])
+    assert result.exit_code == 0, result.output
+    blocks: dict[str, str] = {}  # option -> its help, over the lines rich wraps it to
+    for line in result.output.splitlines():
+        text = line.strip("│ ")
+        if text.startswith("--"):
+            option = text.split()[0]
+            blocks[option] = ""
+        if blocks:
+            blocks[option] += " " + text
+    for field in dataclasses.fields(MoEConfig):
+        block = blocks[field.metadata["cli"][0]]
+        if field.default is not None:
+            default = getattr(field.default, "value", field.default)
+            assert f"[default: {default}]" in block, block
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--experts", "0"], ["--experts 0 must be an integer >= 2"]),  # not "--top-k exceeds"
+    (["--experts", "1"], ["--experts 1 must be an integer >= 2"]),
+    (["--capacity", "0"], ["--capacity 0.0 must be a finite number > 0"]),
+    (["--top-k", "3"], ["--top-k 3 must be an integer 1 or 2"]),
+    (["--layers", "1,1"], ["--layers 1,1 must list distinct layer indices >= 0"]),
+    (["--group-size", "0"], ["--group-size 0 must be an integer >= 1"]),
+    (["--router-dtype", "bfloat16"], ["--router-dtype 'bfloat16' is not one of 'float32'"]),
+    (["--expert-dropout", "1"], ["--expert-dropout 1.0 must be a finite number in [0, 1)"]),
+])
+def test_config_errors_name_the_option_in_one_line(args, fragments):
+    result = run("inspect", "t5-small", *args)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--layers", "x"], ["--layers", "'x' is not a comma-separated list of integers", "1,3,5"]),
+    (["--layers", "1,x"], ["--layers", "'1,x' is not a comma-separated list of integers"]),
+    (["--init", "clone"], ["--init", "'clone' is not one of 'copy', 'partition', 'random'"]),
+    (["--gate", "top"], ["--gate", "'top' is not one of 'softmax', 'normalized'"]),
+    (["--experts", "many"], ["--experts"]),
+])
+def test_option_text_that_does_not_parse_is_a_usage_error(args, fragments):
+    result = run("inspect", "t5-small", *args)
+    assert result.returncode == 2
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stderr).split())  # unwrap rich's box
+    for fragment in fragments:
+        assert fragment in text, text

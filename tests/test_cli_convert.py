@@ -40,6 +40,17 @@ def t5_dir(tmp_path_factory):
     return path
 
 
+def test_group_size_and_router_dtype_reach_the_config():
+    result = run("inspect", "t5-small", "--group-size", "64", "--router-dtype", "float64",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"]["group_size"] == 64 and report["config"]["router_dtype"] == "float64"
+    site = next(s for s in report["sites"] if s["selected"])
+    # ceil(1.25 * 64 / 8) = 10 slots in training, ceil(2.0 * 64 / 8) = 16 in evaluation
+    assert (site["capacity_train"], site["capacity_eval"]) == (10, 16)
+
+
 def test_inspect_t5_base_reports_switch_base_64():
     result = run("inspect", "t5-base", "--experts", "64", "--capacity", "1.25", "--json")
     assert result.returncode == 0, result.stderr
@@ -58,8 +69,10 @@ def test_convert_local_directory_then_load_gives_the_same_outputs(t5_dir, tmp_pa
     report = json.loads(result.stdout)
     assert report["out"] == str(out) and len(report["converted"]) == 4
     meta = json.loads((out / "moeify.json").read_text())
-    assert meta["config"]["num_experts"] == 4 and meta["seq_len"] == 12
-    assert meta["source"]["kind"] == "hf-dir" and meta["sharding"]["num_experts"] == 4
+    plan = meta["plan"]
+    assert plan["config"]["num_experts"] == 4 and plan["seq_len"] == 12
+    assert meta["source"]["kind"] == "hf-dir" and plan["sharding"]["num_experts"] == 4
+    assert plan["selected"] == report["converted"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert all((out / f).exists() for f in set(index["weight_map"].values()))
 
@@ -122,10 +135,11 @@ def test_truncated_shard_is_reported_with_its_file(t5_dir, tmp_path):
     (["inspect", "no-such/model-xyz"], ["not in the Hugging Face cache", "huggingface-cli download"]),
     (["convert", "t5-large", "--out", "x"], ["not in the Hugging Face cache", "--random-init"]),
     (["convert", "no-such-model", "--random-init", "--out", "x"], ["no built-in architecture"]),
-    (["inspect", "t5-small", "--experts", "1"], ["MoEConfig.num_experts=1", ">= 2"]),
-    (["inspect", "t5-small", "--capacity", "0"], ["MoEConfig.capacity_factor=0.0", "> 0"]),
-    (["inspect", "t5-small", "--experts", "2", "--top-k", "3"], ["--top-k 3 exceeds --experts 2"]),
-    (["inspect", "t5-small", "--layers", "1,x"], ["--layers '1,x' must be comma-separated"]),
+    (["inspect", "t5-small", "--experts", "1"], ["--experts 1 must be an integer >= 2"]),
+    (["convert", "t5-small", "--random-init", "--experts", "0", "--out", "x"],
+     ["--experts 0 must be an integer >= 2"]),
+    (["inspect", "t5-small", "--capacity", "0"], ["--capacity 0.0", "> 0"]),
+    (["inspect", "t5-small", "--experts", "2", "--top-k", "3"], ["--top-k 3 must be", "1 or 2"]),
     (["inspect", "t5-small", "--layers", "40"], ["names layer 40, which no FFN stack has"]),
     (["inspect", "t5-small", "--dtype", "int8"], ["--dtype 'int8' is not one of"]),
     (["convert", "t5-small", "--random-init", "--format", "tflite", "--out", "x"],
@@ -233,8 +247,8 @@ def test_streamed_conversion_writes_what_convert_and_save_write(options, tmp_pat
     config = MoEConfig(num_experts=4, **options)
     moeify.convert(in_memory, config, seq_len=12)
     moeify.save(in_memory, tmp_path / "memory")
-    report = convert_to_checkpoint(streamed, config, tmp_path / "stream", seq_len=12,
-                                   max_shard_bytes=30_000)
+    plan = moeify.plan(streamed, config, seq_len=12)
+    report = convert_to_checkpoint(streamed, plan, tmp_path / "stream", max_shard_bytes=30_000)
     assert len(report.converted) == 4
     a = moeify.load(tmp_path / "memory").state_dict()
     b = moeify.load(tmp_path / "stream").state_dict()
@@ -256,7 +270,7 @@ def test_bench_convert_quick_run_reports_both_targets(tmp_path):
 
 
 def test_a_failed_write_leaves_no_partial_output_and_the_previous_one_intact(tmp_path):
-    from moeify.checkpoint import write_checkpoint
+    from moeify.api import apply_program
 
     model = models.t5()
     moeify.convert(model, MoEConfig(num_experts=4))
@@ -264,18 +278,14 @@ def test_a_failed_write_leaves_no_partial_output_and_the_previous_one_intact(tmp
     moeify.save(model, out)
     before = sorted(p.name for p in out.iterdir())
 
-    streamed = models.t5()
-    from moeify.stream import convert_to_checkpoint  # noqa: F401 - lazy experts below
-    from moeify.pipeline import default_pipeline
-
-    moeify.convert(streamed, MoEConfig(num_experts=4),
-                   pipeline=default_pipeline(MoEConfig(num_experts=4), lazy_experts=True))
+    streamed = models.t5()  # Switch layers left on meta: the writer must fetch them
+    apply_program(streamed, moeify.plan(streamed, MoEConfig(num_experts=4)), lazy=True)
 
     def broken(name):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write_checkpoint(streamed, out, broken, force=True, max_shard_bytes=20_000)
+        moeify.save(streamed, out, fetch=broken, force=True, max_shard_bytes=20_000)
     assert sorted(p.name for p in out.iterdir()) == before  # previous output intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left
     moeify.load(out)
@@ -341,7 +351,7 @@ def test_convert_takes_the_expert_dropout_from_the_source_and_load_rebuilds_it(
     converted = [s for s in report["sites"] if s["selected"]]
     assert len(converted) == 4 and {s["expert_dropout"] for s in converted} == {0.2}
     assert {s["expert_dropout"] for s in report["sites"] if not s["selected"]} == {None}
-    assert json.loads((out / "moeify.json").read_text())["config"]["expert_dropout"] is None
+    assert json.loads((out / "moeify.json").read_text())["plan"]["config"]["expert_dropout"] is None
     assert expert_dropouts(moeify.load(out)) == {0.2}
 
     override = tmp_path / "override"

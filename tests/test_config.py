@@ -1,8 +1,12 @@
 """MoEConfig: validation that names the field, JSON round trip."""
 
+import subprocess
+import sys
+
 import pytest
 
 from moeify import Gate, Init, MoEConfig
+from moeify.config import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -35,6 +39,33 @@ from moeify import Gate, Init, MoEConfig
 def test_bad_values_raise_value_error_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         MoEConfig(**{field: value})
+
+
+def test_errors_name_the_field_at_fault_and_can_be_rendered_otherwise():
+    with pytest.raises(ConfigError) as caught:
+        MoEConfig(num_experts=0, top_k=1)  # the experts problem, not "top_k exceeds"
+    error = caught.value
+    assert error.field == "num_experts" and error.fields == {"num_experts": 0}
+    assert str(error) == "MoEConfig.num_experts=0 must be an integer >= 2"
+    assert error.render(lambda name, value: f"<{name} {value}>") == (
+        "<num_experts 0> must be an integer >= 2")
+
+
+def test_config_module_imports_nothing_from_the_switch_layer_or_torch():
+    code = ("import sys, moeify.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('moeify.switch', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_field_declares_its_command_line_option():
+    import dataclasses
+
+    names = [f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig)]
+    assert all(n.startswith("--") for n in names) and len(set(names)) == len(names)
+    assert all(f.metadata["help"] for f in dataclasses.fields(MoEConfig))
 
 
 def test_top2_needs_only_two_experts():

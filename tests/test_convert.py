@@ -11,7 +11,6 @@ from torch import nn
 
 import moeify
 from moeify import MoEConfig, SwitchFFN
-from moeify.passes import dense_weights
 from moeify.switch.experts import activation_fn
 from tests import models
 
@@ -114,7 +113,7 @@ def test_softmax_gate_layer_computes_p_times_dense_ffn(name):
     assert set(seen) == {s for s in sites if sites[s].selected}
     for path, (x, y) in seen.items():
         layer = model.get_submodule(path)
-        w = dense_weights(dense, analysis_sites[path])
+        w = analysis_sites[path].dense_weights(dense)
         act = activation_fn(layer.experts.activation)
         h = x @ w.w_in + (w.b_in if w.b_in is not None else 0)
         if w.w_gate is not None:
@@ -261,7 +260,7 @@ def test_partition_and_random_init_modes():
 
 
 def test_partition_needs_a_divisible_hidden_width():
-    with pytest.raises(moeify.MoEError, match="UpcycleExperts: init='partition'.*not divisible"):
+    with pytest.raises(moeify.MoEError, match="BuildSwitchLayers: init='partition'.*not divisible"):
         moeify.convert(models.t5(), MoEConfig(num_experts=3, init="partition"))
 
 
@@ -311,7 +310,7 @@ def test_expert_dropout_defaults_to_the_dropout_inside_each_source_ffn(name):
         expected if s.selected else None for s in report.sites
     ]
     # every dropout module outside the converted FFNs is still there, at its rate
-    replaced = {p for s in moeify.conversion_of(model).sites for p in s.replace}
+    replaced = {p for s in moeify.conversion_of(model).selected_sites for p in s.replace}
     kept = {n: p for n, p in before.items()
             if not any(n == r or n.startswith(r + ".") for r in replaced)}
     assert dropout_modules(model).items() >= kept.items()
@@ -340,7 +339,7 @@ def test_an_explicit_expert_dropout_overrides_every_site(name):
 def test_switch_ffn_without_a_source_ffn_has_no_expert_dropout():
     assert SwitchFFN(16, 40, MoEConfig(num_experts=E)).experts.dropout == 0.0
     assert SwitchFFN(16, 40, MoEConfig(num_experts=E), source_dropout=0.2).experts.dropout == 0.2
-    dense = dense_weights(models.t5(), _analysis(models.t5()).sites[0])
+    dense = _analysis(models.t5()).sites[0].dense_weights(models.t5())
     assert SwitchFFN.from_dense(dense, MoEConfig(num_experts=E)).experts.dropout == 0.0
     assert SwitchFFN.from_dense(dense, MoEConfig(num_experts=E),
                                 source_dropout=0.2).experts.dropout == 0.2

@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeify import __version__
+from moeify.api import switch_layers
+from moeify.checkpoint import load_skeleton
 from moeify.errors import MoEError
+from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
+from moeify.conversion import conversion_of
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -155,10 +160,6 @@ def export_onnx(
     """
     import onnx
 
-    from moeify import __version__
-    from moeify.api import switch_layers
-    from moeify.program import conversion_of
-
     if opset < MIN_OPSET:
         raise MoEError(f"opset {opset} is too old: moeify exports with opset >= {MIN_OPSET}")
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -168,8 +169,6 @@ def export_onnx(
         raise MoEError(f"{path} already exists: choose another path or pass --force")
     weights = None
     if not isinstance(model, nn.Module):
-        from moeify.checkpoint import load_skeleton
-
         model, weights = load_skeleton(model)
     conversion = conversion_of(model)
     layers = [layer for _, layer in switch_layers(model)]
@@ -234,9 +233,11 @@ def export_onnx(
         # metadata and sharding go onto the graph proto; external weights stay on disk
         proto = onnx.load(str(staged), load_external_data=False)
         if shard_experts is not None:
-            from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
-
-            metadata["sharded_nodes"] = str(annotate_expert_sharding(proto, shard_experts))
+            if conversion is None or conversion.sharding is None:
+                raise MoEError("--shard-experts needs a converted model (its conversion plan "
+                               "says which weights shard)")
+            metadata["sharded_nodes"] = str(
+                annotate_expert_sharding(proto, shard_experts, conversion.sharding))
             metadata["shard_experts"] = str(shard_experts)
             check_sharding(proto)
         for key, value in metadata.items():

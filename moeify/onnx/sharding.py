@@ -1,24 +1,22 @@
 """Expert-parallel sharding annotations in ONNX's multi-device protos, and their validator.
 
 `annotate_expert_sharding` adds a ``DeviceConfigurationProto`` to the model and, on every
-node that consumes an expert weight (``...experts.w_in`` etc., dim 0 = experts), a
-``NodeDeviceConfigurationProto`` whose ``ShardingSpecProto`` splits that input's axis 0
-over the devices: the plan `moeify.passes.AnnotateSharding` records, written into the
-graph. ONNX's checker does not look at these protos and ONNX Runtime ignores them, so
+node that consumes an expert weight, a ``NodeDeviceConfigurationProto`` whose
+``ShardingSpecProto`` splits that input along the axis the conversion plan's
+`ShardingPlan` gives (dim 0 = experts) over the devices: the plan
+`moeify.passes.AnnotateSharding` records, written into the graph. ONNX's checker does not look at these protos and ONNX Runtime ignores them, so
 `sharding_problems` checks them: configuration ids exist, tensor names are inputs of
 their node, axes are in range, shard counts divide the dimension, devices exist.
 """
 
 from __future__ import annotations
 
-import re
-
 import onnx
 
 from moeify.errors import MoEError
+from moeify.conversion import ShardingPlan
 
 CONFIGURATION = "moeify-expert-parallel"
-EXPERT_WEIGHT = re.compile(r"(^|[._/])experts[._/](w|b)_(in|out|gate)$")
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
@@ -30,16 +28,21 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return shapes
 
 
-def annotate_expert_sharding(model: onnx.ModelProto, num_devices: int) -> int:
-    """Annotate expert weights as split over ``num_devices``; returns nodes annotated."""
+def annotate_expert_sharding(model: onnx.ModelProto, num_devices: int,
+                             plan: ShardingPlan, *, prefix: str = "model.") -> int:
+    """Annotate the parameters ``plan`` shards as split over ``num_devices``; returns the
+    number of nodes annotated. Graph initializers are the plan's parameter names behind
+    ``prefix`` (the export wrapper's attribute)."""
     if num_devices < 1:
         raise MoEError(f"--shard-experts must be >= 1, got {num_devices}")
     shapes = _shapes(model)
-    experts = {name for name in shapes if EXPERT_WEIGHT.search(name)}
+    axes = {f"{prefix}{p.name}": p.dim for p in plan.sharded()}
+    experts = {name for name in shapes if name in axes}
     if not experts:
-        raise MoEError("the graph has no expert weights to shard (is the model converted?)")
+        raise MoEError("the graph has none of the expert weights the plan shards (is the "
+                       "model converted?)")
     for name in sorted(experts):
-        E = shapes[name][0]
+        E = shapes[name][axes[name]]
         if E % num_devices:
             raise MoEError(f"{name} has {E} experts, which do not divide over {num_devices} "
                            "devices: pick a device count that divides num_experts")
@@ -58,9 +61,9 @@ def annotate_expert_sharding(model: onnx.ModelProto, num_devices: int) -> int:
             spec.tensor_name = name
             spec.device.extend(range(num_devices))
             dim = spec.sharded_dim.add()
-            dim.axis = 0
+            dim.axis = axes[name]
             simple = dim.simple_sharding.add()
-            simple.dim_value = shapes[name][0]
+            simple.dim_value = shapes[name][axes[name]]
             simple.num_shards = num_devices
         annotated += 1
     return annotated

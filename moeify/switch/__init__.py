@@ -2,9 +2,11 @@
 
 from moeify.switch.dispatch import Sizes
 from moeify.switch.experts import DenseFFNWeights, Experts
-from moeify.switch.layer import DispatchPath, Router, RoutingRecord, SwitchFFN
+from moeify.switch.layer import DispatchPath, RoutingRecord, SwitchFFN
 from moeify.switch.losses import load_balancing_loss, router_z_loss
+from moeify.switch.router import Router
 from moeify.switch.routing import Routing, expert_capacity, route
+from moeify.switch.upcycle import TensorSource, seeded_generator, upcycled_tensors
 
 __all__ = [
     "DenseFFNWeights",
@@ -15,8 +17,11 @@ __all__ = [
     "RoutingRecord",
     "Sizes",
     "SwitchFFN",
+    "TensorSource",
     "expert_capacity",
     "load_balancing_loss",
     "route",
     "router_z_loss",
+    "seeded_generator",
+    "upcycled_tensors",
 ]

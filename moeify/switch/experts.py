@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,11 @@ class DenseFFNWeights:
             w_gate=None if gate is None else gate.weight.detach().T,
             b_gate=None if gate is None or gate.bias is None else gate.bias.detach(),
         )
+
+    def to(self, device: torch.device | str) -> DenseFFNWeights:
+        """The same weights on ``device`` (``"meta"``: shapes and dtypes only)."""
+        return DenseFFNWeights(**{f.name: None if getattr(self, f.name) is None
+                                  else getattr(self, f.name).to(device) for f in fields(self)})
 
 
 class Experts(nn.Module):

@@ -28,7 +28,9 @@ from moeify.switch.dispatch import (
 )
 from moeify.switch.experts import DenseFFNWeights, Experts, matmul_dtype
 from moeify.switch.losses import load_balancing_loss, router_z_loss
-from moeify.switch.routing import Routing, compute_router_logits, route
+from moeify.switch.router import Router
+from moeify.switch.routing import Routing, route
+from moeify.switch.upcycle import upcycled_tensors
 
 
 class DispatchPath(enum.Enum):
@@ -82,55 +84,6 @@ class RoutingRecord(NamedTuple):
     dropped_fraction: Tensor
     expert_capacity: int
     num_tokens: int
-
-
-class Router(nn.Module):
-    """``Linear(d_model, E, bias=False)`` computed in float32 whatever the model dtype.
-
-    Training adds the Switch recipe's multiplicative jitter to the router *input*
-    (a new tensor; the caller's activations are never touched). New weights: truncated
-    normal, std ``sqrt(0.1 / d_model)``, cut at 2 std (the paper's reduced scale).
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        jitter_eps: float = 0.0,
-        router_dtype: str = "float32",
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.jitter_eps = jitter_eps
-        self.router_dtype = getattr(torch, router_dtype)
-        self.weight = nn.Parameter(
-            torch.empty(num_experts, d_model, device=device, dtype=self.router_dtype)
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        if self.weight.device.type == "meta":
-            return
-        std = math.sqrt(0.1 / self.weight.shape[1])
-        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Device moves apply; dtype casts (``model.to(torch.bfloat16)``, ``.half()``)
-        leave the router weight in the router dtype (selective precision)."""
-        super()._apply(fn, recurse)
-        if self.weight.dtype != self.router_dtype:
-            self.weight.data = self.weight.data.to(self.router_dtype)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d] -> router_logits [..., E] in the router dtype."""
-        dtype = self.router_dtype
-        jitter = None
-        if self.training and self.jitter_eps > 0:
-            eps = self.jitter_eps
-            jitter = torch.rand_like(x, dtype=dtype) * (2 * eps) + (1 - eps)
-        return compute_router_logits(x, self.weight, dtype=dtype, jitter=jitter)
 
 
 class SwitchFFN(nn.Module):
@@ -210,28 +163,44 @@ class SwitchFFN(nn.Module):
         dense: DenseFFNWeights,
         config: MoEConfig,
         *,
+        path: str = "",
         seq_len: int | None = None,
         activation: Activation | str = Activation.RELU,
-        generator: torch.Generator | None = None,
         source_dropout: float = 0.0,
     ) -> SwitchFFN:
         """Upcycle one dense FFN: experts from its weights (``config.init``), new router.
 
-        ``source_dropout``: the dropout rate the dense FFN applies between its projections
-        (the experts' rate unless ``config.expert_dropout`` overrides it)."""
+        The one way a Switch layer is made from a dense FFN: conversion, streamed
+        conversion and loading all come here or to `upcycled_tensors`, which this uses.
+        ``path`` (the FFN's module path in its model) seeds the random draws with
+        ``config.seed``, so ``from_dense(moeify.FFNSite.dense_weights(model), config,
+        path=site.path)`` equals what ``moeify.convert`` builds for that site.
+        ``source_dropout``: the dropout rate the dense FFN applies between its
+        projections (the experts' rate unless ``config.expert_dropout`` overrides it).
+        Dense weights on the meta device give a layer on the meta device (nothing drawn:
+        loading a checkpoint assigns its tensors).
+        """
         d, f = dense.w_in.shape
         if config.init == Init.PARTITION:
+            if f % config.num_experts:
+                raise ValueError(
+                    f"init='partition' splits the hidden width {f} into {config.num_experts} "
+                    "experts, which does not divide it: pick num_experts dividing d_ff or "
+                    "init='copy'"
+                )
             f //= config.num_experts
-        device = dense.w_in.device
         layer = cls(  # on meta first: every parameter is written below, none drawn twice
             d, f, config, seq_len=seq_len, activation=activation,
             gated=dense.w_gate is not None, bias=dense.b_in is not None,
             device="meta", dtype=dense.w_in.dtype, source_dropout=source_dropout,
-        ).to_empty(device=device)
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(config.seed)
-        layer.router.reset_parameters(generator)
-        layer.experts.load_dense(dense, init=config.init, noise=config.noise, generator=generator)
+        )
+        if dense.w_in.is_meta:
+            return layer
+        layer = layer.to_empty(device=dense.w_in.device)
+        params = dict(layer.named_parameters())
+        for name, source in upcycled_tensors(dense, config, path=path,
+                                             activation=activation).items():
+            source.copy_to(params[name])
         return layer
 
     def set_tokens_per_group(self, tokens_per_group: int | None) -> None:

@@ -7,20 +7,29 @@ Pure functions over tensors. Shapes use the paper's names:
 
 Nothing here reads a tensor's shape to decide a size: the capacity and the group length
 arrive as Python ints, so every function traces (fx, export, compile, ONNX) to a graph
-whose expert buffers have static shapes.
+whose expert buffers have static shapes. The capacity formula, `expert_capacity`, lives
+beside `MoEConfig` (in `moeify.config`, torch-free) and is re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeify.config import Gate
+from moeify.config import Gate, expert_capacity
+
+__all__ = [
+    "Routing",
+    "compute_router_logits",
+    "expert_capacity",
+    "gate_weights",
+    "route",
+    "slot_positions",
+]
 
 
 class Routing(NamedTuple):
@@ -43,26 +52,6 @@ class Routing(NamedTuple):
     position: Tensor
     kept: Tensor
     combine_weights: Tensor
-
-
-def expert_capacity(
-    tokens_per_group: int,
-    *,
-    num_experts: int,
-    capacity_factor: float,
-    top_k: int = 1,
-    min_capacity: int = 1,
-) -> int:
-    """Slots per expert and group: ``min(T, max(min_capacity, ceil(cf * k * T / E)))``.
-
-    Ceil (DeepSpeed, Tutel) rather than Mesh-TF's floor or flaxformer's round: a factor
-    of 1.0 then always leaves room for a perfectly balanced group. The product is
-    rounded to 9 decimals first so that 1.1 * 10 does not become 12 through float error.
-    """
-    if tokens_per_group < 1:
-        raise ValueError(f"tokens_per_group={tokens_per_group} must be >= 1")
-    even_share = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
-    return min(tokens_per_group, max(min_capacity, math.ceil(even_share)))
 
 
 def compute_router_logits(

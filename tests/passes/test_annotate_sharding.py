@@ -4,7 +4,7 @@ import pytest
 
 import moeify
 from moeify import MoEConfig
-from moeify.passes import ShardingPlan
+from moeify.conversion import ShardingPlan
 from tests import models
 
 
@@ -18,7 +18,7 @@ def test_plan_shards_expert_weights_and_replicates_the_rest():
     assert sharded == {n for n in names if ".experts." in n}
     assert all(p.dim == 0 and p.mesh_axis == "expert" and p.shape[0] == 4 for p in plan.sharded())
     assert not any("router" in n for n in sharded)
-    again = ShardingPlan.from_dict(json.loads(plan.to_json()))
+    again = ShardingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
     assert list(plan.experts_of_rank(1, 2)) == [2, 3]
     with pytest.raises(ValueError, match="4 experts do not divide over 3 processes"):

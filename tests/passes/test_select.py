@@ -4,7 +4,7 @@ import torch
 import moeify
 from moeify import MoEConfig
 from moeify.passes import select_sites
-from moeify.passes.find_ffn import FFNSite
+from moeify.conversion import FFNSite
 from moeify.config import Activation
 from moeify.trace import Projection, ProjectionKind
 from tests import models

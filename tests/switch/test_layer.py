@@ -90,7 +90,7 @@ def test_from_dense_init_modes():
         torch.testing.assert_close(parts + dense.down.bias, dense(x), rtol=1e-5, atol=1e-6)
     rand = SwitchFFN.from_dense(dense.weights(), MoEConfig(init="random", **base), seq_len=4)
     assert not torch.allclose(rand.experts.w_in[0], dense.up.weight.T)
-    with pytest.raises(ValueError, match="divide by num_experts"):
+    with pytest.raises(ValueError, match="hidden width 10 into 4 experts, which does not divide"):
         SwitchFFN.from_dense(
             DenseFFN(8, 10).weights(), MoEConfig(init="partition", **base), seq_len=4
         )
@@ -395,3 +395,16 @@ def test_autocast_runs_experts_like_nn_linear_per_expert(path):
     for e in range(E):
         torch.testing.assert_close(layer.experts.w_in.grad[e], ups[e].weight.grad.T, **tol)
         torch.testing.assert_close(layer.experts.w_out.grad[e], downs[e].weight.grad.T, **tol)
+
+
+def test_casting_the_model_keeps_the_router_weight_exact():
+    layer = SwitchFFN(16, 32, MoEConfig(num_experts=4, **NO_NOISE), seq_len=8)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    before = layer.router.weight.detach().clone()
+    layer.to(torch.bfloat16)
+    assert layer.experts.w_in.dtype == torch.bfloat16
+    assert layer.router.weight.dtype == torch.float32
+    assert torch.equal(layer.router.weight, before)  # not rounded through bfloat16
+    layer.half().float()
+    assert torch.equal(layer.router.weight, before)

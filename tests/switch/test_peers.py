@@ -8,7 +8,6 @@ from transformers.models.switch_transformers import modeling_switch_transformers
 from moeify import MoEConfig, SwitchFFN
 from moeify.config import Gate
 from moeify.switch import load_balancing_loss, route, router_z_loss
-from moeify.switch.dispatch import Sizes
 
 NO_NOISE = dict(jitter_eps=0.0, expert_dropout=0.0)
 
@@ -57,6 +56,7 @@ def test_layer_equals_hf_sparse_mlp_with_same_weights_and_capacity():
     with torch.no_grad():
         ours.router.weight.normal_()
     C = ours.expert_capacity
+    assert C == 5  # by hand: ceil(0.8 * 24 / 4) = ceil(4.8); HF takes C as given
     theirs = hf.SwitchTransformersSparseMLP(hf_config(d, f, E, C)).eval()
     with torch.no_grad():
         theirs.router.classifier.weight.copy_(ours.router.weight)
@@ -67,4 +67,11 @@ def test_layer_equals_hf_sparse_mlp_with_same_weights_and_capacity():
         y = ours(x)
         assert ours.last_routing.dropped_fraction > 0
         torch.testing.assert_close(y, theirs(x.clone()), rtol=1e-5, atol=1e-6)
-    assert Sizes(E, C, T, 1).expert_capacity == C
+        hf_mask, _, _ = theirs.router(x.clone())  # [G, T, E] one-hot of kept tokens
+    # The statistics the layer records agree with HF's router on the same input.
+    record = ours.last_routing
+    assert record.expert_capacity == C
+    assert hf_mask.sum(1).max().item() == C  # an expert's slots fill up in some sequence
+    assert record.tokens_per_expert.tolist() == hf_mask.sum((0, 1)).tolist()
+    hf_dropped = 1 - hf_mask.sum().item() / (3 * T)
+    assert record.dropped_fraction.item() == pytest.approx(hf_dropped, abs=1e-6)

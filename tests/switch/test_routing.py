@@ -24,13 +24,28 @@ def logits_choosing(choices, num_experts):
 @pytest.mark.parametrize(
     ("tokens", "experts", "factor", "k", "minimum", "expected"),
     [
-        (512, 8, 1.25, 1, 4, 80),  # ceil(1.25 * 512 / 8)
-        (10, 4, 1.0, 1, 1, 3),  # ceil(2.5)
-        (20, 2, 1.1, 1, 1, 11),  # 1.1 * 20 / 2 = 11.000000000000002 in floats: still 11
-        (10, 4, 1.0, 2, 1, 5),  # top-2 doubles the slots
-        (16, 8, 0.5, 1, 4, 4),  # min_capacity wins
-        (4, 2, 4.0, 1, 1, 4),  # never more than the group holds
-        (2048, 64, 1.25, 1, 4, 40),
+        # Every expected value is worked out by hand: C = min(T, max(min, ceil(cf*k*T/E))).
+        (512, 8, 1.25, 1, 4, 80),  # 1.25 * 512 / 8 = 80 exactly
+        (10, 4, 1.0, 1, 1, 3),  # 2.5 -> 3: ceil, not floor (2) or round-half-even (2)
+        (7, 3, 1.3, 1, 1, 4),  # 3.03 -> 4
+        (2048, 64, 1.25, 1, 4, 40),  # Switch-Base: 1.25 * 32 = 40
+        # float error: 1.1 * 100 / 10 evaluates to 11.000000000000002, whose ceil is 12
+        (100, 10, 1.1, 1, 1, 11),
+        (50, 5, 1.1, 1, 1, 11),  # 1.1 * 50 / 5: the same 11.000000000000002
+        (20, 2, 1.1, 1, 1, 11),
+        # top-2 doubles the slots
+        (10, 4, 1.0, 2, 1, 5),  # 2 * 2.5 = 5 (top-1 would give 3)
+        (100, 7, 2.0, 2, 4, 58),  # 2 * 2 * 100 / 7 = 57.14 -> 58
+        (64, 8, 1.25, 2, 4, 20),  # 2 * 10 = 20
+        # the min_capacity floor
+        (16, 8, 0.5, 1, 4, 4),  # 1 -> 4
+        (64, 8, 1.0, 1, 9, 9),  # 8 -> 9
+        (64, 8, 1.0, 1, 8, 8),  # 8: the floor is reached, not exceeded
+        # never more than the group holds (the tokens_per_group cap), even over min_capacity
+        (4, 2, 4.0, 1, 1, 4),  # 8 -> 4
+        (1, 2, 1.0, 1, 4, 1),  # 0.5 -> 1, floor 4 -> cap 1
+        (10, 2, 1.0, 2, 1, 10),  # top-2 at factor 1 over 2 experts: 10 -> 10
+        (6, 4, 1.0, 2, 16, 6),  # floor 16 -> cap 6
     ],
 )
 def test_expert_capacity(tokens, experts, factor, k, minimum, expected):
@@ -38,6 +53,19 @@ def test_expert_capacity(tokens, experts, factor, k, minimum, expected):
         tokens, num_experts=experts, capacity_factor=factor, top_k=k, min_capacity=minimum
     )
     assert got == expected
+
+
+def test_expert_capacity_lives_in_the_config_and_is_re_exported():
+    import moeify.config
+    import moeify.switch
+
+    assert moeify.switch.expert_capacity is moeify.config.expert_capacity is expert_capacity
+
+
+def test_the_float_rounding_case_is_real():
+    # The premise of the (100, 10, 1.1) and (50, 5, 1.1) cases above: computed in the
+    # formula's order, the even share lands just above 11, so an unguarded ceil gives 12.
+    assert math.ceil(1.1 * 1 * 100 / 10) == 12 and math.ceil(1.1 * 1 * 50 / 5) == 12
 
 
 def test_top1_earlier_tokens_claim_slots_and_overflow_is_dropped():
@@ -103,9 +131,3 @@ def test_groups_route_independently():
     assert r.kept[:, :, 0].tolist() == [[True, False, True]] * 2
     sizes = Sizes(num_experts=2, expert_capacity=1, tokens_per_group=3, top_k=1)
     assert slot_tokens(r, sizes).tolist() == [[[0], [0]], [[2], [2]]]
-
-
-def test_capacity_formula_matches_design():
-    for t, e, f, k, m in [(7, 3, 1.3, 1, 1), (100, 7, 2.0, 2, 4), (1, 2, 1.0, 1, 4)]:
-        want = min(t, max(m, math.ceil(f * k * t / e)))
-        assert expert_capacity(t, num_experts=e, capacity_factor=f, top_k=k, min_capacity=m) == want

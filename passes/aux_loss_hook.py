@@ -1,4 +1,4 @@
-"""`AttachAuxLosses`: make the auxiliary losses of each forward reachable from the model."""
+"""`RegisterAuxLossHook`: keep each forward's auxiliary losses current."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from moeify.passes._base import ProgramPass
 from moeify.program import Program
-from moeify.switch.layer import SwitchFFN
+from moeify.switch import SwitchFFN
 
 
 def clear_routing_records(model: nn.Module, args: Any = None) -> None:
@@ -24,20 +24,23 @@ def clear_routing_records(model: nn.Module, args: Any = None) -> None:
             module.last_routing = None
 
 
-class AttachAuxLosses(ProgramPass):
-    """Wire the load-balancing loss and router z-loss to the model.
+class RegisterAuxLossHook(ProgramPass):
+    """Register `clear_routing_records` as a forward pre-hook of the model.
 
-    Requires: `InsertRouter` has run.
-    Guarantees: after any forward of the model, ``moeify.aux_loss(model)`` is
-        ``mean over the layers that ran of (aux_loss_coef * load_balancing +
-        z_loss_coef * z_loss)``, a scalar with gradient, and ``moeify.routing_stats``
-        lists those layers' statistics; records from earlier forwards are cleared.
+    Every Switch layer records its load-balancing loss and router z-loss in each
+    forward (`SwitchFFN.last_routing`); this hook clears the records before each
+    forward of the whole model, so ``moeify.aux_loss(model)`` is the mean over the
+    layers that ran in the latest forward of ``aux_loss_coef * load_balancing +
+    z_loss_coef * z_loss``, a scalar with gradient.
+
+    Requires: `ReplaceModules` has run (the model holds Switch layers).
+    Guarantees: the hook is registered once.
     Preserves the computation: yes.
     """
 
     def requires(self, program: Program) -> None:  # type: ignore[override]
-        if not program.layers:
-            raise self.fail("no Switch layers: run InsertRouter first")
+        if not any(isinstance(m, SwitchFFN) for m in program.model.modules()):
+            raise self.fail("the model has no Switch layers: run ReplaceModules first")
 
     def run(self, program: Program) -> bool:
         program.model.register_forward_pre_hook(clear_routing_records)
