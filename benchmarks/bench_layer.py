@@ -58,7 +58,9 @@ the train-mode ``y = block(x); y.backward(grad)`` with a fixed random ``grad`` a
 ``zero_grad()`` does.
 
 Timing: one warm-up of every (implementation, mode) first; then interleaved repeats, each
-running every implementation once per mode with the starting implementation rotating;
+running every implementation once per mode with the starting implementation rotating,
+every timed call right after an untimed call of the same implementation (step after
+step, as in a training loop: the memory state a call finds is its own previous step's);
 at least 3 repeats per point, more while ``--budget`` seconds of timed repeats last (at
 most ``--max-repeats``). ``--runs N`` (default 3) runs the whole grid N times, one after
 another; the report gives per point the median over runs of the per-run medians and the
@@ -431,11 +433,17 @@ def interleave(
 ) -> tuple[int, dict[str, dict[str, list[float]]]]:
     """Time ``steps[mode][impl]()``: warm-ups, then repeats that run every implementation
     once per mode, the starting implementation rotating. ``reset(impl)`` runs before and
-    after every call, untimed. Returns (repeats, seconds per mode and implementation)."""
+    after every call, untimed. Each timed call directly follows an untimed call of the
+    same implementation and mode, as step follows step in a training or serving loop: the
+    memory a step finds (what the previous step freed, which pages are mapped) is then
+    its own loop's, not whatever another implementation left behind. Returns (repeats,
+    seconds per mode and implementation)."""
     names = list(next(iter(steps.values())))
     times = {mode: {name: [] for name in names} for mode in steps}
 
     def run(mode: str, name: str) -> float:
+        reset(name)
+        steps[mode][name]()  # the lead-in step, untimed
         reset(name)
         seconds = timed(steps[mode][name], device)
         reset(name)
@@ -875,7 +883,8 @@ def batched_header(args: argparse.Namespace, device: torch.device, load_info: di
         "# moeify Switch layer benchmark: batched sequences, one group per sequence",
         "",
         *environment_lines(args, device, load_info),
-        f"- runs: {args.runs}; per point >= {args.policy.min_repeats} interleaved repeats, "
+        f"- runs: {args.runs}; each timed call follows an untimed call of the same "
+        f"implementation; per point >= {args.policy.min_repeats} interleaved repeats, "
         f"more while {args.policy.budget_s:g} s last (max {args.policy.max_repeats}); "
         f"n = repeats per run",
         "- layout: x [batch, seq, d], one group per sequence (MoEConfig.group_size=None, layer "

@@ -10,6 +10,7 @@ Weights follow ``x @ W`` (not ``nn.Linear``'s ``x @ W.T``): ``w_in [E, d, f]``,
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -181,13 +182,19 @@ class Experts(nn.Module):
     def forward_sorted(self, x: Tensor, counts: list[int]) -> Tensor:
         """Rows sorted by expert, ``counts[e]`` rows for expert e: [n, d] -> [n, d].
 
-        Only occupied slots are computed: one matmul per expert that has rows, written
-        straight into one output (see `segment_linear`); the activation, gating and
-        dropout run once over all rows.
+        Only occupied slots are computed. Each expert's whole FFN runs on its rows in
+        turn (`expert_ffn`): its hidden activations stay in cache between the two
+        matmuls instead of making a round trip through memory for every expert at once.
+        With dropout active (training, ``dropout > 0``) the layers run one after the
+        other over all rows (`segment_linear`), the dropout drawn once over them.
         """
-        h_in = segment_linear(x, self.w_in, self.b_in, counts)  # [n, f]
-        h_gate = None if self.w_gate is None else segment_linear(x, self.w_gate, self.b_gate, counts)
-        return segment_linear(self._hidden(h_in, h_gate), self.w_out, self.b_out, counts)
+        if self.training and self.dropout > 0:
+            h_in = segment_linear(x, self.w_in, self.b_in, counts)  # [n, f]
+            h_gate = (None if self.w_gate is None
+                      else segment_linear(x, self.w_gate, self.b_gate, counts))
+            return segment_linear(self._hidden(h_in, h_gate), self.w_out, self.b_out, counts)
+        return expert_ffn(x, counts, self.activation, self.w_in, self.b_in, self.w_out,
+                          self.b_out, self.w_gate, self.b_gate)
 
     def extra_repr(self) -> str:
         kind = f"gated {self.activation.value}" if self.gated else self.activation.value
@@ -253,6 +260,44 @@ def segment_linear(x: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) ->
         return _SegmentLinear.apply(x, w, b, counts, dtype)
 
 
+class _GradientStorage:
+    """Reuses the memory of each expert weight's gradient from one backward to the next.
+
+    PyTorch's CPU allocator takes tensors above glibc's mmap threshold (32 MiB at most)
+    straight from fresh pages, which the kernel faults in and zeroes on first touch: an
+    ``[E, d, f]`` gradient allocated anew every step costs that every step (1.2 GB at
+    Switch-Base-64, where per-expert ``nn.Linear`` gradients of a few MiB are recycled by
+    the heap instead). The pool keeps a reference to the storage of the gradient it last
+    handed out for each weight, never to the tensor, so autograd still installs that
+    tensor as ``.grad`` without a copy. When nothing else refers to the storage any more
+    (``zero_grad()`` set the gradient to None and nobody kept it), the next backward
+    writes into it again; while anything still holds it (accumulating gradients, a
+    reference of the user's, a distributed bucket) a new one is allocated.
+    """
+
+    def __init__(self) -> None:
+        # id(weight) -> (weak reference to the weight, storage); entries leave with the weight
+        self._storage: dict[int, tuple[weakref.ref, torch.UntypedStorage]] = {}
+
+    def empty_like(self, weight: Tensor) -> Tensor:
+        entry = self._storage.get(id(weight))
+        storage = entry[1] if entry is not None and entry[0]() is weight else None
+        if (storage is not None and storage.device == weight.device
+                and storage.nbytes() == weight.numel() * weight.element_size()
+                and torch._C._storage_Use_Count(storage._cdata) == 1):
+            grad = weight.new_empty(0)
+            return grad.set_(storage, 0, weight.shape, weight.stride())
+        grad = torch.empty_like(weight)
+        if grad.device.type == "cpu":  # other devices have caching allocators
+            key = id(weight)
+            forget = lambda _, key=key: self._storage.pop(key, None)  # noqa: E731
+            self._storage[key] = (weakref.ref(weight, forget), grad.untyped_storage())
+        return grad
+
+
+_GRADIENTS = _GradientStorage()
+
+
 class _ExpertWeights:
     """One expert's weight (and bias) in the matmul dtype: a view where the weights
     already have it, else a cast into one reused ``[i, o]`` buffer."""
@@ -293,7 +338,7 @@ class _SegmentLinear(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.empty_like(w) if need_w else None  # the weights' dtype
+        grad_w = _GRADIENTS.empty_like(w) if need_w else None  # the weights' dtype
         grad_b = w.new_empty(w.shape[0], w.shape[-1]) if need_b else None
         for e, count in enumerate(counts):  # experts without rows: zero gradients
             if count == 0:
@@ -319,6 +364,160 @@ class _SegmentLinear(torch.autograd.Function):
             if need_b:
                 grad_b[e].copy_(g.sum(0))  # in the matmul dtype, as nn.Linear
         return grad_x, grad_w, grad_b, None, None
+
+
+def expert_ffn(
+    x: Tensor,
+    counts: list[int],
+    activation: Activation,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    w_gate: Tensor | None = None,
+    b_gate: Tensor | None = None,
+) -> Tensor:
+    """Every expert's FFN on its rows, one expert at a time: [n, d] -> [n, d].
+
+    Rows are sorted by expert, ``counts[e]`` of them for expert e. For each expert the
+    up (and gate) matmul, the activation and the down matmul run back to back on that
+    expert's rows, so the hidden activations ``[rows, f]`` are still in cache when the
+    down matmul reads them; the output of every expert lands in its slice of one buffer.
+    The pre-activations are kept for the backward (what autograd would keep), which
+    recomputes the activation per expert and runs each expert's gradients the same way.
+    Matmul dtypes and casts follow `segment_linear` (autocast as ``nn.Linear``, one
+    expert's weight cast at a time, gradients in the weights' dtype).
+    """
+    dtype = matmul_dtype(w_in)
+    x = x.to(dtype)
+    with torch.autocast(w_in.device.type, enabled=False):
+        return _ExpertFFN.apply(x, w_in, b_in, w_out, b_out, w_gate, b_gate, counts,
+                                Activation(activation), dtype)
+
+
+def _activation_into(activation: Activation, a: Tensor, out: Tensor) -> Tensor:
+    """``out = act(a)`` without a new allocation (``out`` may be ``a``)."""
+    if activation == Activation.RELU:
+        return torch.clamp_min(a, 0, out=out)
+    if activation == Activation.SILU:
+        return torch._C._nn.silu(a, out=out)
+    approximate = "tanh" if activation == Activation.GELU_TANH else "none"
+    return torch._C._nn.gelu(a, approximate=approximate, out=out)
+
+
+def _activation_backward(activation: Activation, grad: Tensor, a: Tensor, h: Tensor) -> Tensor:
+    """Gradient through ``h = act(a)`` (``h`` given for ReLU, whose derivative reads it)."""
+    if activation == Activation.RELU:
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    if activation == Activation.SILU:
+        return torch.ops.aten.silu_backward(grad, a)
+    approximate = "tanh" if activation == Activation.GELU_TANH else "none"
+    return torch.ops.aten.gelu_backward(grad, a, approximate=approximate)
+
+
+def _matmul(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, w_gate, b_gate, counts, activation, dtype):
+        n, f, gated = x.shape[0], w_in.shape[-1], w_gate is not None
+        keep = any(ctx.needs_input_grad[:7])  # a backward will come: keep pre-activations
+        widest = max(counts, default=0)
+        pre = x.new_empty(n if keep else widest, f)  # up projection, before the activation
+        pre_gate = x.new_empty(n if keep else widest, f) if gated else None
+        hidden = x.new_empty(widest, f)
+        out = x.new_empty(n, w_out.shape[-1])
+        up, down = _ExpertWeights(w_in, b_in, dtype), _ExpertWeights(w_out, b_out, dtype)
+        gate = _ExpertWeights(w_gate, b_gate, dtype) if gated else None
+        for e, rows in _segments(counts):
+            here = rows if keep else slice(0, rows.stop - rows.start)
+            h = hidden[: rows.stop - rows.start]
+            a = _matmul(x[rows], *up(e), out=pre[here])
+            if gated:
+                g = _matmul(x[rows], *gate(e), out=pre_gate[here])
+                torch.mul(_activation_into(activation, g, out=h), a, out=h)
+            else:
+                _activation_into(activation, a, out=h)
+            _matmul(h, *down(e), out=out[rows])
+        ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
+        ctx.has_bias = b_in is not None
+        ctx.save_for_backward(x, w_in, w_out, w_gate, pre if keep else None,
+                              pre_gate if keep else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, w_in, w_out, w_gate, pre, pre_gate = ctx.saved_tensors
+        counts, activation, dtype = ctx.counts, ctx.activation, ctx.dtype
+        gated = w_gate is not None
+        need = ctx.needs_input_grad
+        grad_out = grad_out.to(dtype).contiguous()  # e.g. an expanded gradient of a sum()
+        widest, f = max(counts, default=0), w_in.shape[-1]
+        grads = {"x": torch.empty_like(x) if need[0] else None}
+        for name, weight, index in (("w_in", w_in, 1), ("w_out", w_out, 3), ("w_gate", w_gate, 5)):
+            wanted = weight is not None and need[index]
+            grads[name] = _GRADIENTS.empty_like(weight) if wanted else None
+        for name, weight, index in (("b_in", w_in, 2), ("b_out", w_out, 4), ("b_gate", w_gate, 6)):
+            wanted = ctx.has_bias and weight is not None and need[index]
+            grads[name] = weight.new_empty(weight.shape[0], weight.shape[-1]) if wanted else None
+        for e, count in enumerate(counts):  # experts without rows: zero gradients
+            if count == 0:
+                for name in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate"):
+                    if grads[name] is not None:
+                        grads[name][e].zero_()
+        up, down = _ExpertWeights(w_in, None, dtype), _ExpertWeights(w_out, None, dtype)
+        gate = _ExpertWeights(w_gate, None, dtype) if gated else None
+        staged = {name: None if grads[name] is None or grads[name].dtype == dtype
+                  else grads[name].new_empty(grads[name].shape[1:], dtype=dtype)
+                  for name in ("w_in", "w_out", "w_gate")}
+        hidden, grad_hidden = x.new_empty(widest, f), x.new_empty(widest, f)
+        half = x.element_size() < 4  # oneDNN: transposed left operands run ~2x slower
+
+        def weight_grad(name: str, e: int, left: Tensor, right: Tensor) -> None:
+            """grads[name][e] = left.T @ right, in the weights' dtype."""
+            if grads[name] is None:
+                return
+            left_t = left.T.contiguous() if half else left.T
+            target = grads[name][e] if staged[name] is None else staged[name]
+            torch.mm(left_t, right, out=target)
+            if staged[name] is not None:
+                grads[name][e].copy_(target)
+
+        def bias_grad(name: str, e: int, grad: Tensor) -> None:
+            if grads[name] is not None:
+                grads[name][e].copy_(grad.sum(0))  # in the matmul dtype, as nn.Linear
+
+        for e, rows in _segments(counts):
+            r = rows.stop - rows.start
+            a, gy, xe = pre[rows], grad_out[rows], x[rows]
+            h, gh = hidden[:r], grad_hidden[:r]
+            if gated:
+                g = pre_gate[rows]
+                act_g = _activation_into(activation, g, out=h)
+                torch.mm(gy, down(e)[0].T, out=gh)  # d loss / d hidden
+                grad_a = gh * act_g
+                grad_g = _activation_backward(activation, gh * a, g, act_g)
+                h = torch.mul(act_g, a, out=h)
+            else:
+                _activation_into(activation, a, out=h)
+                torch.mm(gy, down(e)[0].T, out=gh)
+                grad_a = _activation_backward(activation, gh, a, h)
+            weight_grad("w_out", e, h, gy)
+            bias_grad("b_out", e, gy)
+            weight_grad("w_in", e, xe, grad_a)
+            bias_grad("b_in", e, grad_a)
+            if gated:
+                weight_grad("w_gate", e, xe, grad_g)
+                bias_grad("b_gate", e, grad_g)
+            if grads["x"] is not None:
+                gx = torch.mm(grad_a, up(e)[0].T, out=grads["x"][rows])
+                if gated:
+                    gx.addmm_(grad_g, gate(e)[0].T)
+        return (grads["x"], grads["w_in"], grads["b_in"], grads["w_out"], grads["b_out"],
+                grads["w_gate"], grads["b_gate"], None, None, None)
 
 
 def _segments(counts: list[int]) -> Iterator[tuple[int, slice]]:
