@@ -125,6 +125,10 @@ class MoEConfig:
         every site (the paper fine-tunes with 0.4). See `resolve_expert_dropout`.
     router_dtype: the router's compute dtype ("selective precision").
     seed: seeds every random initialization the conversion makes.
+    dropless: every routed choice is computed (MegaBlocks / Mixtral semantics): the
+        capacity becomes the group's length, so no token can overflow its expert; the
+        capacity factors are then unused. Eager execution computes the occupied slots
+        only; a traced or exported graph pads every expert to the group's length.
     """
 
     num_experts: int = _field(8, "--experts", "-e", help="Experts per Switch layer (>= 2).")
@@ -163,6 +167,10 @@ class MoEConfig:
         "float32", "--router-dtype", help="The router's compute dtype: float32 or float64."
     )
     seed: int = _field(0, "--seed", help="Seeds every random initialization.")
+    dropless: bool = _field(
+        False, "--dropless", help="Compute every routed choice, nothing dropped (MegaBlocks, "
+        "Mixtral): the capacity is the group's length."
+    )
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -207,12 +215,17 @@ class MoEConfig:
                 + " (the router always runs in full precision)",
                 router_dtype=self.router_dtype,
             )
+        if not isinstance(self.dropless, bool):
+            raise ConfigError("{dropless} must be true or false", dropless=self.dropless)
         if self.top_k > self.num_experts:  # unreachable while top_k <= 2 <= num_experts
             raise ConfigError("{top_k} exceeds {num_experts}",
                               top_k=self.top_k, num_experts=self.num_experts)
 
     def capacity(self, tokens_per_group: int, *, training: bool) -> int:
-        """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int)."""
+        """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int);
+        the group's length itself when ``dropless``."""
+        if self.dropless:
+            return tokens_per_group
         factor = self.capacity_factor if training else self.eval_capacity_factor
         return expert_capacity(
             tokens_per_group,

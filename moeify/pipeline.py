@@ -20,6 +20,7 @@ from moeify.passes import (
     FindFFN,
     FixCapacity,
     RegisterAuxLossHook,
+    RegisterPaddingMask,
     ReplaceModules,
     SelectSites,
 )
@@ -71,7 +72,7 @@ def transform_pipeline(*, lazy: bool = False) -> Pipeline:
     """The passes `moeify.apply` runs over a plan. ``lazy`` builds the Switch layers on
     the meta device and keeps each site's dense weights for the streaming writer."""
     return Pipeline([BuildSwitchLayers(lazy=lazy), ReplaceModules(), FixCapacity(),
-                     RegisterAuxLossHook()])
+                     RegisterAuxLossHook(), RegisterPaddingMask()])
 
 
 def default_pipeline() -> Pipeline:

@@ -7,6 +7,7 @@ transforming ones (`moeify.pipeline` assembles them)::
 
     analysis:   FindFFN -> SelectSites -> AnnotateSharding
     transform:  BuildSwitchLayers -> ReplaceModules -> FixCapacity -> RegisterAuxLossHook
+                -> RegisterPaddingMask
 
 A pass of your own is a `ProgramPass` subclass inserted into a pipeline's list
 (``examples/custom_pass.py``). The records the passes hand each other (`FFNSite`,
@@ -20,6 +21,7 @@ from moeify.passes.build_layers import BuildSwitchLayers
 from moeify.passes.find import FindFFN
 from moeify.passes.find_ffn import find_ffn_sites
 from moeify.passes.fix_capacity import FixCapacity
+from moeify.passes.padding_mask import RegisterPaddingMask
 from moeify.passes.replace_modules import Bypass, ReplaceModules
 from moeify.passes.select import SelectSites, select_sites
 
@@ -31,6 +33,7 @@ __all__ = [
     "FixCapacity",
     "ProgramPass",
     "RegisterAuxLossHook",
+    "RegisterPaddingMask",
     "ReplaceModules",
     "SelectSites",
     "clear_routing_records",

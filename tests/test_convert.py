@@ -233,7 +233,8 @@ def test_real_minilm_weights_convert_and_keep_their_function():
     assert {s.ffn for s in result.report.sites} == {"384->1536->384 gelu"}
     with torch.no_grad():
         moe = model(**batch).last_hidden_state
-    assert (moe - dense).abs().max().item() <= 1e-5
+    real = batch["attention_mask"].bool()  # padding takes no expert: its output is not kept
+    assert (moe - dense)[real].abs().max().item() <= 1e-5
     assert isinstance(model.encoder.layer[1].output.dense, moeify.passes.Bypass)
 
 

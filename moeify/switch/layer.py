@@ -29,7 +29,7 @@ from moeify.switch.dispatch import (
 from moeify.switch.experts import DenseFFNWeights, Experts, matmul_dtype
 from moeify.switch.losses import load_balancing_loss, router_z_loss
 from moeify.switch.router import Router
-from moeify.switch.routing import Routing, route
+from moeify.switch.routing import Routing, group_capacities, route
 from moeify.switch.upcycle import upcycled_tensors
 
 
@@ -156,6 +156,9 @@ class SwitchFFN(nn.Module):
         self.experts = experts
         self.set_tokens_per_group(config.group_size if config.group_size is not None else seq_len)
         self.last_routing: RoutingRecord | None = None
+        # [batch, length] mask of the real tokens for the model's current forward (set
+        # and cleared around it by a hook on the model), or None: every token is real
+        self.token_mask: Tensor | None = None
 
     @classmethod
     def from_dense(
@@ -252,7 +255,11 @@ class SwitchFFN(nn.Module):
             tokens = self.tokens_per_group or hidden_states.shape[-2]  # eager: a Python int
             sizes = self._sizes(tokens)
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
-        routing = self.route(x, sizes.expert_capacity)
+        valid = self._valid_tokens(hidden_states, x)  # [G, T] bool or None
+        capacity: int | Tensor = sizes.expert_capacity
+        if valid is not None:  # each group's capacity from its real tokens
+            capacity = self._group_capacities(valid)
+        routing = self.route(x, capacity, valid=valid)
         assignments = None if tracing else sort_by_expert(routing, sizes)
         if assignments is None or self._use_padded(x, assignments, sizes):
             dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
@@ -281,10 +288,36 @@ class SwitchFFN(nn.Module):
         cost = BATCHED_COST.get(matmul_dtype(self.experts.w_in), 1.0)
         return cost * padded_rows < sum(assignments.counts)
 
-    def route(self, x: Tensor, expert_capacity: int | None = None) -> Routing:
+    def _valid_tokens(self, hidden_states: Tensor, x: Tensor) -> Tensor | None:
+        """The real tokens of this forward as [G, T] bool, from ``token_mask`` (set around
+        the model's forward from its attention mask, see `moeify.passes.RegisterPaddingMask`),
+        or None when there is no mask or it does not describe these tokens.
+
+        A mask ``[batch, length]`` covers this input's ``[batch, seq]`` tokens when the
+        batch matches and ``length >= seq``: with a KV cache the mask also covers the past
+        tokens, and this step's tokens are its last ``seq`` columns.
+        """
+        mask = self.token_mask
+        if mask is None or hidden_states.dim() < 3:
+            return None
+        batch, seq = hidden_states.shape[0], hidden_states.shape[-2]
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+            return None
+        return mask[:, mask.shape[1] - seq:].to(device=x.device, dtype=torch.bool).reshape(x.shape[:2])
+
+    def _group_capacities(self, valid: Tensor) -> Tensor:
+        c = self.config
+        factor = c.capacity_factor if self.training else c.eval_capacity_factor
+        return group_capacities(valid.sum(dim=1), num_experts=c.num_experts,
+                                capacity_factor=factor, top_k=c.top_k,
+                                min_capacity=c.min_capacity, dropless=c.dropless)
+
+    def route(self, x: Tensor, expert_capacity: int | Tensor | None = None, *,
+              valid: Tensor | None = None) -> Routing:
         """Router logits and routing decisions for grouped tokens x: [G, T, d].
 
-        ``expert_capacity`` defaults to the capacity of the declared length.
+        ``expert_capacity`` defaults to the capacity of the declared length; ``valid``
+        ([G, T] bool) marks the real tokens (padding chooses no expert).
         """
         if expert_capacity is None:
             expert_capacity = self.sizes.expert_capacity
@@ -296,6 +329,7 @@ class SwitchFFN(nn.Module):
         return route(
             router_logits, num_experts=c.num_experts, top_k=c.top_k,
             expert_capacity=expert_capacity, gate=c.gate, second_uniform=uniform,
+            valid=valid,
         )
 
     def _record(
@@ -308,15 +342,17 @@ class SwitchFFN(nn.Module):
         else:
             tokens_per_expert = torch.tensor(counts, dtype=torch.int64)
         reached = routing.kept.any(dim=-1)  # [G, T]
+        valid = routing.valid
+        real = reached.numel() if valid is None else int(valid.sum())
         return RoutingRecord(
             load_balancing_loss=load_balancing_loss(
-                routing.router_probs, routing.expert_index[..., 0], num_experts=E
+                routing.router_probs, routing.expert_index[..., 0], num_experts=E, valid=valid
             ),
-            z_loss=router_z_loss(routing.router_logits),
+            z_loss=router_z_loss(routing.router_logits, valid),
             tokens_per_expert=tokens_per_expert,
-            dropped_fraction=1.0 - reached.float().mean().detach(),
+            dropped_fraction=(1.0 - reached.sum().float() / max(real, 1)).detach(),
             expert_capacity=expert_capacity,
-            num_tokens=reached.numel(),
+            num_tokens=real,
         )
 
     def _check_input(self, hidden_states: Tensor) -> None:

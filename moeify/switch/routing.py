@@ -27,6 +27,7 @@ __all__ = [
     "compute_router_logits",
     "expert_capacity",
     "gate_weights",
+    "group_capacities",
     "route",
     "slot_positions",
 ]
@@ -44,6 +45,9 @@ class Routing(NamedTuple):
                      capacity).
     combine_weights: [G, T, k] router dtype, the weight of each choice's expert output;
                      0 where not kept.
+    valid:           [G, T] bool, the real (not padding) tokens; None: every token is.
+                     A padding token chooses nothing, takes no slot and is left out of
+                     the losses and statistics.
     """
 
     router_logits: Tensor
@@ -52,6 +56,24 @@ class Routing(NamedTuple):
     position: Tensor
     kept: Tensor
     combine_weights: Tensor
+    valid: Tensor | None = None
+
+
+def group_capacities(real_tokens: Tensor, *, num_experts: int, capacity_factor: float,
+                     top_k: int, min_capacity: int, dropless: bool = False) -> Tensor:
+    """`expert_capacity` of each group from its number of real tokens: [G] int64 ->
+    [G, 1, 1] int64 (broadcasts against ``[G, T, k]`` positions).
+
+    The same formula as the Python one, in tensor ops so a traced graph computes it (its
+    buffers keep the static capacity of the full length, which is never smaller).
+    """
+    tokens = real_tokens.to(torch.float64)
+    if dropless:
+        capacity = tokens
+    else:
+        share = torch.round(capacity_factor * top_k * tokens / num_experts * 1e9) / 1e9
+        capacity = torch.minimum(tokens, torch.ceil(share).clamp(min=min_capacity))
+    return capacity.to(torch.int64).view(-1, 1, 1)
 
 
 def compute_router_logits(
@@ -78,6 +100,7 @@ def route(
     expert_capacity: int,
     gate: Gate,
     second_uniform: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Routing:
     """Tokens choose experts; earlier tokens claim slots first.
 
@@ -85,6 +108,8 @@ def route(
     second_uniform: [G, T] uniform samples for GShard random routing (training): the
         second expert is kept iff ``u < 2 * g2`` with ``g2 = p2 / (p1 + p2)``, i.e. with
         probability proportional to its weight. None keeps every second choice (eval).
+    expert_capacity: an int, or [G, 1, 1] per group (`group_capacities`).
+    valid: [G, T] bool, the real tokens (None: all); padding tokens choose nothing.
     All first choices of a group fill capacity before any second choice. A choice whose
     slot would be >= ``expert_capacity`` is dropped; a token with no kept choice gets
     output 0 from the layer, so the residual carries it.
@@ -108,10 +133,12 @@ def route(
             chosen_second = second_uniform.unsqueeze(-1).to(g2.dtype) < 2.0 * g2
         chosen = torch.cat([chosen_first, chosen_second], dim=-1)
 
+    if valid is not None:
+        chosen = chosen & valid.unsqueeze(-1)
     position = slot_positions(expert_index, chosen, num_experts=num_experts, top_k=top_k)
     kept = chosen & (position < expert_capacity)
     combine_weights = gate_weights(gate_probs, kept, top_k=top_k, gate=gate)
-    return Routing(router_logits, probs, expert_index, position, kept, combine_weights)
+    return Routing(router_logits, probs, expert_index, position, kept, combine_weights, valid)
 
 
 def slot_positions(
