@@ -38,6 +38,7 @@ _EXPORTS = {
     "aux_loss": "moeify.api",
     "add_aux_loss_to_output": "moeify.api",
     "set_expert_dropout": "moeify.api",
+    "set_seq_len": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
 }
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         plan,
         routing_stats,
         set_expert_dropout,
+        set_seq_len,
         switch_layers,
     )
     from moeify.checkpoint import load, save

@@ -120,6 +120,30 @@ def set_expert_dropout(model: nn.Module, rate: float) -> None:
             plan, config=plan.config.replace(expert_dropout=rate)))
 
 
+def set_seq_len(model: nn.Module, seq_len: int | None) -> None:
+    """Switch a converted model between a declared and a per-call capacity.
+
+    ``seq_len=None``: every Switch layer computes its capacity from each input's
+    sequence length, in eager mode: what ``generate()`` needs (a prompt, then one token
+    per step). ``seq_len=n``: every layer is declared for sequences of n tokens, with the
+    capacity fixed for them (what tracing, ``torch.compile(fullgraph=True)`` and ONNX
+    export need; inputs of another length are refused). Layers whose config has a
+    ``group_size`` keep it (their group length is always declared). The model's recorded
+    conversion plan (`moeify.conversion_of`) is updated, so `save` stores the new length
+    and `load` restores it.
+    """
+    _check_seq_len(seq_len)
+    layers = switch_layers(model)
+    if not layers:
+        raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
+    for _, layer in layers:
+        if layer.config.group_size is None:
+            layer.set_tokens_per_group(seq_len)
+    plan = conversion_of(model)
+    if plan is not None:
+        record_conversion(model, dataclasses.replace(plan, seq_len=seq_len))
+
+
 def routing_stats(model: nn.Module) -> list[LayerStats]:
     """Per Switch layer: tokens per expert, fraction dropped, capacity (last forward)."""
     return [

@@ -58,28 +58,49 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """
     own = signature(command, eval_str=True)
     names = {f.name for f in dataclasses.fields(MoEConfig)}
-    clash = names & (set(own.parameters) - {"config"})
+    clash = names & (set(own.parameters) - {"config", "explicit"})
     assert "config" in own.parameters and not clash, f"{command.__name__}: {sorted(clash)}"
     hints = get_type_hints(MoEConfig)
     params: list[Parameter] = []
     for param in own.parameters.values():
         if param.name == "config":
             params.extend(_config_option(f, hints[f.name]) for f in dataclasses.fields(MoEConfig))
-        else:  # keyword-only: Typer passes keywords, and options may then follow freely
-            params.append(param.replace(kind=Parameter.KEYWORD_ONLY))
+        elif param.name != "explicit":  # keyword-only: Typer passes keywords, and options
+            params.append(param.replace(kind=Parameter.KEYWORD_ONLY))  # may then follow freely
+    # Typer hands the command's context to a parameter annotated typer.Context: it says
+    # which options the user gave
+    params.append(Parameter(_CONTEXT, Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     @functools.wraps(command)
     def run(**options: Any) -> Any:
         values = {name: options.pop(name) for name in names}
+        context = options.pop(_CONTEXT, None)
         try:
             config = MoEConfig(**values)
         except ConfigError as error:
             raise ValueError(error.render(_as_option)) from error
+        if "explicit" in own.parameters:  # the fields given on the command line
+            options["explicit"] = _explicit_fields(context, names)
         return command(config=config, **options)
 
     run.__signature__ = own.replace(parameters=params)  # read by Typer (inspect.signature)
     run.__annotations__ = {p.name: p.annotation for p in params}  # and by get_type_hints
     return run
+
+
+_CONTEXT = "_moeify_context"
+_GIVEN = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")  # ParameterSource names: not defaults
+
+
+def _explicit_fields(context: Any, names: set[str]) -> frozenset[str]:
+    """The config fields whose option the user gave (command line or environment), as
+    opposed to left at the default: what a target such as ``--hf-arch mixtral`` may fill
+    in itself and must otherwise refuse."""
+    if context is None:
+        return frozenset()
+    sources = {n: context.get_parameter_source(n) for n in names}
+    return frozenset(n for n, source in sources.items()
+                     if source is not None and source.name in _GIVEN)
 
 
 def _config_option(field: dataclasses.Field, hint: Any) -> Parameter:
@@ -227,14 +248,18 @@ def convert(
     config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
     random_init: RandomInit = False,
     format: Annotated[str, typer.Option(
-        "--format", help="torch (moeify checkpoint), hf (SwitchTransformers, T5 v1.0) or "
-        "onnx (--out is the .onnx file).")] = "torch",
+        "--format", help="torch (moeify checkpoint), hf (Hugging Face's MoE classes, see "
+        "--hf-arch) or onnx (--out is the .onnx file).")] = "torch",
+    hf_arch: Annotated[Optional[str], typer.Option(
+        "--hf-arch", help="With --format hf: switch_transformers (T5 v1.0; the default for "
+        "T5), mixtral (Llama/Mistral; their default) or qwen2_moe (Llama/Mistral/Qwen2).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     json_out: JsonOut = False,
+    explicit: frozenset = frozenset(),
 ) -> None:
     """Convert MODEL into a Switch Transformer and write a moeify checkpoint to --out."""
     import json
-    from pathlib import Path
 
     import torch
 
@@ -244,24 +269,45 @@ def convert(
 
     if format not in ("torch", "hf", "onnx"):
         raise MoEError(f"--format {format!r} is not available; use --format torch, hf or onnx")
-    if format == "hf" and seq_len is None:
-        raise MoEError("--format hf writes HF's per-sequence expert_capacity: pass --seq-len")
+    if hf_arch is not None and format != "hf":
+        raise MoEError("--hf-arch chooses the class --format hf writes: add --format hf")
     if format == "onnx" and seq_len is None:
         raise MoEError("--format onnx fixes the sequence axis and the capacity: pass --seq-len")
-    if Path(out).exists() and not force:
-        raise MoEError(f"{out} already exists: choose another --out or pass --force")
+    from moeify.fs import check_free_space, check_output, hold_output_lock
+
+    check_output(out, inputs=[model], force=force)  # "", ".", the source itself: refused now
+    hold_output_lock(out)  # the only writer of --out until this command ends
     console = _console(json_out)
     with console.status(f"planning {model}"):  # on the meta device: no weights yet
         skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
                                   dtype=_dtype(dtype), device="meta")
+        if format == "hf":  # the target fills its defaults and refuses what conflicts
+            from moeify import hf_moe
+
+            hf_arch = hf_arch or hf_moe.default_arch(skeleton)
+            config = hf_moe.target_config(hf_arch, skeleton, config, explicit)
+            if hf_arch == hf_moe.SWITCH_TRANSFORMERS and seq_len is None:
+                raise MoEError("--hf-arch switch_transformers writes HF's per-sequence "
+                               "expert_capacity: pass --seq-len")
         plan = moeify.plan(skeleton, config, seq_len=seq_len)
-        _check_memory(model, plan, format=format, dtype=dtype)
+        streamed = format == "torch" or (format == "hf" and hf_arch != "switch_transformers")
+        if streamed and format == "hf":
+            hf_moe.hf_layout(skeleton, plan, hf_arch)  # refused now, before any weight
+        _check_memory(model, plan, format=format, dtype=dtype, streamed=streamed)
+        check_free_space(out, plan.nbytes(_dtype(dtype))["moe"])
     torch.manual_seed(config.seed)
     with console.status(f"loading {model}"):
         dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
+        from moeify.sources import check_finite
+
+        check_finite(dense, model)  # NaN / inf in the source: refused, naming the tensor
     progress = _progress(console)
     with progress:
-        if format == "hf":
+        if format == "hf" and streamed:  # Mixtral / Qwen2-MoE, one Switch layer at a time
+            report, export = hf_moe.convert_to_hf(dense, plan, out, arch=hf_arch,
+                                                  dtype=_dtype(dtype), force=force,
+                                                  progress=progress.callback)
+        elif format == "hf":
             from moeify.hf_switch import save_hf_switch
 
             report = moeify.apply(dense, plan, progress=progress.callback).report
@@ -275,19 +321,34 @@ def convert(
             report = convert_to_checkpoint(dense, plan, out, source=source, force=force,
                                            progress=progress.callback)
     data = {**report.to_dict(), "source": source.ref, "out": str(out), "format": format}
+    if format == "hf":
+        data["hf"] = (export.to_dict() if streamed
+                      else {"arch": hf_arch, "model_class": "SwitchTransformersForConditionalGeneration"})
     if json_out:
         typer.echo(json.dumps(data))
         return
     _print_report(report, console, title=f"moeify convert {model}")
+    if format == "hf" and streamed:
+        for note in export.notes:
+            console.print(f"{hf_arch}: {note}", markup=False)
+        console.print(f"wrote {out} ({export.model_class})")
+        return
     console.print(f"wrote {out}")
 
 
 @app.command()
 def verify(
     path: Annotated[str, typer.Argument(help="A moeify checkpoint directory.")],
+    onnx: Annotated[Optional[str], typer.Option(
+        "--onnx", help="An ONNX graph exported from it to compare with the PyTorch model "
+        "(default: the .onnx files in DIR and DIR.onnx beside it).")] = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Run the verification checks that apply to a checkpoint; exit 1 if any fails."""
+    """Run the verification checks that apply to a checkpoint; exit 1 if any fails.
+
+    Integrity (every tensor against its recorded sha256) always runs; the weight and
+    identity checks need the source model, and a check that cannot run says why.
+    """
     import json
 
     from rich.table import Table
@@ -296,7 +357,7 @@ def verify(
 
     console = _console(json_out)
     with console.status(f"verifying {path}"):
-        checks = run_checks(path)
+        checks = run_checks(path, onnx=onnx)
     failed = [c for c in checks if c.failed]
     if json_out:
         typer.echo(json.dumps({"path": path, "passed": not failed,
@@ -331,8 +392,14 @@ def export(
     from pathlib import Path
 
     import moeify
+    from moeify.onnx.export import check_export_args
     from moeify.sources import CHECKPOINT_FILE, load_source
 
+    check_export_args(seq_len, batch_size, opset)  # before loading anything
+    from moeify.fs import check_output, hold_output_lock
+
+    check_output(onnx_path, inputs=[model], force=force, what="--onnx", inside_ok=True)
+    hold_output_lock(onnx_path, what="--onnx")  # the only writer until this command ends
     console = _console(json_out)
     with console.status(f"loading {model}"):
         if (Path(model) / CHECKPOINT_FILE).exists():
@@ -353,12 +420,21 @@ def export(
 def distill(
     path: Annotated[str, typer.Argument(help="A moeify checkpoint (the Switch teacher).")],
     out: Annotated[str, typer.Option("--out", help="Output directory for the dense student.")],
+    rule: Annotated[str, typer.Option(
+        "--rule", help="How each Switch layer's experts merge into one FFN: mean (plain "
+        "mean) or usage (weighted by the tokens each expert processed on --data).")] = "mean",
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="For --rule usage: a text file of token ids, one sequence per line "
+        "(whitespace-separated integers, all lines of one length), run through the teacher "
+        "as one batch.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Write the dense student of a converted checkpoint as a transformers model.
 
-    Each Switch layer's experts are averaged into one FFN; every other weight is copied.
+    Each Switch layer's experts are merged into one FFN (--rule mean: their plain mean;
+    --rule usage: weighted by the tokens each processed on --data); every other weight
+    is copied.
     """
     import json
     from pathlib import Path
@@ -367,27 +443,96 @@ def distill(
     from moeify.checkpoint import atomic_directory
     from moeify.errors import MoEError
 
-    if Path(out).exists() and not force:
-        raise MoEError(f"{out} already exists: choose another --out or pass --force")
+    if rule not in ("mean", "usage"):
+        raise MoEError(f"--rule {rule!r} is not one of mean, usage")
+    if rule == "usage" and data is None:
+        raise MoEError("--rule usage weighs each expert by the tokens it processed: pass "
+                       "--data FILE (token ids, one sequence per line)")
+    if rule == "mean" and data is not None:
+        raise MoEError("--data is read only by --rule usage (the mean needs no data)")
+    from moeify.fs import check_output, hold_output_lock
+
+    check_output(out, inputs=[path], force=force)  # never over the checkpoint it reads
+    hold_output_lock(out)  # the only writer of --out until this command ends
+    ids = _token_ids(data) if data is not None else None
     console = _console(json_out)
     with console.status(f"loading {path}"):
         teacher = moeify.load(path)
     if not hasattr(teacher, "save_pretrained"):
         raise MoEError(f"{path} was converted from a factory model: use moeify.distill(model, "
                        "dense=...) in Python and save the student yourself")
+    if ids is not None:
+        with console.status(f"running the teacher on {data} ({ids.shape[0]} sequences)"):
+            _run_teacher(teacher, ids, data)
     with console.status("building the dense student"):
-        student = moeify.distill(teacher)
-    with atomic_directory(out, force=force) as tmp:
+        student = moeify.distill(teacher, rule=rule)
+    need = sum(t.numel() * t.element_size() for t in student.state_dict().values())
+    with atomic_directory(out, force=force, need=need) as tmp:  # space checked first
         student.save_pretrained(tmp)
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    data = {"out": out, "student_parameters": params, "teacher_parameters": teacher_params,
-            "rule": "mean"}
+    report = {"out": out, "student_parameters": params, "teacher_parameters": teacher_params,
+              "rule": rule}
     if json_out:
-        typer.echo(json.dumps(data))
+        typer.echo(json.dumps(report))
     else:
+        how = ("averaged" if rule == "mean"
+               else f"averaged, weighted by their tokens on {data},")
         console.print(f"wrote {out}: dense student with {params:,} parameters (teacher "
-                      f"{teacher_params:,}); each Switch layer's experts averaged into one FFN")
+                      f"{teacher_params:,}); each Switch layer's experts {how} into one FFN")
+
+
+def _token_ids(path: str):
+    """``--data``: one sequence of whitespace-separated token ids per line, one length."""
+    from pathlib import Path
+
+    import torch
+
+    from moeify.errors import MoEError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MoEError(f"cannot read --data {path}: {getattr(error, 'strerror', None) or error}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append([int(v) for v in line.split()])
+        except ValueError:
+            raise MoEError(f"--data {path}, line {number}: not whitespace-separated integer "
+                           "token ids") from None
+    if not rows:
+        raise MoEError(f"--data {path} holds no sequence")
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise MoEError(f"--data {path}: every sequence must have the same length, found "
+                       f"lengths {', '.join(map(str, lengths[:4]))}")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _run_teacher(teacher, ids, data: str) -> None:
+    """One forward of the teacher (eval mode) on ``ids``, for ``--rule usage``."""
+    import torch
+
+    import moeify
+    from moeify.errors import MoEError
+
+    vocab = getattr(teacher.config, "vocab_size", None)
+    if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+        raise MoEError(f"--data {data} holds token ids outside the vocabulary [0, {vocab})")
+    plan = moeify.conversion_of(teacher)
+    declared = plan.seq_len if plan is not None and plan.config.group_size is None else None
+    if declared is not None and ids.shape[1] != declared:
+        raise MoEError(f"--data {data} has sequences of {ids.shape[1]} tokens, but the "
+                       f"checkpoint's Switch layers are declared for {declared}")
+    teacher.eval()
+    with torch.no_grad():
+        if getattr(teacher.config, "is_encoder_decoder", False):
+            teacher(input_ids=ids, labels=ids)  # the decoder reads the same text, shifted
+        else:
+            teacher(input_ids=ids)
 
 
 PROCESS_OVERHEAD = 1 << 30  # interpreter, torch and transformers themselves
@@ -405,7 +550,7 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_memory(model: str, plan, *, format: str, dtype: str) -> None:
+def _check_memory(model: str, plan, *, format: str, dtype: str, streamed: bool = False) -> None:
     """Refuse a conversion the plan predicts will not fit, before loading any weight."""
     from moeify.errors import MoEError
 
@@ -414,7 +559,7 @@ def _check_memory(model: str, plan, *, format: str, dtype: str) -> None:
         return
     size = _dtype(dtype).itemsize
     dense = plan.params_dense * size
-    if format == "torch":  # streamed: the dense model plus the largest Switch layer
+    if format == "torch" or streamed:  # the dense model plus the largest Switch layer
         need = dense + plan.largest_layer_params() * size
     else:  # built in memory (then copied into HF's layout or traced for ONNX)
         need = dense + 2 * plan.params_moe * size
@@ -424,7 +569,7 @@ def _check_memory(model: str, plan, *, format: str, dtype: str) -> None:
         options = []
         if size > 2:
             options.append(f"--dtype bfloat16 (about {(need - PROCESS_OVERHEAD) / 2 / gib + 1:.1f} GiB)")
-        if format != "torch":
+        if format != "torch" and not streamed:
             options.append("--format torch (streams one layer at a time)")
         options.append("moeify inspect to plan without weights")
         raise MoEError(
@@ -456,14 +601,56 @@ class _progress:
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the program is, so ``with`` blocks clean up (an output being
+    written is discarded, its temporary removed) as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
+    raise Terminated(128 + signum)
+
+
+def _os_error_text(error: OSError) -> str:
+    """An ``OSError`` that reached the boundary (not mapped by a writer) as one line."""
+    reason = error.strerror or str(error) or type(error).__name__
+    names = [n for n in (error.filename, getattr(error, "filename2", None)) if n]
+    return f"{reason}: {' -> '.join(map(str, names))}" if names else reason
+
+
 def main() -> None:
-    """Console entry point: run the app, turning library errors into one-line messages."""
+    """Console entry point: run the app, turning library errors into one-line messages.
+
+    `MoEError`, ``ValueError`` and ``OSError`` become one ``error:`` line and exit 1.
+    SIGTERM is handled like Ctrl-C: the command unwinds (outputs in progress are
+    discarded, previous ones stay) and exits 143.
+    """
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    from moeify.fs import command_scope
+
     try:
-        app()
+        with command_scope():  # output locks held by the command end with it
+            app()
+    except Terminated as stop:
+        typer.echo("error: terminated (SIGTERM); an output being written was discarded and "
+                   "any previous one is intact", err=True)
+        sys.exit(stop.code)
     except Exception as error:  # noqa: BLE001 - the boundary where errors become messages
         from moeify.errors import MoEError
 
-        if os.environ.get("MOEIFY_DEBUG") or not isinstance(error, (MoEError, ValueError)):
+        if os.environ.get("MOEIFY_DEBUG") or not isinstance(error, (MoEError, ValueError,
+                                                                     OSError)):
             raise
-        typer.echo(f"error: {error}", err=True)
+        text = _os_error_text(error) if isinstance(error, OSError) else str(error)
+        typer.echo(f"error: {text}", err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

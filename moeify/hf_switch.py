@@ -127,6 +127,7 @@ def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = F
                        f"unexpected {unexpected[:3]}")
     switch.load_state_dict({k: v.contiguous() for k, v in state.items()}, assign=True)
     switch.tie_weights()
-    with atomic_directory(path, force=force) as tmp:
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_directory(path, force=force, need=need) as tmp:  # locked, space checked
         switch.save_pretrained(tmp)
     return Path(path)

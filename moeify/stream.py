@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from moeify.api import apply_program
-from moeify.checkpoint import DEFAULT_SHARD_BYTES, refuse_existing, save
+from moeify.checkpoint import DEFAULT_SHARD_BYTES, save
 from moeify.errors import MoEError
+from moeify.fs import check_free_space, check_output, output_lock
 from moeify.conversion import ConversionPlan
 from moeify.program import Program
 from moeify.report import ConversionReport
@@ -43,13 +44,18 @@ def convert_to_checkpoint(
 ) -> ConversionReport:
     """Apply ``plan`` to ``model`` (in place, Switch layers left on meta) and write the
     converted model to ``path`` as a moeify checkpoint."""
-    if not force:
-        refuse_existing(Path(path))  # fail before the work, not after it
-    program = apply_program(model, plan, lazy=True, progress=progress)
-    layers = _LayerTensors(program)
-    save(model, path, source=source, force=force, fetch=layers.fetch,
-         max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress)
+    check_output(path, force=force)  # fail before the work, not after it
+    with output_lock(path):  # no other writer from here to the final rename
+        check_free_space(path, plan.nbytes(_dtype_of(model))["moe"])
+        program = apply_program(model, plan, lazy=True, progress=progress)
+        layers = _LayerTensors(program)
+        save(model, path, source=source, force=force, fetch=layers.fetch,
+             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress)
     return ConversionReport.from_plan(program.plan)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 class _LayerTensors:

@@ -2,17 +2,28 @@
 
 | check | what it proves |
 | --- | --- |
-| reload | the checkpoint rebuilds and loads; saved again and reloaded, it gives bitwise the same outputs |
+| integrity | always runs: every tensor's bytes in the shards hash to the sha256 digest recorded when they were written (a flipped bit fails); checkpoints from before digests say "no digests recorded" |
+| reload | the checkpoint rebuilds and loads (no parameter holds NaN / inf); saved again and reloaded, it gives bitwise the same outputs |
 | upcycled weights | (source available, ``init=copy``, no noise) every non-expert weight equals the source's and every expert equals the source FFN |
-| dense identity | (source available) with the normalized gate and room for every token, the converted model reproduces the source model's outputs (fp32: max abs diff <= 1e-5) |
+| dense identity | (source available) with the normalized gate and room for every token, the converted model reproduces the source model's outputs, computed in float32 |
+| dense identity (bfloat16 / float16) | (half-precision checkpoints, source available) the same, each model computed in the checkpoint's own dtype |
+| onnx parity | (an ``.onnx`` file in the checkpoint, ``DIR.onnx`` beside it, or ``onnx=``) ONNX Runtime's outputs equal the PyTorch model's on the graph's declared sequence length |
 
-Each check returns a `Check` (name, passed / skipped, detail); the CLI prints a table
+The source is what the checkpoint records (`moeify.sources.Source`): a local directory
+by its absolute path, a hub id, a preset or a factory built with fresh weights (rebuilt
+here with the conversion's seed), a factory. Its weights are used only if their
+fingerprint equals the one recorded at conversion; otherwise (source missing, changed
+since conversion, no weights recorded) the checks that need it are skipped and say why.
+
+Each check returns a `Check` (name, pass / fail / skip, detail); the CLI prints a table
 and exits non-zero if any failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -23,15 +34,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.config import Init
-from moeify.errors import MoEError
 from moeify.api import switch_layers
-from moeify.checkpoint import CheckpointMeta, load, read_meta, save
+from moeify.checkpoint import (
+    DIGEST_PREFIX,
+    CheckpointMeta,
+    load,
+    read_index,
+    read_meta,
+    save,
+)
+from moeify.config import Init
 from moeify.conversion import conversion_of
+from moeify.errors import MoEError
 from moeify.sources import load_source
 from moeify.trace import default_example_inputs
 
-IDENTITY_TOLERANCE = 1e-5
+# Tolerances follow the dtype of the arithmetic compared and the scale of the output:
+#     tolerance = ULPS * eps(dtype) * max(1, max |reference output|)
+# eps(dtype) is the relative spacing of the dtype's numbers (float32 2**-23, bfloat16
+# 2**-7, float16 2**-10): two computations of the same function that differ only in the
+# order of their roundings (a batched expert matmul against the dense linear, a sum over
+# different groupings) differ by a few eps relative to the magnitudes involved, which
+# the largest output bounds (outputs below 1 still carry errors of intermediate values
+# of order 1, hence the max with 1). The dense identity runs in float32 on the
+# checkpoint's own weights (both models hold the same rounded values), so float32's eps
+# applies to checkpoints of any dtype; the half-precision row runs both models in the
+# checkpoint's dtype, where every layer's rounding is that dtype's. ULPS is headroom for
+# the error growing through the layers: measured differences stay below ~8 eps (float32)
+# and ~2 eps (bf16, fp16) times the scale on the models in the tests and on t5-small,
+# gpt2 and bert-base presets, while a changed expert moves outputs by far more.
+IDENTITY_ULPS = {torch.float32: 64.0, torch.bfloat16: 8.0, torch.float16: 8.0}
+ONNX_TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, float32 graphs, times max(1, scale)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def identity_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """The largest max-abs difference accepted between two computations of the same
+    function in ``dtype`` whose outputs reach ``scale`` (see `IDENTITY_ULPS`)."""
+    return IDENTITY_ULPS.get(dtype, 64.0) * torch.finfo(dtype).eps * max(1.0, scale)
 
 
 @dataclass(frozen=True)
@@ -45,9 +85,13 @@ class Check:
         return self.status == "fail"
 
 
-def _outputs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+Inputs = tuple[tuple, dict[str, Any]]
+
+
+def _outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    args, kwargs = inputs
     with torch.no_grad():
-        out = model(**inputs)
+        out = model(*args, **kwargs)
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):
@@ -57,10 +101,23 @@ def _outputs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     raise MoEError(f"cannot find a tensor output in {type(out).__name__}")
 
 
-def _inputs(model: nn.Module, seq_len: int | None) -> dict[str, Any]:
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _inputs(model: nn.Module, seq_len: int | None) -> Inputs:
+    """Inputs of ``seq_len`` tokens (batch 2): a transformers model's own dummy inputs
+    with random ids, or, for a module with a ``d_model`` attribute (a factory model),
+    one random float32 ``[2, seq_len, d_model]`` tensor, as `moeify.export_onnx` feeds
+    it (`_as_dtype` casts it for a model in another dtype)."""
     example = default_example_inputs(model)
     if example is None:
-        raise MoEError("the model makes no example inputs of its own (not a transformers model)")
+        d = getattr(model, "d_model", None)  # the model's own (a Switch layer's is not it)
+        if not isinstance(d, int):
+            raise MoEError("the model makes no example inputs of its own (not a transformers "
+                           "model, no d_model attribute)")
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(2, seq_len or 8, d, generator=generator),), {}
     _, kwargs = example
     if seq_len is not None:  # a declared length: feed exactly that many tokens
         generator = torch.Generator().manual_seed(0)
@@ -69,17 +126,107 @@ def _inputs(model: nn.Module, seq_len: int | None) -> dict[str, Any]:
             if key in kwargs:
                 kwargs[key] = torch.randint(2, vocab, (2, seq_len), generator=generator)
         kwargs = {k: v for k, v in kwargs.items() if not k.endswith("attention_mask")}
-    return kwargs
+    return (), kwargs
+
+
+def _as_dtype(inputs: Inputs, dtype: torch.dtype) -> Inputs:
+    """Floating inputs (a factory model's ``[B, T, d]``) cast to the model's dtype."""
+    args, kwargs = inputs
+    cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+# --- integrity -----------------------------------------------------------------------------
+
+_BLOCK = 1 << 24
+
+
+def _shard_layout(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of a safetensors file."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise ValueError(f"header length {size}")
+        header = json.loads(handle.read(size))
+    return 8 + size, header
+
+
+def check_integrity(path: Path, meta: CheckpointMeta) -> Check:
+    """Hash every tensor's bytes straight from the shard files (16 MiB at a time) and
+    compare with the digests recorded when the checkpoint was written."""
+    if meta.digests is None:
+        return Check("integrity", "skip", "no digests recorded (written by a moeify that did "
+                     "not record them): the tensors cannot be checked; convert or save again "
+                     "to record them")
+    index = read_index(path)
+    weight_map: dict[str, str] = index["weight_map"]
+    parts = index.get("metadata", {}).get("parts", {})
+    part_names = {part for entries in parts.values() for part, _ in entries}
+    tensors = {name: [(file, name)] for name, file in weight_map.items() if name not in part_names}
+    for name, entries in parts.items():
+        tensors[name] = [(weight_map.get(part, "?"), part) for part, _ in entries]
+    unrecorded = [n for n in tensors if n not in meta.digests]
+    absent = [n for n in meta.digests if n not in tensors]
+    if absent:
+        return Check("integrity", "fail", f"{len(absent)} tensors with a recorded digest are "
+                     f"not in the index, first {absent[0]}")
+    layouts: dict[str, tuple[int, dict[str, Any]]] = {}
+    mismatched: list[tuple[str, str]] = []
+    total = 0
+    for name, entries in tensors.items():
+        if name not in meta.digests:
+            continue
+        digest = hashlib.sha256()
+        files = []
+        for file, entry in entries:
+            files.append(file)
+            shard = path / file
+            try:
+                if file not in layouts:
+                    layouts[file] = _shard_layout(shard)
+                start, header = layouts[file]
+                begin, end = header[entry]["data_offsets"]
+                with open(shard, "rb") as handle:
+                    handle.seek(start + begin)
+                    left = end - begin
+                    while left:
+                        block = handle.read(min(left, _BLOCK))
+                        if not block:
+                            raise ValueError("truncated")
+                        digest.update(block)
+                        left -= len(block)
+                        total += len(block)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                return Check("integrity", "fail", f"shard {shard} is missing, damaged or "
+                             f"truncated ({type(error).__name__}: {error}) at tensor {name}")
+        if DIGEST_PREFIX + digest.hexdigest() != meta.digests[name]:
+            mismatched.append((name, ", ".join(sorted(set(files)))))
+    if mismatched:
+        name, files = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        return Check("integrity", "fail", f"tensor {name} in shard {files} does not match its "
+                     f"recorded sha256 digest{more}: the file changed after it was written")
+    if unrecorded:
+        return Check("integrity", "fail", f"{len(unrecorded)} tensors have no recorded digest, "
+                     f"first {unrecorded[0]}")
+    shards = len(set(weight_map.values()))
+    return Check("integrity", "pass", f"{len(tensors)} tensors in {shards} shards match their "
+                 f"recorded sha256 digests ({total:,} bytes read)")
+
+
+# --- reload --------------------------------------------------------------------------------
 
 
 def check_reload(path: Path) -> tuple[Check, nn.Module | None]:
+    """Load (digests are the integrity check's: not checked twice), then save again,
+    reload and compare outputs bitwise."""
     try:
-        model = load(path)
+        model = load(path, check_digests=False)
     except MoEError as error:
         return Check("reload", "fail", str(error)), None
     meta = read_meta(path)
     try:
-        inputs = _inputs(model, meta.seq_len)
+        inputs = _as_dtype(_inputs(model, meta.seq_len), _weights_dtype(model))
     except MoEError as error:
         return Check("reload", "pass", f"loaded; outputs not compared: {error}"), model
     before = _outputs(model, inputs)
@@ -94,12 +241,67 @@ def check_reload(path: Path) -> tuple[Check, nn.Module | None]:
     return Check("reload", "pass" if same else "fail", detail), model
 
 
-def _source_model(meta: CheckpointMeta) -> nn.Module | None:
+# --- the source ----------------------------------------------------------------------------
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the converted model's expert weights (the conversion's ``--dtype``)."""
+    for _, layer in switch_layers(model):
+        return layer.experts.w_in.dtype
+    return _float_dtype(model)
+
+
+def source_model(meta: CheckpointMeta, model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The dense model the checkpoint was converted from, in eval mode, with a note on how
+    it was found; or None and the reason it is not available.
+
+    Loaded in the dtype the conversion loaded it in (so it holds the same rounded
+    weights as the checkpoint), and accepted only if its fingerprint equals the recorded
+    one. Fresh weights (``--random-init``) and factories are built again after seeding
+    with the conversion's seed, as ``moeify convert`` did."""
     source = meta.source
-    if source is None or source.kind not in ("hf-dir", "hub"):
-        return None
-    model, _ = load_source(source.ref)
-    return model.float().eval()
+    if source is None:
+        return None, ("the checkpoint records no source (saved by moeify.save without one): "
+                      "no dense weights to compare with")
+    if source.kind == "hf":
+        return None, (f"the checkpoint records the architecture only ({source.model_class}, "
+                      "saved by moeify.save from Python), not where its weights came from: "
+                      "no dense weights to compare with")
+    ref, notes = source.ref, []
+    if source.kind == "hf-dir":
+        directory = Path(ref)
+        if not directory.is_absolute():
+            notes.append(f"source recorded as the relative path {ref!r}, taken from the "
+                         "current directory")
+        if not directory.is_dir():
+            return None, f"the source directory {ref} does not exist (any more)"
+    dtype = getattr(torch, source.dtype, None) if isinstance(source.dtype, str) else None
+    if not isinstance(dtype, torch.dtype):  # not recorded: the checkpoint's expert dtype
+        dtype = _weights_dtype(model)
+    seed = meta.config.seed
+    rebuilt = source.random_init or source.kind == "factory"
+    with torch.random.fork_rng(devices=[]):
+        if rebuilt:
+            torch.manual_seed(seed)
+        try:
+            dense, found = load_source(ref, random_init=source.random_init, dtype=dtype)
+        except MoEError as error:
+            return None, f"cannot load the source {ref}: {error}"
+    if source.weights is None:
+        notes.append("no source fingerprint recorded: not proven to be the weights converted")
+    elif found.weights != source.weights:
+        if source.random_init:
+            return None, (f"{ref} built again with fresh weights (seed {seed}) differs from "
+                          "the weights converted (fingerprint differs: another torch or "
+                          "transformers version?)")
+        if source.kind == "factory":
+            return None, (f"calling {ref} again (seed {seed}) builds other weights than at "
+                          "conversion (fingerprint differs)")
+        return None, f"the source {ref} changed since conversion (weights fingerprint differs)"
+    else:
+        notes.append("fresh weights rebuilt with the conversion's seed, " if rebuilt else "")
+        notes[-1] += "source fingerprint matches"
+    return dense.eval(), "; ".join(n for n in notes if n)
 
 
 def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
@@ -137,6 +339,9 @@ def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
                  f"{config.num_experts} experts equal their dense FFN")
 
 
+# --- dense identity ------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def _float32_eval(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` cast to float32 and in eval mode inside the block; afterwards exactly as
@@ -166,14 +371,24 @@ def _float32_eval(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:
-    """Run ``model`` in float32 with room for every token and the normalized gate, and
-    compare with ``dense``; ``model`` is left as it came (dtype, device, modes, configs)."""
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, every module's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _room_for_every_token(model: nn.Module) -> Iterator[None]:
+    """Every Switch layer with the normalized gate and capacity for every token (an
+    upcycled model then computes the dense function); restored afterwards."""
     layers = [layer for _, layer in switch_layers(model)]
     saved = [(layer.config, layer.tokens_per_group, layer.last_routing) for layer in layers]
     try:
-        inputs = _inputs(dense, seq_len)
-        reference = _outputs(dense, inputs)
         for layer in layers:
             E = layer.config.num_experts
             layer.config = layer.config.replace(
@@ -181,45 +396,180 @@ def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None
                 group_size=None,
             )
             layer.set_tokens_per_group(layer.tokens_per_group)
-        with _float32_eval(model):
-            converted = _outputs(model, inputs)
-    except MoEError as error:
-        return Check("dense identity", "skip", str(error))
+        yield
     finally:
         for layer, (config, tokens, routing) in zip(layers, saved):
             layer.config = config
             layer.set_tokens_per_group(tokens)
             layer.last_routing = routing
-    diff = (converted - reference).abs().max().item()
-    passed = math.isfinite(diff) and diff <= IDENTITY_TOLERANCE
-    return Check("dense identity", "pass" if passed else "fail",
-                 f"normalized gate, no drops: max |moe - dense| = {diff:.3g} "
-                 f"(tolerance {IDENTITY_TOLERANCE:g})")
 
 
-def verify(path: str | Path) -> list[Check]:
-    """Every check that applies to the checkpoint at ``path`` (see the module docs)."""
+def _compare(name: str, converted: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
+             how: str) -> Check:
+    diff = (converted.float() - reference.float()).abs().max().item()
+    scale = reference.float().abs().max().item()
+    tolerance = identity_tolerance(dtype, scale)
+    passed = math.isfinite(diff) and diff <= tolerance
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Check(name, "pass" if passed else "fail",
+                 f"{how}: max |moe - dense| = {diff:.3g} (tolerance {tolerance:.3g} = "
+                 f"{IDENTITY_ULPS.get(dtype, 64.0):g} eps({dtype_name}) x max(1, max|dense| "
+                 f"{scale:.3g}))")
+
+
+def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:
+    """Run ``model`` and ``dense`` in float32, the former with room for every token and
+    the normalized gate, and compare; both are left as they came (dtype, device, modes,
+    configs). ``dense`` should hold the checkpoint's rounded weights (`source_model`
+    loads it so): the tolerance is float32's."""
+    try:
+        inputs = _inputs(dense, seq_len)
+        with _float32_eval(dense):
+            reference = _outputs(dense, inputs)
+        with _room_for_every_token(model), _float32_eval(model):
+            converted = _outputs(model, inputs)
+    except MoEError as error:
+        return Check("dense identity", "skip", str(error))
+    weights = str(_weights_dtype(model)).removeprefix("torch.")
+    return _compare("dense identity", converted, reference, torch.float32,
+                    f"normalized gate, no drops, float32 on the {weights} weights")
+
+
+def check_native_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:
+    """The dense identity with both models computed in the checkpoint's half dtype (the
+    converted model as loaded, its routers float32): the path half-precision users run."""
+    dtype = _weights_dtype(model)
+    name = f"dense identity ({str(dtype).removeprefix('torch.')})"
+    try:
+        inputs = _as_dtype(_inputs(dense, seq_len), dtype)
+        with _eval(dense):
+            reference = _outputs(dense, inputs)
+        with _room_for_every_token(model), _eval(model):
+            converted = _outputs(model, inputs)
+    except MoEError as error:
+        return Check(name, "skip", str(error))
+    return _compare(name, converted, reference, dtype,
+                    f"normalized gate, no drops, both models in {str(dtype).removeprefix('torch.')}")
+
+
+# --- ONNX ----------------------------------------------------------------------------------
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The graphs that belong to a checkpoint: ``*.onnx`` inside it, ``DIR.onnx`` beside."""
+    beside = path.with_name(path.name + ".onnx")
+    return sorted(path.glob("*.onnx")) + ([beside] if beside.is_file() else [])
+
+
+def check_onnx_parity(model: nn.Module, graph: Path) -> Check:
+    """Run ``graph`` in ONNX Runtime and the PyTorch ``model`` (eval mode; in float32 when
+    the graph is float32, as half-precision checkpoints export) on the same random
+    inputs of the graph's declared sequence length, and compare."""
+    import numpy as np
+
+    from moeify.onnx import OnnxRunner
+    from moeify.onnx.export import _wrap
+
+    name = "onnx parity"
+    try:
+        runner = OnnxRunner(graph)
+    except Exception as error:  # noqa: BLE001 - onnx / onnxruntime raise several kinds
+        return Check(name, "fail", f"{graph} cannot be loaded by ONNX Runtime: "
+                     f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    seq_len = runner.seq_len
+    if seq_len is None:
+        return Check(name, "skip", f"{graph} declares no sequence length (not exported by "
+                     "moeify): nothing to compare it with")
+    batch = runner.metadata.get("batch_size", "dynamic")
+    batch = int(batch) if batch.isdigit() else 2
+    wrapper = _wrap(model)
+    if list(wrapper.inputs) != list(runner.inputs):
+        return Check(name, "fail", f"{graph} takes inputs {runner.inputs}, the model "
+                     f"{list(wrapper.inputs)}: exported from another model?")
+    generator = torch.Generator().manual_seed(0)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 100)
+    feeds: dict[str, torch.Tensor] = {}
+    for input_name, spec in zip(runner.inputs, runner.session.get_inputs()):
+        if input_name == "attention_mask":
+            feeds[input_name] = torch.ones(batch, seq_len, dtype=torch.long)
+        elif input_name == "input":
+            feeds[input_name] = torch.randn(batch, seq_len, int(spec.shape[-1]),
+                                            generator=generator)
+        else:
+            feeds[input_name] = torch.randint(2, vocab, (batch, seq_len), generator=generator)
+    try:
+        got = np.asarray(runner.run(**feeds))
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime errors
+        return Check(name, "fail", f"ONNX Runtime failed on {graph}: "
+                     f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    layers = [layer for _, layer in switch_layers(model)]
+    saved = [layer.tokens_per_group for layer in layers]
+    float32 = got.dtype == np.float32
+    try:
+        for layer in layers:  # capacity declared for the graph's length, as export does
+            if layer.config.group_size is None:
+                layer.set_tokens_per_group(seq_len)
+        context = _float32_eval(model) if float32 else _eval(model)
+        with context, torch.no_grad():
+            expected = wrapper(*(feeds[n] for n in wrapper.inputs)).float().numpy()
+    finally:
+        for layer, tokens in zip(layers, saved):
+            layer.set_tokens_per_group(tokens)
+    if got.shape != expected.shape:
+        return Check(name, "fail", f"{graph} gives outputs of shape {list(got.shape)}, the "
+                     f"model {list(expected.shape)}")
+    diff = float(np.abs(got.astype(np.float32) - expected).max())
+    scale = float(np.abs(expected).max())
+    tolerance = ONNX_TOLERANCE * max(1.0, scale)
+    passed = math.isfinite(diff) and diff <= tolerance
+    return Check(name, "pass" if passed else "fail",
+                 f"{graph.name}, {batch} x {seq_len} tokens: max |onnxruntime - torch| = "
+                 f"{diff:.3g} (tolerance {tolerance:.3g} = {ONNX_TOLERANCE:g} x max(1, max|out| "
+                 f"{scale:.3g}))")
+
+
+# --- all of them ---------------------------------------------------------------------------
+
+
+def verify(path: str | Path, *, onnx: str | Path | None = None) -> list[Check]:
+    """Every check that applies to the checkpoint at ``path`` (see the module docs).
+
+    onnx: an ONNX graph exported from the checkpoint to compare; default: the graphs of
+        `onnx_files`.
+    """
     path = Path(path)
     meta = read_meta(path)
+    checks = [check_integrity(path, meta)]
     reload, model = check_reload(path)
-    checks = [reload]
+    checks.append(reload)
+    half = model is not None and _weights_dtype(model) in HALF
     if model is None:
-        return checks
-    try:
-        dense = _source_model(meta)
-    except MoEError as error:
-        dense, why = None, str(error)
-    else:
-        kind = "none recorded" if meta.source is None else meta.source.kind
-        why = f"source ({kind}) has no weights to compare"
-    if dense is None:
+        why = "the checkpoint does not load (see reload)"
         checks += [Check("upcycled weights", "skip", why), Check("dense identity", "skip", why)]
+        checks.append(Check("onnx parity", "skip", why))
+        return checks
+    dense, note = source_model(meta, model)
+    if dense is None:
+        checks += [Check("upcycled weights", "skip", note), Check("dense identity", "skip", note)]
+        if half:
+            dtype = str(_weights_dtype(model)).removeprefix("torch.")
+            checks.append(Check(f"dense identity ({dtype})", "skip", note))
     else:
-        checks += [check_upcycled_weights(model, dense),
-                   check_dense_identity(model, dense, meta.seq_len)]
-    onnx_files = sorted(path.glob("*.onnx"))
-    checks.append(Check("onnx parity", "skip", "no ONNX file in the checkpoint"
-                        if not onnx_files else "ONNX checks are not available yet"))
+        weights = check_upcycled_weights(model, dense)
+        if note and weights.status != "skip":
+            weights = Check(weights.name, weights.status, f"{weights.detail} ({note})")
+        checks += [weights, check_dense_identity(model, dense, meta.seq_len)]
+        if half:
+            checks.append(check_native_identity(model, dense, meta.seq_len))
+    graphs = [Path(onnx)] if onnx is not None else onnx_files(path)
+    if onnx is not None and not graphs[0].is_file():
+        checks.append(Check("onnx parity", "fail", f"no such ONNX file: {onnx}"))
+    elif not graphs:
+        checks.append(Check("onnx parity", "skip", f"no ONNX graph in {path} or at "
+                            f"{path.name}.onnx beside it (export one with moeify export, or "
+                            "pass --onnx PATH)"))
+    else:
+        checks += [check_onnx_parity(model, graph) for graph in graphs]
     return checks
 
 

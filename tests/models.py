@@ -36,11 +36,30 @@ def gpt2(layers: int = 4, **config) -> tf.GPT2LMHeadModel:
     ))
 
 
-def llama(layers: int = 4) -> tf.LlamaForCausalLM:
+def llama(layers: int = 4, **config) -> tf.LlamaForCausalLM:
     return tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **config,
+    ))
+
+
+def mistral(layers: int = 4, **config) -> tf.MistralForCausalLM:
+    """Grouped-query attention and a sliding window shorter than the tests' sequences."""
+    config = {"sliding_window": 6, **config}
+    return tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **config,
+    ))
+
+
+def qwen2(layers: int = 4, **config) -> tf.Qwen2ForCausalLM:
+    """q/k/v projections with biases (Qwen2's attention)."""
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **config,
     ))
 
 

@@ -47,7 +47,7 @@ CONFIG_OPTIONS = {  # the names users type; renaming one breaks their scripts
     "layers": "--layers", "init": "--init", "noise": "--noise", "gate": "--gate",
     "jitter_eps": "--jitter", "aux_loss_coef": "--aux-loss-coef",
     "z_loss_coef": "--z-loss-coef", "expert_dropout": "--expert-dropout",
-    "router_dtype": "--router-dtype", "seed": "--seed",
+    "router_dtype": "--router-dtype", "seed": "--seed", "dropless": "--dropless",
 }
 
 
@@ -91,7 +91,7 @@ def test_help_lists_every_config_option_with_its_default():
             blocks[option] += " " + text
     for field in dataclasses.fields(MoEConfig):
         block = blocks[field.metadata["cli"][0]]
-        if field.default is not None:
+        if field.default is not None and field.default is not False:  # a flag: off unless given
             default = getattr(field.default, "value", field.default)
             assert f"[default: {default}]" in block, block
 

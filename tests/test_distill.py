@@ -140,3 +140,63 @@ def test_distill_command_writes_a_dense_transformers_model(tmp_path):
         torch.testing.assert_close(student.state_dict()[name], value)
     again = run("distill", tmp_path / "moe", "--out", tmp_path / "dense")
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def _cli(*args):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_distill_command_rule_usage_weighs_experts_by_tokens_on_data(tmp_path):
+    teacher, _ = converted(models.gpt2, noise=0.5)  # experts differ, so the rule matters
+    moeify.save(teacher, tmp_path / "moe")
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, models.VOCAB, (5, SEQ), generator=generator)
+    (tmp_path / "ids.txt").write_text(
+        "\n".join(" ".join(map(str, row)) for row in ids.tolist()) + "\n")
+    result = _cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--rule", "usage",
+                  "--data", tmp_path / "ids.txt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rule"] == "usage"
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    again = moeify.load(tmp_path / "moe").eval()
+    with torch.no_grad():
+        again(input_ids=ids)
+    site, layer = _usage_site(again)
+    counts = layer.last_routing.tokens_per_expert.float()
+    assert len(set(counts.tolist())) > 1
+    expected = moeify.distill(again, rule="usage")
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value)
+    mean = moeify.distill(again, rule="mean")
+    assert not torch.allclose(student.get_submodule(site.up.path).weight,
+                              mean.get_submodule(site.up.path).weight)
+
+
+def test_distill_command_rule_refusals_are_one_line(tmp_path):
+    teacher, _ = converted(models.gpt2)
+    moeify.save(teacher, tmp_path / "moe")
+    (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n")
+    (tmp_path / "short.txt").write_text("1 2 3\n4 5 6\n")
+    (tmp_path / "words.txt").write_text("hello world\n")
+    cases = [
+        (["--rule", "median"], "--rule 'median' is not one of mean, usage"),
+        (["--rule", "usage"], "--rule usage weighs each expert by the tokens it processed"),
+        (["--data", tmp_path / "short.txt"], "--data is read only by --rule usage"),
+        (["--rule", "usage", "--data", tmp_path / "ragged.txt"], "the same length"),
+        (["--rule", "usage", "--data", tmp_path / "words.txt"], "line 1: not whitespace"),
+        (["--rule", "usage", "--data", tmp_path / "missing.txt"], "cannot read --data"),
+        (["--rule", "usage", "--data", tmp_path / "short.txt"],
+         "sequences of 3 tokens, but the checkpoint's Switch layers are declared for 12"),
+    ]
+    for args, message in cases:
+        result = _cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", *args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "dense").exists()

@@ -53,3 +53,160 @@ def test_dense_identity_leaves_the_callers_bf16_model_as_it_was():
     now_routing = [layer.last_routing for _, layer in moeify.switch_layers(moe)]
     assert len(now_routing) == len(routing) and all(a is b for a, b in zip(now_routing, routing))
     assert moe(input_ids=ids, decoder_input_ids=ids).logits.dtype == torch.bfloat16
+
+
+# --- tolerances per dtype, ONNX parity, factory checkpoints (issue 14) -----------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from moeify.verify import identity_tolerance  # noqa: E402
+from tests.test_cli_convert import one_line_error, run  # noqa: E402
+
+
+def checks_of(result) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+
+
+def test_tolerances_follow_the_dtype_and_the_output_scale():
+    f32, bf16, f16 = (identity_tolerance(d, 1.0)
+                      for d in (torch.float32, torch.bfloat16, torch.float16))
+    assert f32 < f16 < bf16
+    assert identity_tolerance(torch.float32, 10.0) == 10 * f32
+    assert identity_tolerance(torch.float32, 0.01) == f32  # never below eps at scale 1
+    assert bf16 == 8 * 2**-7 and f32 == 64 * 2**-23
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    models.gpt2().save_pretrained(path)
+    return path
+
+
+def tamper_expert(ck: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    shard = ck / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][2] += 0.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype, random_init", [("bf16", False), ("fp16", False),
+                                                ("bf16", True)])
+def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
+        dtype, random_init, gpt2_dir, tmp_path):
+    ck = tmp_path / "ck"
+    result = run("convert", gpt2_dir, *(["--random-init"] if random_init else []),
+                 "--dtype", dtype, "--experts", "4", "--seq-len", "8", "--out", ck)
+    assert result.returncode == 0, result.stderr
+    result = run("verify", ck, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = checks_of(result)
+    name = {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    assert checks["dense identity"]["status"] == "pass", checks["dense identity"]
+    assert "tolerance" in checks["dense identity"]["detail"]
+    assert f"float32 on the {name} weights" in checks["dense identity"]["detail"]
+    native = checks[f"dense identity ({name})"]
+    assert native["status"] == "pass", native
+    assert f"eps({name})" in native["detail"]
+    assert checks["upcycled weights"]["status"] == "pass"
+
+    tamper_expert(ck, "transformer.h.1.mlp.c_fc.experts.w_in")
+    result = run("verify", ck, "--json")
+    assert result.returncode == 1
+    checks = checks_of(result)
+    assert checks["integrity"]["status"] == "fail"
+    assert checks["upcycled weights"]["status"] == "fail"
+    assert checks["dense identity"]["status"] == "fail"
+
+
+def test_onnx_parity_runs_on_a_graph_beside_or_given_and_catches_a_tampered_one(
+        gpt2_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    ck = tmp_path / "ck"
+    assert run("convert", gpt2_dir, "--experts", "4", "--seq-len", "8", "--out",
+               ck).returncode == 0
+    result = run("verify", ck, "--json")
+    skipped = checks_of(result)["onnx parity"]
+    assert skipped["status"] == "skip" and "--onnx" in skipped["detail"]
+
+    graph = tmp_path / "ck.onnx"  # beside the checkpoint: found without --onnx
+    result = run("export", ck, "--onnx", graph, "--seq-len", "8")
+    assert result.returncode == 0, result.stderr
+    result = run("verify", ck, "--json")
+    assert result.returncode == 0, result.stderr
+    parity = checks_of(result)["onnx parity"]
+    assert parity["status"] == "pass", parity
+    assert "max |onnxruntime - torch|" in parity["detail"] and "8 tokens" in parity["detail"]
+
+    proto = onnx.load(str(graph))
+    initializer = next(i for i in proto.graph.initializer
+                       if "experts" in i.name and "w_out" in i.name)
+    values = numpy_helper.to_array(initializer).copy()
+    # every expert (whichever the inputs reach), one output feature (a uniform shift of
+    # every feature is what the next LayerNorm removes)
+    values[..., 0] += 0.5
+    initializer.CopyFrom(numpy_helper.from_array(values, initializer.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    result = run("verify", ck, "--onnx", tampered, "--json")
+    assert result.returncode == 1
+    parity = checks_of(result)["onnx parity"]
+    assert parity["status"] == "fail" and "max |onnxruntime - torch|" in parity["detail"]
+    result = run("verify", ck, "--onnx", tmp_path / "missing.onnx", "--json")
+    assert result.returncode == 1 and "no such ONNX file" in checks_of(result)["onnx parity"]["detail"]
+
+
+def test_a_bf16_checkpoint_and_its_float32_graph_agree(gpt2_dir, tmp_path):
+    ck = tmp_path / "ck"
+    assert run("convert", gpt2_dir, "--dtype", "bf16", "--experts", "4", "--seq-len", "8",
+               "--out", ck).returncode == 0
+    assert run("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8").returncode == 0
+    result = run("verify", ck, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checks_of(result)["onnx parity"]["status"] == "pass"
+
+
+def test_factory_checkpoints_verify_export_and_refuse_distill_in_one_line(tmp_path):
+    ck = tmp_path / "ck"
+    result = run("convert", "tests.factories:residual_ffns", "--experts", "4", "--seq-len", "8",
+                 "--out", ck)
+    assert result.returncode == 0, result.stderr
+    result = run("verify", ck, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = checks_of(result)
+    assert checks["reload"]["detail"] == "saved again and reloaded: outputs bitwise equal"
+    assert checks["upcycled weights"]["status"] == "pass", checks["upcycled weights"]
+    assert checks["dense identity"]["status"] == "pass", checks["dense identity"]
+
+    result = run("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8")
+    assert result.returncode == 0, result.stderr
+    result = run("verify", ck, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checks_of(result)["onnx parity"]["status"] == "pass"
+
+    one_line_error(run("distill", ck, "--out", tmp_path / "student"), "factory")
+
+
+def test_verify_of_a_factory_that_builds_other_weights_says_so(tmp_path, monkeypatch):
+    from moeify.verify import verify
+
+    model = models.NanoGPT()
+    moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)
+    from moeify.sources import Source
+
+    moeify.save(model, tmp_path / "ck", source=Source("factory", "tests.models:NanoGPT",
+                                                      weights="sha256:" + "0" * 64))
+    checks = {c.name: c for c in verify(tmp_path / "ck")}
+    assert checks["reload"].status == "pass"
+    assert checks["upcycled weights"].status == "skip"
+    assert "builds other weights than at conversion" in checks["upcycled weights"].detail

@@ -14,12 +14,30 @@ Inputs and outputs by model kind:
 
 ``metadata_props`` carry the moeify version, experts, top-k, capacity (eval), group
 size and exporter, which `OnnxRunner` reads to refuse inputs of another length.
+
+Half precision: a bfloat16 or float16 model (in memory or a checkpoint directory)
+exports as a **float32 graph**. Its weights are widened exactly (every bf16/fp16 value
+is a float32 value) while they are traced or streamed into the file, the router is
+float32 already, and the graph computes in float32: what ONNX Runtime's CPU provider
+runs (it has few bf16 kernels), and the same function as the PyTorch model computed in
+float32 from the same rounded weights. The metadata says ``dtype = float32`` and
+``source_dtype = bfloat16`` (or ``float16``). A model in memory is widened for the
+export and given back its own tensors afterwards.
+
+Every export ends with ``onnx.checker.check_model(path, full_check=True)`` on the
+written file (by path, so external data is checked where it lies); a graph that does
+not pass raises `MoEError` and nothing is left at ``path``. Third-party warnings and
+log lines of the exporter (torch.onnx, onnxscript, onnx_ir) are silenced during the
+export; ``MOEIFY_DEBUG=1`` keeps them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +48,7 @@ from moeify import __version__
 from moeify.api import switch_layers
 from moeify.checkpoint import load_skeleton
 from moeify.errors import MoEError
+from moeify.fs import atomic_file, check_output
 from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
 from moeify.conversion import conversion_of
 
@@ -97,10 +116,12 @@ def _wrap(model: nn.Module) -> nn.Module:
 
 def _example(wrapper: nn.Module, model: nn.Module, batch: int, seq_len: int) -> tuple:
     if isinstance(wrapper, _Plain):
-        d = next((m.d_model for m in model.modules() if hasattr(m, "d_model")), None)
-        if d is None:
+        d = getattr(model, "d_model", None)  # the model's own (a Switch layer's is not it)
+        if not isinstance(d, int):
             raise MoEError("export_onnx needs a transformers model or a module with d_model")
-        return (torch.randn(batch, seq_len, d),)
+        # on the weights' device: a skeleton streamed from a checkpoint is on meta
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return (torch.randn(batch, seq_len, d, device=device),)
     vocab = getattr(model.config, "vocab_size", 100)
     generator = torch.Generator().manual_seed(0)
     ids = lambda: torch.randint(2, vocab, (batch, seq_len), generator=generator)  # noqa: E731
@@ -109,8 +130,12 @@ def _example(wrapper: nn.Module, model: nn.Module, batch: int, seq_len: int) -> 
     return tuple(values[name] for name in wrapper.inputs)
 
 
-def _stream_weights(program, weights) -> None:
-    """Point every meta initializer at its tensor in the checkpoint, read when saved."""
+def _stream_weights(program, weights, stored: dict[str, torch.dtype]) -> None:
+    """Point every meta initializer at its tensor in the checkpoint, read when saved.
+
+    A tensor stored in another floating dtype than the graph declares (a bf16 / fp16
+    checkpoint exports as a float32 graph) is widened as it is read; ``stored`` collects
+    the dtype each tensor had in the checkpoint."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
@@ -123,8 +148,15 @@ def _stream_weights(program, weights) -> None:
         if key not in weights:
             raise MoEError(f"the graph needs weight {key!r}, which the checkpoint does not hold")
 
-        def read(key: str = key, name: str = name) -> TorchTensor:
-            return TorchTensor(weights.get(key).contiguous(), name=name)
+        def read(key: str = key, name: str = name, dtype: torch.dtype = raw.dtype) -> TorchTensor:
+            tensor = weights.get(key)
+            stored[key] = tensor.dtype
+            if tensor.dtype != dtype:
+                if not (tensor.is_floating_point() and dtype.is_floating_point):
+                    raise MoEError(f"checkpoint tensor {key!r} is {tensor.dtype}, but the graph "
+                                   f"declares {dtype}")
+                tensor = tensor.to(dtype)
+            return TorchTensor(tensor.contiguous(), name=name)
 
         value.const_value = ir.LazyTensor(read, dtype=current.dtype, shape=current.shape,
                                           name=name)
@@ -133,6 +165,125 @@ def _stream_weights(program, weights) -> None:
 def _graph_bytes(program) -> int:
     return sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                if v.const_value is not None)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _widened(model: nn.Module):
+    """Every bf16 / fp16 parameter and buffer of ``model`` as float32 (exact), inside the
+    block; afterwards the model gets its own parameter and buffer objects back.
+
+    New float32 objects take their places (the old ones are not mutated), so an exported
+    program that holds them keeps float32 tensors after the block. Meta tensors cost
+    nothing; a parameter shared by several modules (tied weights) stays one parameter."""
+    widened: dict[int, nn.Parameter] = {}
+    replaced: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and param.dtype in HALF:
+                    if id(param) not in widened:
+                        widened[id(param)] = nn.Parameter(param.detach().float(),
+                                                          requires_grad=param.requires_grad)
+                    replaced.append((module._parameters, name, param))
+                    module._parameters[name] = widened[id(param)]
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.dtype in HALF:
+                    replaced.append((module._buffers, name, buffer))
+                    module._buffers[name] = buffer.float()
+        yield
+    finally:
+        for table, name, original in reversed(replaced):
+            table[name] = original
+
+
+def _source_dtype(model: nn.Module, stored: dict[str, torch.dtype] | None = None) -> str:
+    """The floating dtype(s) of the model's weights outside the routers (float32 in any
+    model), as the metadata's ``source_dtype``; ``stored``: the dtypes read from a
+    checkpoint's shards, when the model is a skeleton of one."""
+    routers = tuple(f"{name}.router." for name, _ in switch_layers(model))
+    found: set[str] = set()
+    for name, param in model.named_parameters():
+        if name.startswith(routers):
+            continue
+        dtype = param.dtype if stored is None else stored.get(name)
+        if dtype is not None and dtype.is_floating_point:
+            found.add(str(dtype).removeprefix("torch."))
+    return ",".join(sorted(found)) or "none"
+
+
+# loggers of the exporter and the libraries under it, silenced during an export
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
+                 "torch.fx", "torch.utils._sympy", "onnxscript", "onnx_ir", "onnx")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Third-party warnings, log records and prints of the exporter, silenced (stderr
+    keeps moeify's own progress and messages; stdout stays free for ``--json``).
+    ``MOEIFY_DEBUG=1`` lets them through."""
+    if os.environ.get("MOEIFY_DEBUG"):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings`` /
+    ``n_positions``), or None where it has no such limit (T5's relative positions)."""
+    config = getattr(model, "config", None)
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_export_args(seq_len: Any, batch_size: Any, opset: Any = DEFAULT_OPSET) -> None:
+    """Refuse a sequence length, batch size or opset an export cannot honour, before any
+    work (`export_onnx` and the ``moeify export`` command call it first)."""
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise MoEError(f"opset {opset} is too old: moeify exports with opset >= {MIN_OPSET}")
+    if not positive(seq_len):
+        raise MoEError(f"seq_len must be a positive int (the static sequence axis), got {seq_len!r}")
+    if batch_size is not None and not positive(batch_size):
+        raise MoEError(f"batch size must be a positive int (a static batch axis), or none for "
+                       f"a dynamic one, got {batch_size!r}")
+
+
+def _check_positions(model: nn.Module, seq_len: int) -> None:
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise MoEError(f"seq_len {seq_len} exceeds the model's maximum of {limit} positions "
+                       f"(its config's max_position_embeddings): export with --seq-len <= {limit}")
+
+
+def _check_written(path: Path) -> None:
+    """`onnx.checker.check_model(full_check=True)` on the file at ``path`` (by path, so
+    external data beside it is found); a failure is a `MoEError`."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as error:  # noqa: BLE001 - ValidationError, InferenceError, ...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoEError(f"the exported graph does not pass onnx.checker ({first}); nothing was "
+                       "written (MOEIFY_DEBUG=1 shows the details)") from error
 
 
 def export_onnx(
@@ -157,16 +308,18 @@ def export_onnx(
     expert-parallel plan over N devices into the graph (`moeify.onnx.sharding`), checked
     before saving. Weights go to ``<path>.data`` beside the file (ONNX external data) when
     ``external_data`` is true, or by default when the graph is over 2 GB.
+    A bf16 / fp16 model exports as a float32 graph (see the module docs). Refused with a
+    `MoEError`: ``seq_len`` or ``batch_size`` below 1, ``seq_len`` beyond the model's
+    maximum positions (where its config has one), and a graph `onnx.checker` rejects.
     """
     import onnx
 
-    if opset < MIN_OPSET:
-        raise MoEError(f"opset {opset} is too old: moeify exports with opset >= {MIN_OPSET}")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise MoEError(f"seq_len must be a positive int (the static sequence axis), got {seq_len!r}")
+    check_export_args(seq_len, batch_size, opset)
     path = Path(path)
     if path.exists() and not force:
         raise MoEError(f"{path} already exists: choose another path or pass --force")
+    check_output(path, inputs=[] if isinstance(model, nn.Module) else [model], force=force,
+                 what="path", inside_ok=True)  # never over the checkpoint being read
     weights = None
     if not isinstance(model, nn.Module):
         model, weights = load_skeleton(model)
@@ -176,8 +329,10 @@ def export_onnx(
     if conversion is not None and conversion.config.group_size is None and declared - {seq_len}:
         raise MoEError(
             f"the model's Switch layers are declared for {sorted(declared)} tokens, not "
-            f"{seq_len}: export with --seq-len {sorted(declared)[0]} or convert again"
+            f"{seq_len}: export with --seq-len {sorted(declared)[0]}, or declare the other "
+            f"length first (moeify.set_seq_len(model, {seq_len}))"
         )
+    _check_positions(model, seq_len)
     if weights is None and any(p.is_meta for p in model.parameters()):
         raise MoEError("the model has parameters on the meta device: load its weights, or "
                        "pass the checkpoint directory to export_onnx")
@@ -185,29 +340,34 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        for layer in layers:
-            if layer.config.group_size is None:
-                layer.set_tokens_per_group(seq_len)
-        wrapper = _wrap(model).eval()
-        example = _example(wrapper, model, batch_size or 2, seq_len)
-        dynamic = None
-        if batch_size is None:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            dynamic = {name: {0: batch} for name in wrapper.inputs}
-        with torch.no_grad():
-            # the optimizer folds small constants: with weights still on meta it runs
-            # once they are attached (it never reads tensors above its size limit)
-            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
-                                        input_names=list(wrapper.inputs), output_names=["output"],
-                                        dynamic_shapes=dynamic, verbose=False,
-                                        optimize=weights is None)
+        with _widened(model), _quiet():
+            graph_dtype = _source_dtype(model)  # float32 for a bf16 / fp16 model
+            for layer in layers:
+                if layer.config.group_size is None:
+                    layer.set_tokens_per_group(seq_len)
+            wrapper = _wrap(model).eval()
+            example = _example(wrapper, model, batch_size or 2, seq_len)
+            dynamic = None
+            if batch_size is None:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                dynamic = {name: {0: batch} for name in wrapper.inputs}
+            with torch.no_grad():
+                # the optimizer folds small constants: with weights still on meta it runs
+                # once they are attached (it never reads tensors above its size limit)
+                program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
+                                            input_names=list(wrapper.inputs), output_names=["output"],
+                                            dynamic_shapes=dynamic, verbose=False,
+                                            optimize=weights is None)
     finally:
         for layer, tokens in zip(layers, saved):
             layer.set_tokens_per_group(tokens)
         model.train(was_training)
+    stored: dict[str, torch.dtype] | None = None
     if weights is not None:
-        _stream_weights(program, weights)
-        program.optimize()
+        stored = {}
+        _stream_weights(program, weights, stored)
+        with _quiet():
+            program.optimize()
     c = conversion.config if conversion is not None else None
     large = _graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None else external_data
     metadata = {
@@ -218,6 +378,7 @@ def export_onnx(
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}",
         "inputs": ",".join(wrapper.inputs),
         "external_data": f"{path.name}.data" if large else "none",
+        "dtype": graph_dtype,
     }
     if c is not None:
         metadata.update({
@@ -225,11 +386,13 @@ def export_onnx(
             "expert_capacity": str(c.capacity(seq_len, training=False)),
             "group_size": str(c.group_size or seq_len),
         })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
+    # staged beside `path` under the destination's lock, space checked; moved into place
+    # (external data first, the graph last) when the block succeeds (`moeify.fs`)
+    with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:
         staged = Path(tmp) / path.name
         data = f"{path.name}.data"
         _save_ir(program.model, staged, data if large else None)
+        metadata["source_dtype"] = _source_dtype(model, stored)  # stored: read while saved
         # metadata and sharding go onto the graph proto; external weights stay on disk
         proto = onnx.load(str(staged), load_external_data=False)
         if shard_experts is not None:
@@ -244,19 +407,18 @@ def export_onnx(
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save_model(proto, str(staged))
-        if large:  # the weights first, so the graph never points at missing data
-            os.replace(Path(tmp) / data, path.with_name(data))
-        os.replace(staged, path)
+        _check_written(staged)  # with its external data, before anything reaches `path`
     return metadata
 
 
 def _save_ir(model, path: Path, external_data: str | None) -> None:
     import onnx_ir as ir
 
-    if external_data is None:
-        ir.save(model, path)
-    else:  # written tensor by tensor: lazy (checkpoint) weights are read one at a time
-        ir.save(model, path, external_data=external_data, max_workers=1)
+    with _quiet():
+        if external_data is None:
+            ir.save(model, path)
+        else:  # written tensor by tensor: lazy (checkpoint) weights are read one at a time
+            ir.save(model, path, external_data=external_data, max_workers=1)
 
 
 class OnnxRunner:

@@ -1,0 +1,651 @@
+"""Write a converted decoder as a Hugging Face Mixtral or Qwen2-MoE checkpoint.
+
+``--format hf --hf-arch mixtral|qwen2_moe`` (and `convert_to_hf` / `save_hf_moe` in
+Python) writes a directory that ``AutoModelForCausalLM.from_pretrained`` loads with no
+missing or unexpected keys, and that computes what moeify's module computes in eval mode
+(`moeify.hf_switch` keeps T5's ``switch_transformers`` target; `save_hf` chooses).
+
+The targets (transformers 5.x classes, checked against the installed source):
+
+``mixtral`` (`MixtralForCausalLM`), from Llama or Mistral (SwiGLU FFN, bias-free
+attention): every decoder layer is sparse; the router takes the softmax over all experts
+in float32, the top-2, and renormalises the pair; nothing is dropped. That is moeify's
+top-2 softmax gate in eval mode with ``dropless``, so this target needs ``top_k=2``,
+``every=1``, ``dropless`` (filled in when not set; set otherwise, refused). Top-1 is
+refused: Mixtral renormalises over the top-k, so a single expert's weight is always 1 and
+the router would learn from the auxiliary loss alone.
+
+``qwen2_moe`` (`Qwen2MoeForCausalLM`), from Llama, Mistral or Qwen2: Switch-style
+routing. moeify's layer choice maps onto ``decoder_sparse_step`` (``every=N`` selects
+layers N-1, 2N-1, ...: HF's ``(i + 1) % step == 0``) or, for any other set, onto
+``mlp_only_layers``; top-1 with the raw router probability is ``norm_topk_prob=False``,
+top-2 (renormalised over the pair) or the normalized gate is ``norm_topk_prob=True``;
+dropless. Its attention has q/k/v biases: a Llama or Mistral source gets zeros (what
+mergekit writes), so the model is the same. Its MoE block always adds a shared expert with
+a sigmoid gate: it is written with ``shared_expert_intermediate_size=0``, zero-size
+matrices whose output is exactly 0, so it adds nothing and costs nothing.
+
+Key mapping (``P = model.layers.{i}.mlp``; moeify stores experts as ``x @ W``)::
+
+    P.router.weight            [E, d]          -> P.gate.weight              [E, d]
+    P.experts.w_gate, w_in     [E, d, f] each  -> P.experts.gate_up_proj     [E, 2f, d]
+                                                  (per expert: w_gate[e].T rows, then w_in[e].T)
+    P.experts.w_out            [E, f, d]       -> P.experts.down_proj        [E, d, f]
+    qwen2_moe only:                               P.shared_expert.{gate,up}_proj.weight [0, d],
+                                                  P.shared_expert.down_proj.weight [d, 0],
+                                                  P.shared_expert_gate.weight [1, d] (zeros);
+                                                  self_attn.{q,k,v}_proj.bias zeros if absent
+    everything else keeps its name (lm_head.weight left out when embeddings are tied)
+
+The writer streams: with `convert_to_hf` the plan is applied with the Switch layers on
+the meta device and each layer's tensors come from `moeify.switch.upcycled_tensors` when
+the writer reaches them (peak memory: the dense model plus one layer), in the dtype asked
+for, into numbered safetensors shards with the standard ``model.safetensors.index.json``,
+beside ``config.json`` and ``generation_config.json``, assembled atomically.
+
+Settings that map onto the target config: ``num_experts`` (``num_local_experts`` /
+``num_experts``), ``top_k`` (``num_experts_per_tok``), ``aux_loss_coef``
+(``router_aux_loss_coef``), ``jitter_eps`` (Mixtral's ``router_jitter_noise``, which
+multiplies the whole MoE block's input, the experts' too, where moeify jitters the
+router's input only; Qwen2-MoE has no jitter), the expert width (``intermediate_size`` /
+``moe_intermediate_size``), tied embeddings, RoPE (``rope_parameters``) and sliding
+windows. ``output_router_logits`` is written ``False`` (HF's default; pass
+``output_router_logits=True`` to the forward when training, which adds the aux loss to
+``loss``). What cannot map (the router z-loss, expert dropout, a float64 router, GShard's
+random second expert in training, source config fields the target lacks) is listed in
+`HFExport.notes`, which the CLI prints.
+
+The two load-balancing losses (both Switch eq. 4-6, ``E * sum_i f_i * P_i``):
+
+- moeify: per Switch layer and per group (one sequence by default), ``f_i`` the fraction
+  of the group's real tokens whose *top-1* choice is i; averaged over groups and layers;
+  1 at perfect balance whatever k.
+- HF (``load_balancing_loss_func``): the router logits of *all* layers pooled into one
+  set of rows, ``f_i`` the fraction of rows' *top-k* assignments to i (so ``sum_i f_i =
+  k``), ``P_i`` the mean probability over the pooled rows, padding excluded by the
+  attention mask; k at perfect balance.
+
+They agree for one layer, one group and k=1; in general HF's value is not a function of
+moeify's per-layer values. `pooled_load_balancing_loss` computes HF's definition from any
+router logits, e.g. moeify's own (the tests check it equals the HF model's ``aux_loss``).
+The coefficient is carried as is (``router_aux_loss_coef = aux_loss_coef``): at balance
+the HF term is k times moeify's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moeify.config import Activation, Gate, MoEConfig
+from moeify.errors import MoEError
+
+SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE = "switch_transformers", "mixtral", "qwen2_moe"
+HF_ARCHES = (SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE)
+
+# what each target takes, for messages and the README's table
+TARGET_SOURCES = {
+    SWITCH_TRANSFORMERS: "T5 v1.0 (ReLU FFN)",
+    MIXTRAL: "Llama/Mistral (SwiGLU FFN, bias-free attention)",
+    QWEN2_MOE: "Llama/Mistral/Qwen2",
+}
+_TARGET_CLASS = {MIXTRAL: "MixtralForCausalLM", QWEN2_MOE: "Qwen2MoeForCausalLM"}
+_SOURCES = {
+    MIXTRAL: ("LlamaForCausalLM", "MistralForCausalLM"),
+    QWEN2_MOE: ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+}
+# HF hidden_act names of each moeify activation (the experts compute act(gate) * up)
+_ACTS = {
+    Activation.SILU: ("silu", "swish"),
+    Activation.GELU: ("gelu",),
+    Activation.GELU_TANH: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+    Activation.RELU: ("relu",),
+}
+TOP1_MIXTRAL = (
+    "--hf-arch mixtral cannot take --top-k 1: Mixtral renormalises the router's top-k "
+    "probabilities, so a single expert's weight is always 1 and the router would learn "
+    "from the auxiliary loss alone; use --top-k 2 (the default for mixtral), or --hf-arch "
+    "qwen2_moe, which routes top-1 with the raw router probability"
+)
+_CAPACITY_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
+
+
+def _option(name: str) -> str:
+    return next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
+
+
+def _fail(reason: str) -> MoEError:
+    return MoEError(f"--format hf is not possible: {reason}")
+
+
+# --- which targets fit a model ---------------------------------------------------------------
+
+
+def misfit(arch: str, model: nn.Module) -> str | None:
+    """Why ``model`` (dense, or converted) cannot be written as ``arch``; None if it can.
+    Looks at the architecture only (class and config), so it works on the meta device."""
+    if arch not in HF_ARCHES:
+        raise MoEError(f"--hf-arch {arch!r} is not one of {', '.join(HF_ARCHES)}")
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if arch == SWITCH_TRANSFORMERS:
+        if name != "T5ForConditionalGeneration":
+            return f"{name} is not a T5ForConditionalGeneration"
+        if config.is_gated_act or config.dense_act_fn != "relu":
+            return f"the T5 uses the {config.feed_forward_proj!r} FFN, not T5 v1.0's ReLU"
+        return None
+    if name not in _SOURCES[arch]:
+        return f"{name} is not one of {', '.join(_SOURCES[arch])}"
+    if getattr(config, "mlp_bias", False):
+        return "its MLP has biases (mlp_bias=True); the target's experts have none"
+    if getattr(config, "attention_bias", False):
+        return ("its attention has biases (attention_bias=True, o_proj included); "
+                f"{_TARGET_CLASS[arch]}'s has none")
+    return None
+
+
+def fitting_arches(model: nn.Module) -> list[str]:
+    """The ``--hf-arch`` targets ``model``'s architecture fits."""
+    return [arch for arch in HF_ARCHES if misfit(arch, model) is None]
+
+
+def default_arch(model: nn.Module) -> str:
+    """``--hf-arch`` when not given: switch_transformers for T5, mixtral for Llama and
+    Mistral, qwen2_moe for Qwen2; a `MoEError` naming the targets when none fits."""
+    fits = fitting_arches(model)
+    if not fits:
+        raise MoEError(no_target_message(model))
+    return fits[0]
+
+
+def no_target_message(model: nn.Module, arch: str | None = None) -> str:
+    name = type(model).__name__
+    fits = fitting_arches(model)
+    targets = "; ".join(f"{a}: {w}" for a, w in TARGET_SOURCES.items())
+    if arch is None:
+        return f"no --format hf target fits {name} ({targets}): use --format torch"
+    head = f"--hf-arch {arch} does not fit {name} ({misfit(arch, model)})"
+    if fits:
+        return f"{head}; targets that fit it: {', '.join(fits)}"
+    return f"{head}; no HF target fits it ({targets}): use --format torch"
+
+
+# --- the config a target needs ---------------------------------------------------------------
+
+
+def target_config(arch: str, model: nn.Module, config: MoEConfig,
+                  explicit: Iterable[str] | None = None) -> MoEConfig:
+    """``config`` with the target's compatible defaults filled in, or a `MoEError`.
+
+    explicit: the `MoEConfig` fields the user set (the CLI passes the options given on
+        the command line); None counts every field that differs from its default.
+    Fields the target requires are filled where not explicit and refused (one line
+    listing what the target requires) where explicitly set otherwise. Also checks that
+    ``model``'s architecture fits the target.
+    """
+    if misfit(arch, model) is not None:
+        raise MoEError(no_target_message(model, arch))
+    if arch == SWITCH_TRANSFORMERS:
+        return config
+    if explicit is None:
+        explicit = {f.name for f in dataclasses.fields(MoEConfig)
+                    if getattr(config, f.name) != f.default}
+    explicit = set(explicit)
+    layers = model.config.num_hidden_layers
+    if arch == MIXTRAL:
+        if "top_k" in explicit and config.top_k == 1:
+            raise MoEError(TOP1_MIXTRAL)
+        wanted: dict[str, Any] = {"top_k": 2, "every": 1, "dropless": True}
+        required = [f"{_option('top_k')} 2", f"{_option('every')} 1 (every decoder layer)",
+                    _option("dropless")]
+        all_layers = tuple(range(layers))
+        if "layers" in explicit and config.layers is not None and config.layers != all_layers:
+            conflicts = [f"{_option('layers')} {','.join(map(str, config.layers))}"]
+        else:
+            conflicts = []
+            wanted["layers"] = config.layers if "layers" in explicit else None
+    else:
+        wanted = {"dropless": True}
+        required = [_option("dropless")]
+        conflicts = []
+    # training-only settings a target has no place for: off unless asked for
+    wanted["z_loss_coef"] = 0.0
+    if arch == QWEN2_MOE:
+        wanted["jitter_eps"] = 0.0
+    for name in ("top_k", "every", "dropless"):
+        if name in wanted and name in explicit and getattr(config, name) != wanted[name]:
+            value = getattr(config, name)
+            conflicts.append(f"{_option(name)} {value}" if not isinstance(value, bool)
+                             else f"{_option(name)}={value}")
+    given = [n for n in _CAPACITY_FIELDS if n in explicit]
+    if given:
+        conflicts += [_option(n) for n in given]
+    if conflicts:
+        required.append(f"no {'/'.join(_option(n) for n in _CAPACITY_FIELDS)} (HF's MoE "
+                        "classes route dropless: there is no expert capacity)")
+        raise MoEError(f"--hf-arch {arch} requires {', '.join(required)}; conflicting: "
+                       f"{', '.join(conflicts)}")
+    return config.replace(**{k: v for k, v in wanted.items() if k not in explicit})
+
+
+# --- config and layout -----------------------------------------------------------------------
+
+
+_CARRIED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+    "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "attention_dropout", "rope_parameters",
+)
+_WINDOW = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+_READ = ("intermediate_size", "attention_bias", "mlp_bias", "rope_theta", "rope_scaling")
+
+
+@dataclass
+class Layout:
+    """What a converted model becomes in the target: its config, which decoder layers are
+    sparse, and the notes on what did not map."""
+
+    arch: str
+    config: Any  # the transformers config
+    sparse: tuple[int, ...]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_class(self) -> str:
+        return _TARGET_CLASS[self.arch]
+
+
+def _sparse_layers(plan, arch: str, num_layers: int) -> tuple[int, ...]:
+    """Decoder layer index of every selected site; each must be a whole decoder MLP."""
+    c = plan.config
+    found = []
+    for site in plan.selected_sites:
+        match = re.fullmatch(r"model\.layers\.(\d+)\.mlp", site.path)
+        if match is None or site.replace != (site.path,):
+            raise _fail(f"site {site.path} is not a decoder layer's whole MLP "
+                        "(model.layers.N.mlp)")
+        if not site.gated:
+            raise _fail(f"site {site.path} is not a gated FFN (the target's experts are SwiGLU)")
+        if site.bias:
+            raise _fail(f"site {site.path} has biases; the target's experts have none")
+        found.append(int(match.group(1)))
+    if c.init.value == "partition" and any(s.d_ff % c.num_experts for s in plan.selected_sites):
+        raise _fail("init='partition' needs num_experts to divide the FFN width")
+    sparse = tuple(sorted(found))
+    if arch == MIXTRAL and sparse != tuple(range(num_layers)):
+        raise _fail(f"Mixtral makes every decoder layer sparse, the plan converts layers "
+                    f"{list(sparse)} of {num_layers}: use --every 1")
+    return sparse
+
+
+def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = None) -> Layout:
+    """The target config for ``model`` (the dense source, or its converted form) converted
+    by ``plan``, with the notes on everything that does not map. Raises `MoEError` when
+    the conversion cannot be expressed in the target."""
+    import transformers
+
+    if arch not in (MIXTRAL, QWEN2_MOE):
+        raise MoEError(f"hf_layout writes mixtral or qwen2_moe, not {arch!r}")
+    problem = misfit(arch, model)
+    if problem is not None:
+        raise MoEError(no_target_message(model, arch))
+    source = model.config
+    c = plan.config
+    num_layers = source.num_hidden_layers
+    sparse = _sparse_layers(plan, arch, num_layers)
+    notes: list[str] = []
+    if not c.dropless:
+        raise _fail(f"{arch} routes dropless (no expert capacity): convert with --dropless")
+    sites = plan.selected_sites
+    activation = sites[0].activation
+    if any(s.activation != activation for s in sites) or source.hidden_act not in _ACTS[activation]:
+        raise _fail(f"the experts' activation ({activation.value}) is not the source's "
+                    f"hidden_act {source.hidden_act!r}")
+    expert_width = sites[0].d_ff // (c.num_experts if c.init.value == "partition" else 1)
+    if arch == MIXTRAL and c.top_k != 2:
+        raise MoEError(TOP1_MIXTRAL)
+
+    fields = {k: getattr(source, k) for k in _CARRIED if getattr(source, k, None) is not None}
+    fields["rope_parameters"] = dict(source.rope_parameters)
+    window = getattr(source, "sliding_window", None)
+    if arch == MIXTRAL:
+        fields.update(
+            num_local_experts=c.num_experts, num_experts_per_tok=c.top_k,
+            intermediate_size=expert_width, router_aux_loss_coef=c.aux_loss_coef,
+            router_jitter_noise=c.jitter_eps, output_router_logits=False,
+            sliding_window=window if not source.model_type == "qwen2" else None,
+        )
+        if c.jitter_eps:
+            notes.append(
+                f"router_jitter_noise={c.jitter_eps:g}: Mixtral multiplies the whole MoE "
+                "block's input by U(1-eps, 1+eps) in training (the experts see it too, and "
+                "it is applied in place), where moeify jitters a copy of the router's "
+                "input only")
+    else:
+        step = next((s for s in range(1, num_layers + 1)
+                     if sparse == tuple(i for i in range(num_layers) if (i + 1) % s == 0)), None)
+        fields.update(
+            num_experts=c.num_experts, num_experts_per_tok=c.top_k,
+            moe_intermediate_size=expert_width, intermediate_size=source.intermediate_size,
+            shared_expert_intermediate_size=0,
+            decoder_sparse_step=step or 1,
+            mlp_only_layers=[] if step else [i for i in range(num_layers) if i not in sparse],
+            norm_topk_prob=not (c.top_k == 1 and c.gate == Gate.SOFTMAX),
+            router_aux_loss_coef=c.aux_loss_coef, output_router_logits=False, qkv_bias=True,
+        )
+        if source.model_type == "qwen2":
+            fields.update({k: getattr(source, k) for k in _WINDOW})
+        elif window is not None:  # Mistral: the window on every layer
+            fields.update(use_sliding_window=True, sliding_window=window,
+                          max_window_layers=num_layers,
+                          layer_types=["sliding_attention"] * num_layers)
+        notes.append("shared expert written with shared_expert_intermediate_size=0: its "
+                     "output is exactly 0, it adds nothing and costs nothing")
+        if source.model_type != "qwen2":
+            notes.append("q/k/v biases written as zeros (qkv_bias=True; the source has none)")
+        if c.jitter_eps:
+            notes.append(f"jitter_eps={c.jitter_eps:g} not written: Qwen2-MoE has no "
+                         "router jitter")
+    if c.z_loss_coef:
+        notes.append(f"z_loss_coef={c.z_loss_coef:g} not written: {_TARGET_CLASS[arch]} has "
+                     "no router z-loss")
+    dropout = max((c.resolve_expert_dropout(s.dropout) for s in sites), default=0.0)
+    if dropout:
+        notes.append(f"expert dropout {dropout:g} not written: the target's experts have none")
+    if c.router_dtype != "float32":
+        notes.append(f"router_dtype={c.router_dtype} not written: HF computes the router in "
+                     "the model's dtype, then the softmax in float32")
+    elif dtype is not None and dtype != torch.float32:
+        notes.append(f"router weights written in {str(dtype).removeprefix('torch.')} with "
+                     "the rest: HF computes the router logits in the model's dtype (moeify "
+                     "in float32)")
+    if c.top_k == 2:
+        notes.append("GShard's random second expert (moeify, training only) has no HF "
+                     "counterpart: HF always keeps both choices")
+    if c.group_size is not None:
+        notes.append(f"group_size={c.group_size} not written: HF routes every token at "
+                     "once (dropless: the output is the same; the aux loss pools all tokens)")
+    config_class = getattr(transformers, {MIXTRAL: "MixtralConfig",
+                                          QWEN2_MOE: "Qwen2MoeConfig"}[arch])
+    target = config_class(**fields)
+    if dtype is not None:
+        target.dtype = dtype
+    target.architectures = [_TARGET_CLASS[arch]]
+    carried = set(fields) | set(_READ) | set(_WINDOW)
+    generic = set(transformers.PretrainedConfig().to_dict())
+    skipped = sorted(k for k in source.to_diff_dict()
+                     if k not in carried and k not in generic and k != "pretraining_tp")
+    if getattr(source, "pretraining_tp", 1) not in (None, 1):
+        skipped.append(f"pretraining_tp={source.pretraining_tp}")
+    if skipped:
+        notes.append(f"source config fields not carried (the target has no such setting): "
+                     f"{', '.join(skipped)}")
+    return Layout(arch, target, sparse, notes)
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+class _Tensor:
+    """One output tensor: its final shape and dtype, and how to produce its bytes."""
+
+    def __init__(self, shape: tuple[int, ...], chunks: Callable[[], Iterable[Tensor]]) -> None:
+        self.shape, self.chunks = shape, chunks
+
+
+class _LayerValues:
+    """Each Switch layer's tensors by name (``experts.w_in``, ...), one layer at a time:
+    a layer in memory gives its parameters; a layer on the meta device (streamed
+    conversion) is made from its dense weights by `upcycled_tensors` when first asked."""
+
+    def __init__(self, model: nn.Module, program=None) -> None:
+        self.model, self.program = model, program
+        self.current: tuple[str, dict[str, Any]] | None = None
+
+    def get(self, path: str) -> dict[str, Any]:
+        from moeify.switch import TensorSource, upcycled_tensors
+
+        if self.current is not None and self.current[0] == path:
+            return self.current[1]
+        self.current = None  # free the previous layer first
+        layer = self.model.get_submodule(path)
+        if layer.router.weight.is_meta:
+            if self.program is None or path not in self.program.dense:
+                raise MoEError(f"Switch layer {path} has no weights (meta device)")
+            site = next(s for s in self.program.selected if s.path == path)
+            values = upcycled_tensors(self.program.dense[path], self.program.config,
+                                      path=path, activation=site.activation)
+        else:
+            values = {n: TensorSource(p.detach()) for n, p in layer.named_parameters()}
+        self.current = (path, values)
+        return values
+
+
+def _expert_chunks(sources: list[Any], dtype: torch.dtype) -> Iterator[Tensor]:
+    """Per expert e: the transposes of ``sources[j][e]`` stacked on rows, in ``dtype``.
+    A plain copy (``repeat``) is built once and written E times."""
+    if all(s.repeat is not None for s in sources):
+        block = torch.cat([s.tensor.T for s in sources], dim=0).to(dtype).contiguous()
+        for _ in range(sources[0].repeat):
+            yield block
+        return
+    for e in range(sources[0].shape[0]):
+        parts = [(s.tensor if s.repeat is not None else s.tensor[e]).T for s in sources]
+        yield torch.cat(parts, dim=0).to(dtype).contiguous()
+
+
+def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
+               program=None) -> dict[str, _Tensor]:
+    """Every tensor of the target checkpoint, in order, from a converted ``model``."""
+    from moeify.api import switch_layers
+
+    switch = dict(switch_layers(model))
+    values = _LayerValues(model, program)
+    out: dict[str, _Tensor] = {}
+    tied = bool(getattr(layout.config, "tie_word_embeddings", False))
+    state = model.state_dict()
+    done: set[str] = set()
+    E = layout.config.num_local_experts if layout.arch == MIXTRAL else layout.config.num_experts
+    d = layout.config.hidden_size
+
+    def plain(tensor: Tensor) -> _Tensor:
+        return _Tensor(tuple(tensor.shape), lambda: [tensor.detach().to(dtype)])
+
+    def zeros(*shape: int) -> _Tensor:
+        return _Tensor(shape, lambda: [torch.zeros(shape, dtype=dtype)])
+
+    for name, tensor in state.items():
+        if tied and name == "lm_head.weight":
+            continue
+        path = next((p for p in switch if name.startswith(p + ".")), None)
+        if path is None:
+            out[name] = plain(tensor)
+            if layout.arch == QWEN2_MOE and re.fullmatch(r".*\.self_attn\.[qkv]_proj\.weight", name):
+                bias = name[: -len("weight")] + "bias"
+                if bias not in state:
+                    out[bias] = zeros(tensor.shape[0])
+            continue
+        if path in done:
+            continue
+        done.add(path)
+        layer = switch[path]
+        f = layer.experts.d_ff
+
+        def router(path=path):
+            return [values.get(path)["router.weight"].tensor.to(dtype)]
+
+        def gate_up(path=path):
+            v = values.get(path)
+            return _expert_chunks([v["experts.w_gate"], v["experts.w_in"]], dtype)
+
+        def down(path=path):
+            return _expert_chunks([values.get(path)["experts.w_out"]], dtype)
+
+        out[f"{path}.gate.weight"] = _Tensor((E, d), router)
+        out[f"{path}.experts.gate_up_proj"] = _Tensor((E, 2 * f, d), gate_up)
+        out[f"{path}.experts.down_proj"] = _Tensor((E, d, f), down)
+        if layout.arch == QWEN2_MOE:
+            out[f"{path}.shared_expert.gate_proj.weight"] = zeros(0, d)
+            out[f"{path}.shared_expert.up_proj.weight"] = zeros(0, d)
+            out[f"{path}.shared_expert.down_proj.weight"] = zeros(d, 0)
+            out[f"{path}.shared_expert_gate.weight"] = zeros(1, d)
+    return out
+
+
+def _check_against_hf(layout: Layout, tensors: dict[str, _Tensor]) -> None:
+    """The names and shapes must be exactly what the target class holds."""
+    import transformers
+
+    with torch.device("meta"):
+        target = getattr(transformers, layout.model_class)(layout.config)
+    expected = {n: tuple(t.shape) for n, t in target.state_dict().items()}
+    if getattr(layout.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(tensors) if expected[n] != tensors[n].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what} {names[:3]}" for what, names in (
+            ("missing", missing), ("unexpected", unexpected), ("shape differs", wrong)) if names)
+        raise MoEError(f"{layout.model_class} layout mismatch: {detail}")
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFExport:
+    """What `save_hf_moe` / `convert_to_hf` wrote."""
+
+    path: Path
+    arch: str
+    model_class: str
+    notes: tuple[str, ...]
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "arch": self.arch, "model_class": self.model_class,
+                "notes": list(self.notes), "bytes": self.bytes}
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None,
+                dtype: torch.dtype | None = None, force: bool = False, program=None,
+                progress=None) -> HFExport:
+    """Write a converted Llama/Mistral/Qwen2 ``model`` as an HF ``arch`` checkpoint.
+
+    arch: ``mixtral`` or ``qwen2_moe`` (default: mixtral where it fits, else qwen2_moe).
+    dtype: of every written tensor (default: the model's embedding dtype).
+    program: the `Program` of a lazy apply (Switch layers on the meta device): their
+        tensors are made one layer at a time while writing (`convert_to_hf`).
+    """
+    from moeify.checkpoint import DEFAULT_SHARD_BYTES, atomic_directory, write_shards
+    from moeify.conversion import conversion_of
+
+    plan = conversion_of(model)
+    if plan is None:
+        raise MoEError("the model is not converted: run moeify.convert first")
+    arch = arch or default_arch(model)
+    if arch == SWITCH_TRANSFORMERS:
+        raise MoEError("use moeify.hf_switch.save_hf_switch (or save_hf) for switch_transformers")
+    dtype = dtype or _model_dtype(model)
+    layout = hf_layout(model, plan, arch, dtype=dtype)
+    tensors = hf_tensors(model, layout, dtype=dtype, program=program)
+    _check_against_hf(layout, tensors)
+    size = torch.empty((), dtype=dtype).element_size()
+    specs = {n: torch.empty(t.shape, dtype=dtype, device="meta") for n, t in tensors.items()}
+    nbytes = sum(s.numel() * size for s in specs.values())
+    # HF reads whole tensors: a shard grows to hold the largest one rather than split it
+    largest = max(s.numel() * size for s in specs.values())
+    limit = max(DEFAULT_SHARD_BYTES, largest + (1 << 20))
+    with atomic_directory(path, force=force, need=nbytes) as tmp:
+        index = write_shards(specs, tmp, lambda name: tensors[name].chunks(),
+                             max_shard_bytes=limit, progress=progress)
+        if index.get("metadata", {}).get("parts"):  # pragma: no cover - limit prevents it
+            raise MoEError("a tensor was split across shards, which HF cannot read")
+        layout.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", lambda: False)()
+        if generation is not None and can_generate:
+            generation.save_pretrained(tmp)
+    return HFExport(Path(path), arch, layout.model_class, tuple(layout.notes), nbytes)
+
+
+def convert_to_hf(model: nn.Module, plan, path: str | os.PathLike, *, arch: str,
+                  dtype: torch.dtype | None = None, force: bool = False,
+                  progress=None) -> tuple[Any, HFExport]:
+    """Apply ``plan`` to the dense ``model`` (in place, Switch layers left on the meta
+    device) and stream the result to ``path`` as an HF ``arch`` checkpoint, one Switch
+    layer in memory at a time. Returns the conversion report and the `HFExport`."""
+    from moeify.api import apply_program
+    from moeify.fs import refuse_existing
+    from moeify.report import ConversionReport
+
+    hf_layout(model, plan, arch)  # refuse before any work
+    if not force:
+        refuse_existing(Path(path))
+    program = apply_program(model, plan, lazy=True, progress=progress)
+    export = save_hf_moe(model, path, arch=arch, dtype=dtype, force=force, program=program,
+                         progress=progress)
+    return ConversionReport.from_plan(program.plan), export
+
+
+def save_hf(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None,
+            force: bool = False) -> Path:
+    """Write a converted model in memory to ``path`` in HF's format: ``arch`` one of
+    `HF_ARCHES` (default: the first that fits the model's architecture)."""
+    arch = arch or default_arch(model)
+    if arch == SWITCH_TRANSFORMERS:
+        from moeify.hf_switch import save_hf_switch
+
+        if misfit(arch, model) is not None:
+            raise MoEError(no_target_message(model, arch))
+        return save_hf_switch(model, path, force=force)
+    return save_hf_moe(model, path, arch=arch, force=force).path
+
+
+# --- HF's load-balancing loss ------------------------------------------------------------------
+
+
+def pooled_load_balancing_loss(router_logits: Iterable[Tensor], num_experts: int, top_k: int,
+                               attention_mask: Tensor | None = None) -> Tensor:
+    """HF's Mixtral / Qwen2-MoE auxiliary loss (``load_balancing_loss_func``), written
+    out: every layer's router logits ([..., E], one row per token, in the attention mask's
+    token order) pooled; ``f_i`` = top-k assignments to expert i per pooled row, ``P_i`` =
+    mean softmax probability; ``E * sum_i f_i * P_i``; masked rows left out. See the
+    module docs for how it relates to moeify's per-layer, per-group top-1 loss."""
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    prob_sum = torch.zeros(num_experts, dtype=torch.float64)
+    rows = torch.zeros((), dtype=torch.float64)
+    for logits in router_logits:
+        logits = logits.reshape(-1, num_experts).double()
+        weight = (torch.ones(logits.shape[0], dtype=torch.float64) if attention_mask is None
+                  else attention_mask.reshape(-1).double())
+        probs = torch.softmax(logits, dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices  # [N, k]
+        counts += torch.nn.functional.one_hot(chosen, num_experts).double().mul(
+            weight[:, None, None]).sum(dim=(0, 1))
+        prob_sum += (probs * weight[:, None]).sum(dim=0)
+        rows += weight.sum()
+    return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
+
+
+def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a written HF checkpoint."""
+    return json.loads((Path(path) / "config.json").read_text())

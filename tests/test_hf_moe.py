@@ -1,0 +1,304 @@
+"""--format hf --hf-arch mixtral | qwen2_moe, checked against transformers' own classes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import moeify
+from moeify import MoEConfig
+from moeify.hf_moe import (
+    default_arch,
+    pooled_load_balancing_loss,
+    save_hf_moe,
+    target_config,
+)
+from tests import models
+from tests.test_cli_convert import one_line_error, run
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = dict(num_experts=4, noise=0.5)  # experts that differ: a wrong expert order shows
+CASES = {
+    "llama-mixtral": (lambda: models.llama(tie_word_embeddings=True), "mixtral", {}),
+    "mistral-mixtral": (models.mistral, "mixtral", {}),
+    "llama-qwen2_moe-top1": (models.llama, "qwen2_moe", {"top_k": 1}),
+    "llama-qwen2_moe-top2": (models.llama, "qwen2_moe", {"top_k": 2}),
+    "qwen2-qwen2_moe": (models.qwen2, "qwen2_moe", {}),
+}
+
+
+def randomize(model, seed=0):
+    """Every weight away from its init (biases and norms included), so a tensor written
+    to the wrong place changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
+    return model
+
+
+def sharpen_routers(model, seed=1):
+    """Confident routers: which experts a token takes matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in moeify.switch_layers(model):
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=generator))
+
+
+def convert_for(arch, dense, **options):
+    config = MoEConfig(**{**BASE, **options})
+    config = target_config(arch, dense, config, explicit=set(BASE) | set(options))
+    return moeify.convert(dense, config).model.eval()  # no seq_len: capacity per call
+
+
+def padded_batch(seed=2, batch=3, length=10):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, models.VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    make, arch, options = CASES[request.param]
+    torch.manual_seed(0)
+    moe = convert_for(arch, randomize(make()), **options)
+    sharpen_routers(moe)
+    out = tmp_path_factory.mktemp(request.param) / "hf"
+    export = save_hf_moe(moe, out, arch=arch)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    return dict(moe=moe, hf=hf.eval(), info=info, arch=arch, out=out, export=export,
+                config=moeify.conversion_of(moe).config)
+
+
+def test_loads_with_no_missing_or_unexpected_keys(exported):
+    info, hf = exported["info"], exported["hf"]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info.get("mismatched_keys"), info
+    want = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+    assert type(hf).__name__ == want[exported["arch"]]
+    files = {p.name for p in exported["out"].iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= files
+    config = exported["config"]
+    assert hf.config.num_experts_per_tok == config.top_k
+    assert hf.config.router_aux_loss_coef == config.aux_loss_coef
+    if exported["arch"] == "qwen2_moe":
+        assert hf.config.shared_expert_intermediate_size == 0
+        assert hf.config.norm_topk_prob == (config.top_k == 2)
+        assert any("shared expert" in note for note in exported["export"].notes)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_equal_moeify_eval_logits(exported, padded):
+    moe, hf = exported["moe"], exported["hf"]
+    ids, mask = padded_batch()
+    if not padded:
+        mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = moe(input_ids=ids, attention_mask=mask).logits
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5
+    tokens = [s.num_tokens for s in moeify.routing_stats(moe)]
+    assert tokens == [int(mask.sum())] * len(tokens)  # padding routed nowhere
+    assert all(s.dropped_fraction == 0 for s in moeify.routing_stats(moe))  # dropless
+
+
+def test_greedy_generation_gives_identical_tokens(exported):
+    moe, hf = exported["moe"], exported["hf"]
+    ids, mask = padded_batch(seed=5, length=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        ours = moe.generate(ids, **kwargs)
+        theirs = hf.generate(ids, **kwargs)
+    assert ours.shape == (3, 27)
+    assert torch.equal(ours, theirs)
+
+
+def test_hf_aux_loss_is_hfs_definition_of_moeifys_routing(exported):
+    """HF pools every layer's top-k assignments (k at balance); moeify's own loss is per
+    layer and sequence over top-1 choices (1 at balance). Computed from moeify's router
+    outputs under HF's definition, it equals the HF model's aux_loss."""
+    moe, hf, config = exported["moe"], exported["hf"], exported["config"]
+    ids, mask = padded_batch(seed=7)
+    logits = []
+    hooks = [layer.router.register_forward_hook(lambda m, i, o: logits.append(o.detach()))
+             for _, layer in moeify.switch_layers(moe)]
+    try:
+        with torch.no_grad():
+            moe(input_ids=ids, attention_mask=mask)
+            theirs = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(logits) == len(moeify.switch_layers(moe))
+    ours = pooled_load_balancing_loss(logits, config.num_experts, config.top_k, mask)
+    assert abs(float(ours) - float(theirs)) <= 1e-5
+    # and moeify's own (per layer and sequence, top-1) on the same forward is another number
+    assert all(0 < s.load_balancing_loss for s in moeify.routing_stats(moe))
+
+
+@pytest.mark.parametrize("case", ["llama-mixtral", "llama-qwen2_moe-top1"])
+def test_exported_checkpoint_trains_in_hf(case, tmp_path):
+    make, arch, options = CASES[case]
+    torch.manual_seed(0)
+    moe = convert_for(arch, randomize(make()), **options)
+    save_hf_moe(moe, tmp_path / "hf", arch=arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=3e-3)
+    ids = torch.randint(2, models.VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(6):
+        out = hf(input_ids=ids, labels=ids, output_router_logits=True)
+        assert out.aux_loss is not None and torch.isfinite(out.loss)
+        out.loss.backward()
+        router = next(m.gate.weight for m in (l.mlp for l in hf.model.layers)
+                      if hasattr(m, "gate") and hasattr(m, "experts"))
+        assert router.grad is not None and router.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(out.loss))
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("options, step, mlp_only, sparse", [
+    (dict(every=2), 2, [], [1, 3, 5]),
+    (dict(every=3), 3, [], [2, 5]),
+    (dict(layers=(0, 3)), 1, [1, 2, 4, 5], [0, 3]),
+    (dict(every=1), 1, [], [0, 1, 2, 3, 4, 5]),
+])
+def test_qwen2_moe_layer_choice_maps_onto_sparse_step_or_mlp_only_layers(
+        options, step, mlp_only, sparse, tmp_path):
+    torch.manual_seed(0)
+    moe = convert_for("qwen2_moe", randomize(models.llama(layers=6)), **options)
+    sharpen_routers(moe)
+    save_hf_moe(moe, tmp_path / "hf", arch="qwen2_moe")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (hf.config.decoder_sparse_step, hf.config.mlp_only_layers) == (step, mlp_only)
+    assert [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")] == sparse
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        diff = (moe(input_ids=ids, attention_mask=mask).logits
+                - hf.eval()(input_ids=ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max() <= 1e-5
+
+
+def test_default_targets_and_python_refusals(tmp_path):
+    assert default_arch(models.llama()) == "mixtral"
+    assert default_arch(models.mistral()) == "mixtral"
+    assert default_arch(models.qwen2()) == "qwen2_moe"
+    assert default_arch(models.t5()) == "switch_transformers"
+    with pytest.raises(moeify.MoEError, match="no --format hf target fits GPT2LMHeadModel"):
+        default_arch(models.gpt2())
+    with pytest.raises(moeify.MoEError, match="targets that fit it: qwen2_moe"):
+        target_config("mixtral", models.qwen2(), MoEConfig())
+    # every other layer cannot be a Mixtral
+    moe = moeify.convert(models.llama(), MoEConfig(num_experts=4, top_k=2, dropless=True)).model
+    with pytest.raises(moeify.MoEError, match="Mixtral makes every decoder layer sparse"):
+        save_hf_moe(moe, tmp_path / "o", arch="mixtral")
+    # a capacity cannot be written: HF's classes are dropless
+    moe = moeify.convert(models.llama(), MoEConfig(num_experts=4)).model
+    with pytest.raises(moeify.MoEError, match="convert with --dropless"):
+        save_hf_moe(moe, tmp_path / "o", arch="qwen2_moe")
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_config_fills_defaults_and_refuses_explicit_conflicts():
+    llama = models.llama()
+    filled = target_config("mixtral", llama, MoEConfig(num_experts=4), explicit={"num_experts"})
+    assert (filled.top_k, filled.every, filled.dropless, filled.z_loss_coef) == (2, 1, True, 0.0)
+    assert filled.jitter_eps == MoEConfig().jitter_eps  # mapped to router_jitter_noise
+    with pytest.raises(moeify.MoEError, match="auxiliary loss alone"):
+        target_config("mixtral", llama, MoEConfig(top_k=1), explicit={"top_k"})
+    with pytest.raises(moeify.MoEError, match="conflicting: --every 2"):
+        target_config("mixtral", llama, MoEConfig(every=2), explicit={"every"})
+    with pytest.raises(moeify.MoEError, match="conflicting: --layers 1,3"):
+        target_config("mixtral", llama, MoEConfig(layers=(1, 3)), explicit={"layers"})
+    with pytest.raises(moeify.MoEError, match="conflicting: --capacity"):
+        target_config("qwen2_moe", llama, MoEConfig(capacity_factor=1.5))
+    q = target_config("qwen2_moe", llama, MoEConfig(top_k=2), explicit={"top_k"})
+    assert (q.top_k, q.every, q.dropless, q.jitter_eps) == (2, 2, True, 0.0)
+
+
+def _tensors(directory):
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def test_cli_streams_what_convert_and_save_write(tmp_path):
+    torch.manual_seed(0)
+    randomize(models.llama(tie_word_embeddings=True)).save_pretrained(tmp_path / "src")
+    result = run("convert", tmp_path / "src", "--experts", "4", "--noise", "0.5",
+                 "--init", "copy", "--format", "hf", "--out", tmp_path / "cli", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["hf"]["arch"] == "mixtral" and data["config"]["top_k"] == 2  # filled in
+    assert any("router_jitter_noise" in note for note in data["hf"]["notes"])
+    dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src")
+    moe = convert_for("mixtral", dense)
+    save_hf_moe(moe, tmp_path / "memory", arch="mixtral")
+    a, b = _tensors(tmp_path / "cli"), _tensors(tmp_path / "memory")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "lm_head.weight" not in a  # tied, as save_pretrained writes it
+    index = json.loads((tmp_path / "cli" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(a) and "parts" not in index["metadata"]
+
+
+def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path):
+    torch.manual_seed(0)
+    randomize(models.qwen2()).save_pretrained(tmp_path / "src")
+    result = run("convert", tmp_path / "src", "--experts", "4", "--top-k", "2", "--dtype",
+                 "bfloat16", "--format", "hf", "--hf-arch", "qwen2_moe", "--out", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert {t.dtype for t in _tensors(tmp_path / "hf").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.dtype == torch.bfloat16
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=ids, attention_mask=mask).logits[mask.bool()]).all()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["gpt2", "--hf-arch", "mixtral"],
+     ["--hf-arch mixtral does not fit GPT2LMHeadModel", "no HF target fits it",
+      "mixtral: Llama/Mistral", "qwen2_moe: Llama/Mistral/Qwen2", "--format torch"]),
+    (["bert-base-uncased", "--hf-arch", "mixtral"],
+     ["--hf-arch mixtral does not fit BertModel", "no HF target fits it"]),
+    (["t5-small", "--hf-arch", "mixtral"], ["targets that fit it: switch_transformers"]),
+    (["gpt2"], ["no --format hf target fits GPT2LMHeadModel"]),
+    (["meta-llama/Llama-3.2-1B", "--hf-arch", "mixtral", "--top-k", "1"],
+     ["cannot take --top-k 1", "renormalises", "a single expert's weight is always 1",
+      "auxiliary loss alone"]),
+    (["meta-llama/Llama-3.2-1B", "--every", "2"],
+     ["--hf-arch mixtral requires --top-k 2, --every 1", "conflicting: --every 2"]),
+    (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen2_moe", "--capacity", "1.25"],
+     ["--hf-arch qwen2_moe requires --dropless", "conflicting: --capacity"]),
+])
+def test_bad_input_is_one_clear_line(args, fragments, tmp_path):
+    one_line_error(run("convert", *args[:1], "--random-init", "--format", "hf", *args[1:],
+                       "--out", "x", cwd=tmp_path), *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_hf_arch_without_format_hf_is_refused(tmp_path):
+    one_line_error(run("convert", "t5-small", "--random-init", "--hf-arch", "mixtral",
+                       "--out", "x", cwd=tmp_path), "add --format hf")
