@@ -25,23 +25,70 @@ expert gradients divided by W), every gradient equals that of one process comput
 
 Collective failures (a peer that died, raised, or missed the collective past the process
 group's timeout) surface as `ExpertParallelError` naming the layer and the rank.
+
+Data x expert parallelism (`parallelize`, TorchTitan's layout on PyTorch's own engine)::
+
+    mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))   # N = dp x ep
+
+                 ep 0         ep 1            experts: DTensors [Replicate(), Shard(0)]
+    dp 0   rank 0: E0-1   rank 1: E2-3   <- an ep group: tokens cross by all-to-all here
+    dp 1   rank 2: E0-1   rank 3: E2-3   <- another, holding the same experts
+            `-- a dp group: expert gradients all-reduced here
+
+    dense parameters (attention, embeddings, norms, routers): FSDP2 over all N ranks
+    (the mesh flattened), or replicated with ``shard_dense=False``
+
+- the same `ExpertParallelSwitchFFN`, its exchange group the rank's ``ep`` row and its
+  statistics group the whole job (aux losses and `routing_stats` stay global);
+- expert gradients: each rank's all-to-all backward sums its ep group's contributions; a
+  tensor hook on each expert weight all-reduces them over ``dp`` and divides by N;
+- dense gradients: FSDP2's reduce-scatter (its mean over N ranks), or a hook that
+  all-reduces each over all N ranks and divides by N when replicated; so every gradient
+  is that of ``mean_r(loss_r)``: one process on the concatenated batch when every rank
+  holds as many rows, with no call between ``backward()`` and ``optimizer.step()``;
+- `save` / `load` write and read ordinary moeify checkpoints from every rank, each rank
+  touching only its own experts' rows; `load_optimizer` reshards the optimizer state
+  (`torch.distributed.checkpoint`) to any layout or to one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeify.api import switch_layers
-from moeify.checkpoint import load_skeleton
+from moeify.checkpoint import (
+    _HEADER_BASE,
+    _SAFETENSORS_DTYPES,
+    DEFAULT_SHARD_BYTES,
+    DIGEST_PREFIX,
+    INDEX_FILE,
+    PART_SEPARATOR,
+    CheckpointWeights,
+    _checkpoint_meta,
+    _entry_header_bytes,
+    _nbytes,
+    _shard_entries,
+    _TensorBytes,
+    atomic_directory,
+    hf_source_of,
+    load_skeleton,
+    read_meta,
+)
 from moeify.errors import MoEError
 from moeify.conversion import conversion_of
+from moeify.sources import CHECKPOINT_FILE, Source
 from moeify.switch.dispatch import (
     combine_sorted,
     dispatch_sorted,
@@ -56,9 +103,15 @@ __all__ = [
     "ExchangeRecord",
     "ExpertParallelError",
     "ExpertParallelSwitchFFN",
+    "ParallelLayout",
     "average_gradients",
     "expert_parallel",
+    "load",
     "load_expert_parallel",
+    "load_optimizer",
+    "parallelize",
+    "parallel_layout",
+    "save",
 ]
 
 
@@ -130,6 +183,19 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None, None
 
 
+@contextmanager
+def _local_parameters(module: nn.Module):
+    """Within the block, ``module``'s DTensor parameters read as their local shards
+    (`DTensor.to_local`, differentiable: the gradient reaches the DTensor parameter)."""
+    swapped = {name: p for name, p in module._parameters.items() if isinstance(p, DTensor)}
+    try:
+        for name, param in swapped.items():
+            module._parameters[name] = param.to_local()
+        yield module
+    finally:
+        module._parameters.update(swapped)
+
+
 def _local_experts(experts: Experts, experts_range: range) -> Experts:
     """The experts in ``experts_range`` as a module of their own (meta stays meta)."""
     w = experts.w_in
@@ -155,7 +221,10 @@ class ExpertParallelSwitchFFN(SwitchFFN):
     """
 
     def __init__(self, layer: SwitchFFN, group=None, *, name: str = "",
-                 experts_range: range | None = None) -> None:
+                 experts_range: range | None = None, stats_group=None) -> None:
+        """``group``: the ranks that split the experts and exchange tokens;
+        ``stats_group``: the ranks whose routing statistics and auxiliary losses are
+        combined (default: ``group``; `parallelize` passes the whole job)."""
         nn.Module.__init__(self)
         rank, world = _check(group)
         E = layer.config.num_experts
@@ -172,8 +241,11 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         self.experts = _local_experts(layer.experts, experts_range)
         self.set_tokens_per_group(layer.tokens_per_group)
         self.last_routing: RoutingRecord | None = None
+        self.token_mask: Tensor | None = None
         self.last_exchange: ExchangeRecord | None = None
         self.group, self.rank, self.world_size = group, rank, world
+        self.stats_group = group if stats_group is None else stats_group
+        self.stats_world_size = dist.get_world_size(self.stats_group)
         self.local_experts = experts_range
         self.layer_name = name
         self.train(layer.training)
@@ -186,7 +258,9 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         sizes = self._sizes(self.tokens_per_group or hidden_states.shape[-2])
         E, W, n_local = sizes.num_experts, self.world_size, len(self.local_experts)
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
-        routing = self.route(x, sizes.expert_capacity)
+        valid = self._valid_tokens(hidden_states, x)
+        capacity = sizes.expert_capacity if valid is None else self._group_capacities(valid)
+        routing = self.route(x, capacity, valid=valid)
         x_flat = x.flatten(0, 1)
         assignments = sort_by_expert(routing, sizes)
         dtype = _exchange_dtype(x_flat)
@@ -207,8 +281,9 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
         # permutations both ways; gather_rows makes each one's gradient a gather too
-        out = self.experts.forward_sorted(gather_rows(received, order, back.unsqueeze(1)),
-                                          incoming.sum(0).tolist())
+        with _local_parameters(self.experts):
+            out = self.experts.forward_sorted(gather_rows(received, order, back.unsqueeze(1)),
+                                              incoming.sum(0).tolist())
         out = gather_rows(out.to(dtype), back, order.unsqueeze(1))  # source order again
         # 3. results back to the ranks that own the tokens
         expert_out = _AllToAll.apply(out, recv, send, self.group,
@@ -223,11 +298,15 @@ class ExpertParallelSwitchFFN(SwitchFFN):
     def _global_record(self, routing, counts: Sequence[int], capacity: int) -> RoutingRecord:
         """Losses and statistics over the whole group's batch (one all_reduce)."""
         E = self.config.num_experts
-        groups, tokens = routing.router_probs.shape[0], routing.router_probs[..., 0].numel()
+        valid = routing.valid
+        if valid is None:
+            groups, tokens = routing.router_probs.shape[0], routing.router_probs[..., 0].numel()
+        else:  # groups with real tokens, real tokens
+            groups, tokens = int(valid.any(dim=1).sum()), int(valid.sum())
         # local sums: the per-group loss summed over groups, z summed over tokens
         lb_sum = load_balancing_loss(routing.router_probs, routing.expert_index[..., 0],
-                                     num_experts=E) * groups
-        z_sum = router_z_loss(routing.router_logits) * tokens
+                                     num_experts=E, valid=valid) * groups
+        z_sum = router_z_loss(routing.router_logits, valid) * tokens
         reached = routing.kept.any(dim=-1).sum()
         stats = torch.cat([
             torch.stack([lb_sum.detach().double(), z_sum.detach().double()]),
@@ -235,20 +314,20 @@ class ExpertParallelSwitchFFN(SwitchFFN):
             torch.tensor(list(counts), dtype=torch.float64),
         ])
         _collective("statistics all_reduce", self.layer_name, self.rank, dist.all_reduce,
-                    stats, group=self.group)
+                    stats, group=self.stats_group)
         total_lb, total_z, total_groups, total_tokens, total_reached = stats[:5].tolist()
-        W = self.world_size
+        W = self.stats_world_size
 
         def global_mean(local: Tensor, total: float, count: float) -> Tensor:
             # value: the group-wide mean; gradient: this rank's share, times W (averaged
             # over ranks later, as DDP does)
-            return (W * local - (W - 1) * local.detach() + (total - local.detach())) / count
+            return (W * local - (W - 1) * local.detach() + (total - local.detach())) / max(count, 1)
 
         return RoutingRecord(
             load_balancing_loss=global_mean(lb_sum, total_lb, total_groups),
             z_loss=global_mean(z_sum, total_z, total_tokens),
             tokens_per_expert=stats[5:].round().long(),
-            dropped_fraction=torch.tensor(1.0 - total_reached / total_tokens),
+            dropped_fraction=torch.tensor(1.0 - total_reached / max(total_tokens, 1)),
             expert_capacity=capacity,
             num_tokens=int(total_tokens),
         )
@@ -272,6 +351,19 @@ def _plan_ranges(model: nn.Module, rank: int, world: int) -> range | None:
     return None if sharding is None else sharding.experts_of_rank(rank, world)
 
 
+def _check_experts_divide(layers: list[tuple[str, SwitchFFN]], parts: int, over: str,
+                          fix: str) -> None:
+    """Every layer not yet expert-parallel, its experts dividing into ``parts``."""
+    for name, layer in layers:
+        if isinstance(layer, ExpertParallelSwitchFFN):
+            raise MoEError(f"{name} is already expert-parallel")
+        if layer.config.num_experts % parts:
+            raise MoEError(
+                f"{name} has {layer.config.num_experts} experts, which do not divide over "
+                f"{over}: use {fix} that divides num_experts"
+            )
+
+
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     """Shard every Switch layer's experts over ``group`` (default: the world), in place.
 
@@ -284,14 +376,7 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     layers = switch_layers(model)
     if not layers:
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
-    for name, layer in layers:
-        if isinstance(layer, ExpertParallelSwitchFFN):
-            raise MoEError(f"{name} is already expert-parallel")
-        if layer.config.num_experts % world:
-            raise MoEError(
-                f"{name} has {layer.config.num_experts} experts, which do not divide over "
-                f"{world} processes: use a world size that divides num_experts"
-            )
+    _check_experts_divide(layers, world, f"{world} processes", "a world size")
     experts_range = _plan_ranges(model, rank, world)
     for name, layer in layers:
         sharded = ExpertParallelSwitchFFN(layer, group, name=name, experts_range=experts_range)
@@ -315,6 +400,9 @@ def average_gradients(model: nn.Module, group=None) -> None:
     sum over every rank's tokens (the all-to-all backward delivers them), divided by W.
     """
     rank, world = _check(group)
+    if parallel_layout(model) is not None:
+        raise MoEError("this model was made by moeify.distributed.parallelize, which "
+                       "synchronizes gradients during backward: do not call average_gradients")
     is_expert = _is_expert_param(model)
     replicated = [p for p in model.parameters()
                   if p.grad is not None and not is_expert[id(p)]]
@@ -341,6 +429,631 @@ def load_expert_parallel(path: str | Path, group=None, *, model: nn.Module | Non
     """
     skeleton, weights = load_skeleton(path, model=model)
     expert_parallel(skeleton, group)
+    _load_local(skeleton, weights, path)
+    return skeleton.eval()
+
+
+def predicted_dispatch_bytes(tokens: int, d_model: int, dtype: torch.dtype, world: int,
+                             kept_fraction: float = 1.0, top_k: int = 1) -> float:
+    """Expected bytes one rank sends to other ranks per all-to-all under uniform routing:
+    ``tokens * k * kept * (W - 1) / W * d * itemsize``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return tokens * top_k * kept_fraction * (world - 1) / world * d_model * itemsize
+
+
+# --- data x expert parallelism on a (dp, ep) device mesh ------------------------------------
+
+DP, EP = "dp", "ep"
+_LAYOUT_ATTR = "_moeify_parallel_layout"
+
+
+@dataclass
+class ParallelLayout:
+    """How `parallelize` laid a model out; kept on the model (`parallel_layout`).
+
+    mesh:        the user's ``(dp, ep)`` `DeviceMesh`.
+    flat:        the same ranks as one dimension (``dp x ep``): FSDP2's mesh for the
+                 dense parameters, the group of the routing statistics and of saving.
+    dp, ep:      the mesh's sizes; ``dp_rank``, ``ep_rank``: this rank's coordinates.
+    shard_dense: dense parameters sharded by FSDP2 (else replicated, hooks average them).
+    expert_ids:  ``id`` of every expert parameter (DTensors on ``mesh``).
+    source:      the architecture's `Source` (recorded before FSDP2 renames the class).
+    """
+
+    mesh: Any
+    flat: Any
+    dp: int
+    ep: int
+    dp_rank: int
+    ep_rank: int
+    shard_dense: bool
+    expert_ids: set[int] = field(default_factory=set)
+    source: Source | None = None
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.ep
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in ``flat``."""
+        return self.flat.get_local_rank()
+
+    @property
+    def flat_group(self):
+        return self.flat.get_group()
+
+    def global_rank(self, flat_rank: int) -> int:
+        return int(self.flat.mesh.flatten()[flat_rank])
+
+    def writer_of_block(self, block: int) -> int:
+        """The flat rank that writes expert block ``block`` (the replica at dp 0)."""
+        return self.flat.mesh.flatten().tolist().index(int(self._coords_to_rank(0, block)))
+
+    def _coords_to_rank(self, dp_index: int, ep_index: int) -> int:
+        names = self.mesh.mesh_dim_names
+        index = [0, 0]
+        index[names.index(DP)], index[names.index(EP)] = dp_index, ep_index
+        return int(self.mesh.mesh[tuple(index)])
+
+    def placements(self) -> list:
+        """The expert weights' placements on ``mesh``: replicated over dp, split over ep."""
+        return [Replicate() if n == DP else Shard(0) for n in self.mesh.mesh_dim_names]
+
+
+def parallel_layout(model: nn.Module) -> ParallelLayout | None:
+    """The layout `parallelize` or `load` gave ``model`` (None for any other model)."""
+    return model.__dict__.get(_LAYOUT_ATTR)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _check_mesh(mesh) -> tuple[int, int]:
+    """(dp, ep) of a mesh with exactly the two named dimensions; no collective."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise MoEError("moeify.distributed needs torch.distributed: call "
+                       "torch.distributed.init_process_group(...) first (gloo on CPU, nccl on "
+                       "GPU) and build the mesh with init_device_mesh")
+    names = getattr(mesh, "mesh_dim_names", None) if isinstance(mesh, DeviceMesh) else None
+    if names is None or mesh.ndim != 2 or sorted(names) != sorted((DP, EP)):
+        described = (f"a mesh with dimensions {names}" if isinstance(mesh, DeviceMesh)
+                     else f"a {type(mesh).__name__}")
+        raise MoEError(f"parallelize needs a two-dimensional DeviceMesh named ('dp', 'ep'), got "
+                       f"{described}: init_device_mesh(device, (dp, ep), "
+                       "mesh_dim_names=('dp', 'ep'))")
+    return mesh.size(names.index(DP)), mesh.size(names.index(EP))
+
+
+def _check_layers(model: nn.Module, ep: int) -> None:
+    """Converted, not yet parallel, every layer's experts dividing over ``ep``; no
+    collective (every rank sees the same model, so every rank raises the same line)."""
+    if not isinstance(model, nn.Module):
+        raise MoEError(f"expected a converted torch.nn.Module, got {type(model).__name__}")
+    layers = switch_layers(model)
+    if not layers:
+        raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
+    if parallel_layout(model) is not None:
+        raise MoEError("the model is already parallelized")
+    _check_experts_divide(layers, ep, f"ep={ep}", "an ep size")
+
+
+def _make_layout(mesh, shard_dense: bool, source: Source | None) -> ParallelLayout:
+    dp, ep = _check_mesh(mesh)
+    names = mesh.mesh_dim_names
+    flat_name = "_".join(names)
+    flat = mesh._flatten(flat_name)  # one group over all ranks, created once per mesh
+    return ParallelLayout(mesh, flat, dp, ep, mesh.get_local_rank(DP), mesh.get_local_rank(EP),
+                          shard_dense, source=source)
+
+
+def _shard_experts(model: nn.Module, layout: ParallelLayout) -> None:
+    """Every Switch layer -> an `ExpertParallelSwitchFFN` over this rank's ``ep`` group
+    (statistics over the whole job); parameters may still be on the meta device."""
+    ep_group = layout.mesh.get_group(EP)
+    experts_range = _plan_ranges(model, layout.ep_rank, layout.ep)
+    for name, layer in switch_layers(model):
+        sharded = ExpertParallelSwitchFFN(layer, ep_group, name=name, experts_range=experts_range,
+                                          stats_group=layout.flat_group)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, sharded)
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """The elements of the outermost ``nn.ModuleList`` s: a Transformer's blocks, FSDP2's
+    units (one all-gather and one reduce-scatter each)."""
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            yield from child
+        else:
+            yield from _blocks(child)
+
+
+def _gradient_hook(group, scale: float, what: str, rank: int) -> Callable[[Tensor], Tensor]:
+    """A tensor hook: the gradient of this backward, scaled and summed over ``group``
+    (None: scaled only). It runs before the gradient is accumulated into ``.grad``, so
+    accumulating several backward passes stays correct."""
+
+    def hook(grad: Tensor) -> Tensor:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        out = local * scale
+        if group is not None:
+            _collective(what, "", rank, dist.all_reduce, out, group=group)
+        if isinstance(grad, DTensor):
+            return DTensor.from_local(out, grad.device_mesh, grad.placements, run_check=False,
+                                      shape=grad.shape, stride=grad.stride())
+        return out
+
+    return hook
+
+
+def _distribute(model: nn.Module, layout: ParallelLayout) -> None:
+    """Experts -> DTensors on the mesh (replicated over dp, split over ep) with a hook
+    averaging their gradient over dp; dense parameters -> FSDP2 over the flat mesh, or
+    replicated with a hook averaging their gradient over every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh, N = layout.mesh, layout.world
+    placements = layout.placements()
+    experts: set[nn.Parameter] = set()
+    for _, layer in switch_layers(model):
+        E = layer.config.num_experts
+        for pname, param in list(layer.experts.named_parameters(recurse=False)):
+            shape = (E, *param.shape[1:])
+            stride = torch.empty(shape, device="meta").stride()
+            local = DTensor.from_local(param.detach(), mesh, placements, run_check=False,
+                                       shape=shape, stride=stride)
+            wrapped = nn.Parameter(local, requires_grad=param.requires_grad)
+            setattr(layer.experts, pname, wrapped)
+            experts.add(wrapped)
+    layout.expert_ids = {id(p) for p in experts}
+    dp_group = layout.mesh.get_group(DP) if layout.dp > 1 else None
+    for param in experts:
+        if param.requires_grad:
+            # summed over the ep group by the all-to-all backward; over dp here; / N
+            param.register_hook(_gradient_hook(dp_group, 1.0 / N, "expert gradient all_reduce",
+                                               layout.rank))
+    dense = [p for p in model.parameters() if id(p) not in layout.expert_ids]
+    if layout.shard_dense:
+        for block in _blocks(model):
+            if any(id(p) not in layout.expert_ids for p in block.parameters()):
+                fully_shard(block, mesh=layout.flat, ignored_params=experts)
+        fully_shard(model, mesh=layout.flat, ignored_params=experts)
+    elif N > 1:
+        for param in dense:
+            if param.requires_grad:
+                param.register_hook(_gradient_hook(layout.flat_group, 1.0 / N,
+                                                   "gradient all_reduce", layout.rank))
+    model.__dict__[_LAYOUT_ATTR] = layout
+
+
+def parallelize(model: nn.Module, mesh, *, shard_dense: bool = True) -> nn.Module:
+    """Data x expert parallelism on a ``(dp, ep)`` `DeviceMesh`, in place.
+
+    ``mesh = init_device_mesh(device, (dp, ep), mesh_dim_names=("dp", "ep"))``. Every
+    Switch layer's experts are split over ``ep`` in contiguous blocks (the sharding
+    plan's: ep rank e holds experts ``e*E/ep .. (e+1)*E/ep - 1``) and replicated over
+    ``dp``; tokens cross processes only within an ``ep`` group (ranks sharing a dp
+    index). Expert weights become DTensors on ``mesh`` (``[Replicate(), Shard(0)]``).
+    The other parameters are sharded with FSDP2 (``fully_shard``, one unit per block of
+    the outermost ``nn.ModuleList`` s plus the root) over all ``dp x ep`` ranks, or, with
+    ``shard_dense=False``, stay replicated.
+
+    Gradients are synchronized during ``backward()`` (FSDP2's reduce-scatter for sharded
+    dense parameters, tensor hooks for the rest), averaged over the ``N = dp x ep``
+    ranks: with every rank's loss the mean over its own rows plus `moeify.aux_loss`
+    (global over the job), each gradient equals that of one process on the concatenated
+    batch when ranks hold equal row counts. The loop stays forward, backward, optimizer
+    step. Do not call `average_gradients` on such a model.
+
+    Checked before any collective, with the same one-line `MoEError` on every rank: the
+    mesh (two dimensions named dp and ep), the model (converted, not yet parallel), and
+    every layer's expert count dividing by ``ep``. Start every rank from the same weights
+    (same seed or checkpoint). Returns ``model`` (its class renamed by FSDP2 when
+    ``shard_dense``).
+    """
+    _, ep = _check_mesh(mesh)
+    _check_layers(model, ep)
+    layout = _make_layout(mesh, shard_dense, hf_source_of(model))
+    _shard_experts(model, layout)
+    _distribute(model, layout)
+    return model
+
+
+# --- distributed checkpoints ----------------------------------------------------------------
+
+OPTIMIZER_DIR = "optimizer"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One safetensors entry: a whole tensor (``name == source``) or a block of its rows
+    (``source::partJ``)."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+def _header(entries: Sequence[_Entry]) -> bytes:
+    """A safetensors header as `moeify.checkpoint.write_shards` writes it."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": _SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + b" " * (-len(encoded) % 8)
+
+
+def _group_files(entries: Sequence[_Entry], limit: int) -> list[list[_Entry]]:
+    groups: list[list[_Entry]] = [[]]
+    size = _HEADER_BASE
+    for e in entries:
+        cost = _entry_header_bytes(e.name, list(e.shape)) + e.nbytes
+        if groups[-1] and size + cost > limit:
+            groups.append([])
+            size = _HEADER_BASE
+        groups[-1].append(e)
+        size += cost
+    return groups if groups[-1] else []
+
+
+def _block_rows(name: str, shape: tuple[int, ...], dtype: torch.dtype, limit: int,
+                widest: str) -> list[int]:
+    """Row counts of the entries one block ``shape`` takes under the shard limit."""
+    rows = shape[0]
+    row_bytes = _nbytes(torch.empty(shape[1:], dtype=dtype, device="meta"))
+    if _HEADER_BASE + _entry_header_bytes(widest, list(shape)) + rows * row_bytes <= limit:
+        return [rows]
+    room = limit - _HEADER_BASE - _entry_header_bytes(widest, list(shape))
+    per_part = room // row_bytes if row_bytes and room > 0 else 0
+    if per_part < 1:
+        raise MoEError(f"{name}: one expert row takes {row_bytes:,} bytes, more than the shard "
+                       f"size limit of {limit:,} bytes allows: raise max_shard_bytes")
+    return [min(per_part, rows - s) for s in range(0, rows, per_part)]
+
+
+@dataclass
+class _SaveLayout:
+    """Which rank writes which entries into which file: computed identically on every
+    rank from shapes alone, so no file list needs exchanging."""
+
+    files: list[tuple[str, int, list[_Entry]]]  # (file name, writer flat rank, entries)
+    parts: dict[str, list[list[Any]]]  # tensor -> [[entry, rows], ...] (split tensors)
+    whole_writer: dict[str, int]  # tensor -> flat rank that writes all of it (hashes it)
+
+    def index(self) -> dict[str, Any]:
+        weight_map = {e.name: f for f, _, entries in self.files for e in entries}
+        total = sum(e.nbytes for _, _, entries in self.files for e in entries)
+        metadata: dict[str, Any] = {"total_size": total}
+        if self.parts:
+            metadata["parts"] = self.parts
+        return {"metadata": metadata, "weight_map": weight_map}
+
+
+def _save_layout(dense: dict[str, Tensor], experts: dict[str, Tensor], layout: ParallelLayout,
+                 limit: int) -> _SaveLayout:
+    writers: list[tuple[int, list[_Entry]]] = []
+    parts: dict[str, list[list[Any]]] = {}
+    whole_writer: dict[str, int] = {}
+    dense_writer = layout.writer_of_block(0)
+    entries = []
+    for part, source, shape, nbytes in _shard_entries(dense, limit):
+        entries.append(_Entry(part, source, tuple(shape), dense[source].dtype, nbytes))
+        if part != source:
+            parts.setdefault(source, []).append([part, shape[0]])
+        whole_writer[source] = dense_writer
+    writers.append((dense_writer, entries))
+    ep = layout.ep
+    blocks: dict[str, list[int]] = {}
+    for name, spec in experts.items():
+        E = spec.shape[0]
+        block = (E // ep, *spec.shape[1:])
+        blocks[name] = _block_rows(name, block, spec.dtype, limit,
+                                   f"{name}{PART_SEPARATOR}{E}")
+        if ep == 1:
+            whole_writer[name] = layout.writer_of_block(0)
+    for e in range(ep):
+        entries = []
+        for name, spec in experts.items():
+            rows = blocks[name]
+            split = ep > 1 or len(rows) > 1
+            for j, count in enumerate(rows):
+                part = f"{name}{PART_SEPARATOR}{e * len(rows) + j}" if split else name
+                shape = (count, *spec.shape[1:])
+                nbytes = _nbytes(torch.empty(shape, dtype=spec.dtype, device="meta"))
+                entries.append(_Entry(part, name, shape, spec.dtype, nbytes))
+                if split:
+                    parts.setdefault(name, []).append([part, count])
+        writers.append((layout.writer_of_block(e), entries))
+    groups = [(writer, group) for writer, entries in writers
+              for group in _group_files(entries, limit)]
+    n = len(groups)
+    files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", writer, group)
+             for i, (writer, group) in enumerate(groups)]
+    return _SaveLayout(files, parts, whole_writer)
+
+
+def _write_files(directory: Path, files: Sequence[tuple[str, list[_Entry]]],
+                 tensors: Iterator[tuple[str, Tensor]], digests: dict[str, str],
+                 hashed: set[str]) -> None:
+    """Write ``files`` in order, each tensor's bytes streamed from ``tensors`` (pulled in
+    the order the entries first need them); the digest of every tensor in ``hashed``
+    (whole tensors, all of whose entries are written here) goes into ``digests``."""
+    last = {e.source: e.name for _, entries in files for e in entries}
+    streams: dict[str, _TensorBytes] = {}
+    for filename, entries in files:
+        encoded = _header(entries)
+        with open(directory / filename, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            for e in entries:
+                if e.source not in streams:
+                    name, tensor = next(tensors)
+                    if name != e.source:
+                        raise MoEError(f"internal: expected {e.source}, got {name}")
+                    streams[e.source] = _TensorBytes(name, [tensor], tensor)
+                streams[e.source].copy(handle, e.nbytes)
+                if last[e.source] == e.name:
+                    stream = streams.pop(e.source)
+                    stream.finish()
+                    if e.source in hashed:
+                        digests[e.source] = DIGEST_PREFIX + stream.hash.hexdigest()
+
+
+def _hash_from_files(directory: Path, save_layout: _SaveLayout, name: str,
+                     chunk: int = 64 * 2**20) -> str:
+    """sha256 of a split tensor's bytes, read back from its entries in order."""
+    where: dict[str, tuple[str, int, int]] = {}
+    for filename, _, entries in save_layout.files:
+        start = 8 + len(_header(entries))
+        for e in entries:
+            where[e.name] = (filename, start, e.nbytes)
+            start += e.nbytes
+    digest = hashlib.sha256()
+    for part, _ in save_layout.parts[name]:
+        filename, offset, nbytes = where[part]
+        with open(directory / filename, "rb") as handle:
+            handle.seek(offset)
+            while nbytes:
+                data = handle.read(min(chunk, nbytes))
+                if not data:
+                    raise MoEError(f"{directory / filename} is shorter than written")
+                digest.update(data)
+                nbytes -= len(data)
+    return DIGEST_PREFIX + digest.hexdigest()
+
+
+def _all_ok(layout: ParallelLayout, error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank (one line) when ``error`` happened on any."""
+    errors: list[Any] = [None] * layout.world
+    message = None if error is None else f"rank {layout.rank}: {_one_line(error)}"
+    dist.all_gather_object(errors, message, group=layout.flat_group)
+    failed = [m for m in errors if m is not None]
+    if failed:
+        raise MoEError(f"{what} failed on {failed[0]}" + (
+            f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""))
+
+
+def _model_tensors(model: nn.Module, layout: ParallelLayout
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+    """(dense tensors, expert parameters, aliases) of a parallelized model's state dict,
+    tied duplicates (the same parameter under several names) as aliases."""
+    dense: dict[str, Tensor] = {}
+    experts: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        (experts if id(tensor) in layout.expert_ids else dense)[name] = tensor
+    return dense, experts, aliases
+
+
+def _spec(tensor: Tensor) -> Tensor:
+    return torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta")
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None, force: bool = False,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: Source | None = None) -> Path:
+    """Write a parallelized model as an ordinary moeify checkpoint, from every rank at once.
+
+    Call on every rank of the mesh. Each expert weight is stored as row blocks
+    (``NAME::partJ`` entries, listed under ``metadata.parts`` in the index, as
+    `moeify.save` stores a tensor larger than a shard): the replica at dp index 0 of each
+    ep rank writes its own experts' blocks into its own shard files, so no rank ever
+    holds other ranks' experts; the dense tensors are gathered one at a time (FSDP2
+    shards) and written once, by the rank at mesh coordinate (0, 0), which also writes
+    ``model.safetensors.index.json`` and ``moeify.json`` (plan, source, aliases, sha256
+    digests of every tensor; those of tensors split over ranks are hashed back from the
+    files, spread over the ranks) once every shard is written. ``moeify.load`` reads the
+    result in one process, `load` under any other (dp, ep) layout.
+
+    ``optimizer``: its state goes to ``optimizer/`` inside the checkpoint through
+    `torch.distributed.checkpoint` (sharded as the parameters are: every rank writes its
+    own shards; replicated state once), for `load_optimizer`.
+
+    The directory is assembled under a temporary name and renamed into place by rank 0
+    when every rank succeeded (a shared file system for all ranks is assumed); a failure
+    on any rank raises the same one-line `MoEError` on every rank and leaves no output.
+    """
+    layout = parallel_layout(model)
+    if layout is None:
+        raise MoEError("moeify.distributed.save writes a model made by parallelize or "
+                       "moeify.distributed.load; use moeify.save for any other model")
+    plan = conversion_of(model)
+    if plan is None:
+        raise MoEError("the model is not converted: run moeify.convert before saving")
+    source = source or layout.source
+    dense, experts, aliases = _model_tensors(model, layout)
+    specs = {name: _spec(t) for name, t in {**dense, **experts}.items()}
+    specs = {name: specs[name] for name in model.state_dict(keep_vars=True) if name in specs}
+    save_layout = _save_layout({n: specs[n] for n in dense}, {n: specs[n] for n in experts},
+                               layout, max_shard_bytes)
+    rank, root = layout.rank, layout.global_rank(0)
+    need = sum(_nbytes(t) for t in specs.values())
+
+    # rank 0 takes the destination (lock, free space, temporary directory)
+    target: list[Any] = [None]
+    context = atomic_directory(path, force=force, need=need) if rank == 0 else None
+    if context is not None:
+        try:
+            target[0] = str(context.__enter__())
+        except BaseException as error:  # noqa: BLE001 - sent to every rank below
+            target[0] = MoEError(_one_line(error))
+    dist.broadcast_object_list(target, src=root, group=layout.flat_group)
+    if isinstance(target[0], BaseException):
+        raise target[0]
+    tmp = Path(target[0])
+    closed = False
+    try:
+        # 1. every rank writes its files; dense tensors are gathered in the same order
+        #    on all ranks (FSDP2 shards: full_tensor is a collective)
+        def dense_tensors() -> Iterator[tuple[str, Tensor]]:
+            for name, tensor in dense.items():
+                with torch.no_grad():
+                    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                yield name, full.detach()
+
+        mine = [(f, entries) for f, writer, entries in save_layout.files if writer == rank]
+        digests: dict[str, str] = {}
+        hashed = {n for n, w in save_layout.whole_writer.items() if w == rank}
+        error: BaseException | None = None
+        stream = dense_tensors()
+        try:
+            local = {name: (t.to_local() if isinstance(t, DTensor) else t).detach()
+                     for name, t in experts.items()}
+            dense_files = [(f, es) for f, es in mine if es[0].source in dense]
+            expert_files = [(f, es) for f, es in mine if es[0].source not in dense]
+            if dense_files:
+                _write_files(tmp, dense_files, stream, digests, hashed)
+            if expert_files:
+                _write_files(tmp, expert_files, iter(local.items()), digests, hashed)
+        except BaseException as failure:  # noqa: BLE001 - every rank learns of it
+            error = failure
+        for _ in stream:  # the gathers the writer did not reach
+            pass
+        _all_ok(layout, error, "writing the checkpoint shards")
+        # 2. digests of tensors split over ranks, hashed back from the files
+        split = [n for n in specs if n not in save_layout.whole_writer]
+        error = None
+        try:
+            for i, name in enumerate(split):
+                if i % layout.world == rank:
+                    digests[name] = _hash_from_files(tmp, save_layout, name)
+        except BaseException as failure:  # noqa: BLE001
+            error = failure
+        _all_ok(layout, error, "hashing the checkpoint shards")
+        gathered: list[Any] = [None] * layout.world
+        dist.all_gather_object(gathered, digests, group=layout.flat_group)
+        # 3. the optimizer state (collective: every rank its own shards)
+        if optimizer is not None:
+            _save_optimizer(model, optimizer, tmp / OPTIMIZER_DIR, layout)
+        # 4. rank 0: the index and moeify.json, then the rename
+        error = None
+        if rank == 0:
+            try:
+                all_digests: dict[str, str] = {}
+                for d in gathered:
+                    all_digests.update(d)
+                ordered = {n: all_digests[n] for n in specs}
+                (tmp / INDEX_FILE).write_text(json.dumps(save_layout.index(), indent=1))
+                meta = _checkpoint_meta(plan, source, aliases, specs, ordered)
+                (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+                closed = True
+                context.__exit__(None, None, None)
+            except BaseException as failure:  # noqa: BLE001
+                error = failure
+        _all_ok(layout, error, "committing the checkpoint")
+    except BaseException as error:
+        if context is not None and not closed:
+            context.__exit__(type(error), error, error.__traceback__)
+        raise
+    return Path(path)
+
+
+def _expert_fqns(model: nn.Module, layout: ParallelLayout | None) -> set[str]:
+    if layout is None:
+        return set()
+    return {name for name, p in model.named_parameters() if id(p) in layout.expert_ids}
+
+
+def _optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def _save_optimizer(model: nn.Module, optimizer, directory: Path,
+                    layout: ParallelLayout) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = _optimizer_state(model, optimizer)
+    dcp.save({"optimizer": state}, checkpoint_id=str(directory),
+             process_group=layout.flat_group)
+
+
+def load_optimizer(path: str | os.PathLike, model: nn.Module, optimizer) -> None:
+    """Load the optimizer state `save` stored with a checkpoint into ``optimizer`` (built
+    over ``model``'s parameters), under any (dp, ep) layout or in one process (a model
+    from ``moeify.load``): `torch.distributed.checkpoint` reshards it. Call on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    directory = Path(path) / OPTIMIZER_DIR
+    if not (directory / ".metadata").exists():
+        raise MoEError(f"checkpoint {path} holds no optimizer state (save it with "
+                       "moeify.distributed.save(model, path, optimizer=...))")
+    layout = parallel_layout(model)
+    state = _optimizer_state(model, optimizer)
+    wrapped = {"optimizer": state}
+    if layout is not None:
+        dcp.load(wrapped, checkpoint_id=str(directory), process_group=layout.flat_group)
+    else:
+        dcp.load(wrapped, checkpoint_id=str(directory),
+                 no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_optimizer_state_dict(model, optimizer, wrapped["optimizer"])
+
+
+def load(path: str | os.PathLike, model_or_builder: nn.Module | Callable[[], nn.Module] | None,
+         mesh, *, shard_dense: bool = True) -> nn.Module:
+    """Load a moeify checkpoint straight into the `parallelize` layout of ``mesh``.
+
+    ``model_or_builder``: the dense model of the checkpoint's architecture, a callable
+    returning one, or None to build it from the checkpoint's source (what ``model=`` is to
+    `moeify.load`). The architecture is rebuilt on meta parameters, its experts split for
+    ``mesh``, and each rank reads only its own experts' rows (safetensors slices of the
+    stored row blocks) plus the dense tensors, which FSDP2 then shards. Any checkpoint
+    loads, whatever layout (or single process) wrote it. Returns the model in eval mode;
+    call ``.train()`` to resume training and `load_optimizer` for the optimizer state.
+    """
+    _, ep = _check_mesh(mesh)
+    model = model_or_builder
+    if model is not None and not isinstance(model, nn.Module):
+        model = model()
+    skeleton, weights = load_skeleton(path, model=model)
+    _check_layers(skeleton, ep)
+    layout = _make_layout(mesh, shard_dense, read_meta(path).source)
+    _shard_experts(skeleton, layout)
+    _load_local(skeleton, weights, path)
+    _distribute(skeleton, layout)
+    return skeleton.eval()
+
+
+def _load_local(skeleton: nn.Module, weights: CheckpointWeights, path) -> None:
+    """Assign the replicated tensors and this rank's expert rows to a sharded skeleton."""
     state: dict[str, Any] = {}
     for name, module in skeleton.named_modules():
         if isinstance(module, ExpertParallelSwitchFFN):
@@ -357,12 +1070,3 @@ def load_expert_parallel(path: str | Path, group=None, *, model: nn.Module | Non
         raise MoEError(f"checkpoint {path} does not match its architecture: {error}") from None
     if hasattr(skeleton, "tie_weights"):
         skeleton.tie_weights()
-    return skeleton.eval()
-
-
-def predicted_dispatch_bytes(tokens: int, d_model: int, dtype: torch.dtype, world: int,
-                             kept_fraction: float = 1.0, top_k: int = 1) -> float:
-    """Expected bytes one rank sends to other ranks per all-to-all under uniform routing:
-    ``tokens * k * kept * (W - 1) / W * d * itemsize``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return tokens * top_k * kept_fraction * (world - 1) / world * d_model * itemsize

@@ -150,3 +150,260 @@ def sharded_checkpoint(rank: int, world: int, path: str) -> dict:
                                rtol=1e-5, atol=1e-5)
     sizes = {tuple(layer.experts.w_in.shape) for _, layer in moeify.switch_layers(model)}
     return {"expert_shapes": sorted(sizes)}
+
+
+# --- parallelize on a (dp, ep) mesh ---------------------------------------------------------
+
+STEPS, ROWS_PER_RANK, LR = 3, 2, 1e-3
+LAYOUTS = [((2, 2), True), ((2, 2), False), ((1, 4), True), ((1, 4), False), ((4, 1), True),
+           ((4, 1), False)]
+
+
+def dense_gpt2():
+    """No dropout anywhere and no router jitter: training is deterministic, so one process
+    and the mesh can be compared step by step."""
+    torch.manual_seed(0)
+    return models.gpt2(layers=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def train_gpt2(experts: int = 4):
+    model = dense_gpt2()
+    config = MoEConfig(**{**CONFIG.to_dict(), "num_experts": experts, "jitter_eps": 0.0})
+    moeify.convert(model, config, seq_len=SEQ)
+    return model.train()
+
+
+def batches(world: int) -> list[torch.Tensor]:
+    """One global batch per step, ``ROWS_PER_RANK`` sequences for each rank."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(2, models.VOCAB, (ROWS_PER_RANK * world, SEQ), generator=generator)
+            for _ in range(STEPS)]
+
+
+def rows_of(rank: int) -> slice:
+    return slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+
+
+def step(model, optimizer, ids: torch.Tensor) -> float:
+    loss = model(input_ids=ids, labels=ids).loss + moeify.aux_loss(model)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def reference_run(world: int):
+    """One process, the concatenated batch: the model and optimizer after ``STEPS``."""
+    model = train_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    dropped = []
+    for ids in batches(world):
+        step(model, optimizer, ids)
+        dropped.append(max(s.dropped_fraction for s in moeify.routing_stats(model)))
+    assert min(dropped) > 0, dropped  # capacity drops happen in every step
+    return model, optimizer
+
+
+def _full(tensor: torch.Tensor, param, layout) -> torch.Tensor:
+    """The whole tensor on every rank (collective for FSDP shards) or this rank's
+    expert block; returned with the slice of the reference it matches."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        if id(param) in layout.expert_ids:
+            return tensor.to_local()
+        return tensor.full_tensor()
+    return tensor
+
+
+def _expert_block(model, name: str):
+    layer = model.get_submodule(name.rsplit(".experts.", 1)[0])
+    return slice(layer.local_experts.start, layer.local_experts.stop)
+
+
+def compare_parameters(model, reference) -> float:
+    """Max |parameter - reference| over every parameter (experts: this rank's block)."""
+    from moeify.distributed import parallel_layout
+
+    layout = parallel_layout(model)
+    expected = dict(reference.named_parameters())
+    worst = 0.0
+    for name, param in model.named_parameters():
+        mine = _full(param.detach(), param, layout)
+        ref = expected[name].detach()
+        if id(param) in layout.expert_ids:
+            ref = ref[_expert_block(model, name)]
+        assert mine.shape == ref.shape, name
+        worst = max(worst, (mine - ref).abs().max().item())
+    return worst
+
+
+def compare_optimizer(model, optimizer, reference, ref_optimizer) -> float:
+    from moeify.distributed import parallel_layout
+
+    layout = parallel_layout(model)
+    expected = {name: ref_optimizer.state[p] for name, p in reference.named_parameters()}
+    worst = 0.0
+    for name, param in model.named_parameters():
+        state, ref_state = optimizer.state[param], expected[name]
+        assert set(state) == set(ref_state), name
+        for key, value in state.items():
+            mine = _full(value, param, layout).detach()
+            ref = ref_state[key]
+            if id(param) in layout.expert_ids and ref.dim():
+                ref = ref[_expert_block(model, name)]
+            worst = max(worst, (mine.double() - ref.double()).abs().max().item())
+    return worst
+
+
+class AllToAllBytes:
+    """Counts what every ``all_to_all_single`` of this process sends and receives, by the
+    global ranks of its group."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.calls: list[tuple[tuple[int, ...], int, int]] = []
+        self.original = dist.all_to_all_single
+
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None,
+                     group=None, async_op=False):
+            ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+            me = ranks.index(dist.get_rank())
+            row = input[0].numel() * input.element_size() if input.numel() else 0
+            sent = sum(n for r, n in enumerate(input_split_sizes or [input.shape[0] // len(ranks)]
+                                                * len(ranks)) if r != me) * row
+            got = sum(n for r, n in enumerate(output_split_sizes or
+                                               [output.shape[0] // len(ranks)] * len(ranks))
+                      if r != me) * row
+            self.calls.append((ranks, sent, got))
+            return self.original(output, input, output_split_sizes, input_split_sizes,
+                                 group=group, async_op=async_op)
+
+        dist.all_to_all_single = counting
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        dist.all_to_all_single = self.original
+
+
+def bad_inputs(rank: int, world: int) -> dict:
+    """The three bad inputs, each one line before any collective: rank 0 tries them alone
+    first (a collective would hang it until the timeout), then every rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeify.distributed import parallelize
+
+    unnamed = init_device_mesh("cpu", (2, 2))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    cases = [("unnamed mesh", lambda: parallelize(train_gpt2(), unnamed)),
+             ("3 experts over ep=2", lambda: parallelize(train_gpt2(experts=3), mesh)),
+             ("not converted", lambda: parallelize(dense_gpt2(), mesh))]
+    messages, seconds = {}, 0.0
+    for passes in (["alone"] if rank == 0 else []) + ["all"]:
+        if passes == "all":
+            dist.barrier()
+        for what, call in cases:
+            start = time.monotonic()
+            try:
+                call()
+            except moeify.MoEError as error:
+                messages[what] = str(error)
+            else:
+                raise AssertionError(f"{what} was accepted")
+            seconds = max(seconds, time.monotonic() - start)
+    return {"messages": messages, "seconds": seconds}
+
+
+def mesh_training(rank: int, world: int, out: str) -> dict:
+    """Every layout x shard_dense: 3 AdamW steps equal one process on the concatenated
+    batch; the all-to-all bytes by group; then the (2, 2) model and optimizer saved and
+    loaded under (1, 4), reading only this rank's experts."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeify.checkpoint import CheckpointWeights
+    from moeify.distributed import load, load_optimizer, parallelize, save
+
+    reference, ref_optimizer = reference_run(world)
+    data = batches(world)
+    meshes = {shape: init_device_mesh("cpu", shape, mesh_dim_names=("dp", "ep"))
+              for shape in {s for s, _ in LAYOUTS}}
+    results: dict = {"diff": {}, "bytes": {}}
+    saved = None
+    for shape, shard_dense in LAYOUTS:
+        model = parallelize(train_gpt2(), meshes[shape], shard_dense=shard_dense)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        counter = AllToAllBytes()
+        try:
+            for ids in data:
+                step(model, optimizer, ids[rows_of(rank)])
+        finally:
+            counter.stop()
+        key = f"{shape[0]}x{shape[1]} shard_dense={shard_dense}"
+        results["diff"][key] = compare_parameters(model, reference)
+        results["bytes"][key] = counter.calls
+        if shape == (2, 2) and shard_dense:
+            saved = f"{out}/ckpt"
+            save(model, saved, optimizer=optimizer)
+    # resume under (1, 4): only this rank's expert rows are read
+    whole, part = CheckpointWeights.get, CheckpointWeights.get_slice
+    reads = []
+
+    def no_whole_experts(self, name):
+        assert ".experts." not in name, f"rank {rank} read all of {name}"
+        return whole(self, name)
+
+    def own_rows_only(self, name, start, stop):
+        reads.append((name, start, stop))
+        return part(self, name, start, stop)
+
+    CheckpointWeights.get, CheckpointWeights.get_slice = no_whole_experts, own_rows_only
+    try:
+        model = load(saved, dense_gpt2, meshes[(1, 4)])
+    finally:
+        CheckpointWeights.get, CheckpointWeights.get_slice = whole, part
+    assert reads and all((a, b) == (rank, rank + 1) for _, a, b in reads), reads
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    load_optimizer(saved, model, optimizer)
+    results["loaded_params"] = compare_parameters(model, reference)
+    results["loaded_optimizer"] = compare_optimizer(model, optimizer, reference, ref_optimizer)
+    ids = data[0][rows_of(rank)]
+    reference.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
+    results["loaded_outputs"] = (out - expected).abs().max().item()
+    # a step after resuming still equals one process (every rank: its rows of batch 0)
+    model.train()
+    reference.train()
+    step(model, optimizer, ids)
+    step(reference, ref_optimizer, data[0])
+    results["resumed_step"] = compare_parameters(model, reference)
+    dist.barrier()
+    return results
+
+
+def mesh_job(rank: int, world: int, out: str) -> dict:
+    """One launch for the parallelize tests (process start-up is most of their cost)."""
+    return {"bad_inputs": bad_inputs(rank, world), **mesh_training(rank, world, out)}
+
+
+def dies_on_mesh(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeify.distributed import parallelize
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    model = parallelize(train_gpt2(), mesh)
+    if rank == world - 1:
+        raise RuntimeError("this rank fails before its forward")
+    start = time.monotonic()
+    try:
+        model(input_ids=batches(world)[0][rows_of(rank)])
+    except Exception as error:  # noqa: BLE001 - FSDP2's all-gather or the token exchange
+        return {"message": str(error).splitlines()[0], "type": type(error).__name__,
+                "seconds": time.monotonic() - start}
+    raise AssertionError("the forward finished although a peer died")
