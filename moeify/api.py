@@ -290,8 +290,12 @@ def apply_program(
 
 
 def _finish(program: Program, add_aux_loss: bool) -> ConversionResult:
+    # imported here: moeify.pretrained writes through moeify.checkpoint, which applies plans
+    from moeify.pretrained import install_save_pretrained
+
     plan = program.plan
     record_conversion(program.model, plan)
+    install_save_pretrained(program.model)
     if add_aux_loss:
         _install_aux_hook(program.model)
     return ConversionResult(program.model, plan, ConversionReport.from_plan(plan))
