@@ -162,3 +162,14 @@ def test_format_1_checkpoints_still_load(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(moeify.MoEError, match="format 1 checkpoint .* holds"):
         moeify.load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("entry", ["plan", "convert", "inspect"])
+def test_a_dict_config_is_one_clear_error_before_any_pass(entry):
+    model = models.gpt2()
+    with pytest.raises(moeify.MoEError) as raised:
+        getattr(moeify, entry)(model, {"num_experts": 4})
+    message = str(raised.value)
+    assert message == ("config must be a moeify.MoEConfig, got dict "
+                       "(MoEConfig(**that_dict) or MoEConfig.from_dict)")
+    assert "pass" not in message  # not "An error occurred when running the ... pass"

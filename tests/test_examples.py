@@ -75,3 +75,25 @@ def test_expert_parallel_example_trains_under_torchrun():
         # at most what experts 2 and 3 processed over both ranks.
         remote_kib = (per_expert[2] + per_expert[3]) * 256 / 1024
         assert 0 < int(sent) <= min(40, round(remote_kib)), (sent, per_expert)
+
+
+def test_expert_parallel_example_on_a_2x2_mesh_saves_a_checkpoint_one_process_loads(tmp_path):
+    """The README's command: 4 ranks as (dp=2, ep=2), FSDP2 on the dense part; the
+    checkpoint they write together loads in one process."""
+    import moeify
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+         "--standalone", str(EXAMPLES / "expert_parallel.py"), "--dp", "2", "--ep", "2",
+         "--steps", "3", "--save", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "4 ranks (gloo); 2 Switch layers; rank 0 holds experts 0..1 of 4; mesh dp=2 x " \
+           "ep=2, dense parameters sharded by FSDP2" in out, out
+    assert len(re.findall(r"loss (\S+)  aux", out)) == 3, out
+    assert f"saved {tmp_path / 'ckpt'}" in out
+    model = moeify.load(tmp_path / "ckpt")
+    assert len(moeify.switch_layers(model)) == 2
+    assert (tmp_path / "ckpt" / "optimizer").exists()

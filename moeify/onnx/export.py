@@ -199,6 +199,17 @@ def _widened(model: nn.Module):
             table[name] = original
 
 
+def dropless_cost(num_experts: int, top_k: int, group: int) -> str:
+    """What a dropless layer costs in a static graph (its metadata's ``dropless``).
+
+    A graph's capacity is a constant; dropless, it is the group's length, so every
+    expert's buffer has a slot for every token of a group, and the experts run on all of
+    them: ``E x T`` rows per group where the routed choices are ``k x T``."""
+    return (f"capacity = the group's {group} tokens; the experts compute {num_experts} x "
+            f"{group} slots per group for {top_k} x {group} routed choices "
+            f"({num_experts / top_k:g}x the expert work of the routed tokens)")
+
+
 def _source_dtype(model: nn.Module, stored: dict[str, torch.dtype] | None = None) -> str:
     """The floating dtype(s) of the model's weights outside the routers (float32 in any
     model), as the metadata's ``source_dtype``; ``stored``: the dtypes read from a
@@ -381,11 +392,14 @@ def export_onnx(
         "dtype": graph_dtype,
     }
     if c is not None:
+        group = c.group_size or seq_len
         metadata.update({
             "num_experts": str(c.num_experts), "top_k": str(c.top_k),
-            "expert_capacity": str(c.capacity(seq_len, training=False)),
-            "group_size": str(c.group_size or seq_len),
+            "expert_capacity": str(c.capacity(group, training=False)),
+            "group_size": str(group),
         })
+        if c.dropless:
+            metadata["dropless"] = dropless_cost(c.num_experts, c.top_k, group)
     # staged beside `path` under the destination's lock, space checked; moved into place
     # (external data first, the graph last) when the block succeeds (`moeify.fs`)
     with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:
