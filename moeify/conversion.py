@@ -389,23 +389,24 @@ class ConversionPlan:
         tokens = self.tokens_per_group
         return None if tokens is None else self.config.capacity(tokens, training=training)
 
-    @property
-    def params_moe(self) -> int:
-        """Parameters after conversion: each site's dense FFN becomes E experts + router."""
+    def _params_with(self, experts: int) -> int:
+        """The dense parameters with each selected site's FFN replaced by ``experts``
+        experts and its router."""
         c = self.config
         return self.params_dense + sum(
-            c.num_experts * expert_params(s, c) + c.num_experts * s.d_model - s.num_params
+            experts * expert_params(s, c) + c.num_experts * s.d_model - s.num_params
             for s in self.selected_sites
         )
 
     @property
+    def params_moe(self) -> int:
+        """Parameters after conversion: each site's dense FFN becomes E experts + router."""
+        return self._params_with(self.config.num_experts)
+
+    @property
     def active_params_per_token(self) -> int:
         """Parameters one token's forward touches: top_k experts and the router per site."""
-        c = self.config
-        return self.params_dense + sum(
-            c.top_k * expert_params(s, c) + c.num_experts * s.d_model - s.num_params
-            for s in self.selected_sites
-        )
+        return self._params_with(self.config.top_k)
 
     def nbytes(self, dtype: torch.dtype) -> dict[str, int]:
         """Weight bytes before and after conversion in ``dtype`` (routers counted in it
