@@ -109,3 +109,23 @@ def test_a_mask_that_does_not_describe_the_input_is_ignored():
         layer.token_mask = torch.tensor([[1] * 9 + [0] * 1, [1] * 10])  # KV cache: past + now
         y = layer(x)
         assert torch.equal(y[0, -1], torch.zeros(8))  # the last column is this step's last token
+
+
+def test_group_capacities_is_expert_capacity_in_tensor_ops():
+    """The per-sequence capacity a padded batch gets equals the Python formula's."""
+    from moeify.config import expert_capacity
+    from moeify.switch.routing import group_capacities
+
+    tokens = torch.arange(1, 130)
+    for E, factor, k, floor in [(4, 1.25, 1, 4), (8, 2.0, 2, 1), (64, 1.0, 1, 4), (3, 0.7, 2, 2)]:
+        got = group_capacities(tokens, num_experts=E, capacity_factor=factor, top_k=k,
+                               min_capacity=floor).flatten().tolist()
+        want = [expert_capacity(int(t), num_experts=E, capacity_factor=factor, top_k=k,
+                                min_capacity=floor) for t in tokens]
+        assert got == want, (E, factor, k, floor)
+    dropless = group_capacities(tokens, num_experts=4, capacity_factor=1.0, top_k=1,
+                                min_capacity=4, dropless=True)
+    assert dropless.flatten().tolist() == tokens.tolist()
+    empty = group_capacities(torch.tensor([0]), num_experts=4, capacity_factor=1.25, top_k=1,
+                             min_capacity=4)
+    assert empty.item() == 0  # a sequence of padding only: no slot
