@@ -23,6 +23,7 @@ other candidate for the sorted path.
 
     python benchmarks/bench_dispatch.py                    # E 8/64, d,f 768,3072
     python benchmarks/bench_dispatch.py --quick
+    python benchmarks/bench_dispatch.py --device cuda      # the same ratios on a GPU
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 MODES = ("fwd", "fwd+bwd")
 
 
-def build(E: int, d: int, f: int, precision: str) -> Experts:
-    experts = Experts(E, d, f)
+def build(E: int, d: int, f: int, precision: str, device: torch.device) -> Experts:
+    experts = Experts(E, d, f, device=device)
     if precision == "bf16-weights":
         experts.to(torch.bfloat16)
     return experts
@@ -56,9 +57,9 @@ def build(E: int, d: int, f: int, precision: str) -> Experts:
 
 def runner(experts: Experts, x: torch.Tensor, rows: int, kernel: str, mode: str, precision: str):
     E = experts.num_experts
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast"
-                else contextlib.nullcontext())
-    grad = torch.randn(E * rows, experts.d_model, dtype=x.dtype)
+    autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16)
+                if precision == "bf16-autocast" else contextlib.nullcontext())
+    grad = torch.randn(E * rows, experts.d_model, dtype=x.dtype, device=x.device)
 
     def compute(inputs: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -84,16 +85,28 @@ def runner(experts: Experts, x: torch.Tensor, rows: int, kernel: str, mode: str,
 
 def grouped_ffn(experts: Experts, x: torch.Tensor, rows: int) -> torch.Tensor:
     """The expert FFN with one grouped matmul per weight (``F.grouped_mm``)."""
-    dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+    device = x.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else experts.w_in.dtype)
-    offsets = torch.arange(1, experts.num_experts + 1, dtype=torch.int32) * rows
-    with torch.autocast("cpu", enabled=False):
+    offsets = torch.arange(1, experts.num_experts + 1, dtype=torch.int32, device=x.device) * rows
+    with torch.autocast(device, enabled=False):
         hidden = F.grouped_mm(x.to(dtype), experts.w_in.to(dtype), offs=offsets).relu()
         return F.grouped_mm(hidden, experts.w_out.to(dtype), offs=offsets)
 
 
-def median_ms(fn, repeats: int) -> float:
-    return 1e3 * median_seconds(fn, repeats)
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn``, device work included; NaN where the kernel is not
+    available for this device and dtype (``grouped_mm`` on some GPUs and dtypes)."""
+    def synchronized() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        return 1e3 * median_seconds(synchronized, repeats)
+    except RuntimeError as error:
+        print(f"<!-- {device.type}: {str(error).splitlines()[0]} -->", flush=True)
+        return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="E=4, 64x256, rows 8/64, 2 repeats")
     parser.add_argument("--no-thp", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     if args.quick:
         args.experts, args.dims, args.rows, args.repeats = [4], ["64x256"], [8, 64], 2
-    torch.set_num_threads(2)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
     torch.manual_seed(0)
     print(f"command: `{shlex.join(['python', 'benchmarks/bench_dispatch.py', *sys.argv[1:]])}`")
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}")
@@ -122,17 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         for dims in args.dims:
             d, f = (int(v) for v in dims.split("x"))
             for E in args.experts:
-                experts = build(E, d, f, precision)
+                experts = build(E, d, f, precision, device)
                 for rows in args.rows:
                     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
-                    x = torch.randn(E * rows, d, dtype=dtype)
+                    x = torch.randn(E * rows, d, dtype=dtype, device=device)
                     for mode in MODES:
-                        bmm = median_ms(runner(experts, x, rows, "bmm", mode, precision),
-                                        args.repeats)
-                        loop = median_ms(runner(experts, x, rows, "loop", mode, precision),
-                                         args.repeats)
-                        grouped = median_ms(runner(experts, x, rows, "grouped", mode, precision),
-                                            args.repeats)
+                        bmm, loop, grouped = (
+                            median_ms(runner(experts, x, rows, kernel, mode, precision),
+                                      args.repeats, device)
+                            for kernel in ("bmm", "loop", "grouped"))
                         print(f"| {precision} | {mode} | {d}x{f} | {E} | {rows} | {bmm:.2f} | "
                               f"{loop:.2f} | {grouped:.2f} | {bmm / loop:.2f} | "
                               f"{grouped / loop:.2f} |", flush=True)

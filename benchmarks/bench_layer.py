@@ -235,10 +235,26 @@ def build_dense(dense: DenseFFNWeights) -> nn.Module:
     return ffn
 
 
+# From this release on, HF's SparseMLP routes the unflattened [batch, seq, d] input, so its
+# expert capacity applies per sequence as moeify's does; before it the capacity applied to
+# the whole flattened batch (a different layer: the equivalence check fails on 80-90% of
+# the tokens).
+HF_PER_SEQUENCE_ROUTING = (5, 18)
+
+
 def build_hf(layer: SwitchFFN) -> nn.Module:
     """HF's SparseMLP with moeify's weights. Its forward (transformers 5.x) returns the
     output tensor alone; the router works per sequence with an absolute capacity."""
+    import transformers
     from transformers import SwitchTransformersConfig
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if version < HF_PER_SEQUENCE_ROUTING:
+        raise SystemExit(
+            f"error: transformers {transformers.__version__} applies SparseMLP's capacity to "
+            f"the whole flattened batch; the hf comparison needs transformers >= "
+            f"{'.'.join(map(str, HF_PER_SEQUENCE_ROUTING))} (per-sequence capacity, as "
+            f"moeify): upgrade it, or leave hf out with --impls")
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         SwitchTransformersSparseMLP,
     )

@@ -294,3 +294,22 @@ def test_bench_onnx_export_reports_memory_and_static_shapes(tmp_path):
     assert float(verdict.group(2)) == round(rss / gib, 2)
     assert float(verdict.group(3)) == round(limit / gib, 2)
     assert 0 < rss <= limit  # streamed from the checkpoint: near the dense model, not above
+
+
+def test_bench_dispatch_quick_reports_each_kernel_and_its_ratio():
+    script = SCRIPT.parent / "bench_dispatch.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| precision")]
+    cells = [[c.strip() for c in row] for row in rows]
+    # every precision x mode x rows-per-expert of the quick grid (E=4, 64x256, rows 8/64)
+    assert sorted((c[0], c[1], c[4]) for c in cells) == sorted(
+        (p, m, r) for p in ("fp32", "bf16-autocast", "bf16-weights")
+        for m in ("fwd", "fwd+bwd") for r in ("8", "64"))
+    for c in cells:
+        bmm, loop, grouped, bmm_ratio, grouped_ratio = (float(v) for v in c[5:])
+        assert min(bmm, loop, grouped) > 0, c
+        assert ratio_printed(bmm_ratio, bmm, loop, inputs=2), c
+        assert ratio_printed(grouped_ratio, grouped, loop, inputs=2), c

@@ -44,7 +44,8 @@ class DispatchPath(enum.Enum):
     AUTO: PADDED when traced; in eager mode, after routing, whichever costs less for the
         rows at hand: PADDED's batched matmul computes every slot, so it is chosen only
         where ``bmm`` over the padded rows is predicted to beat per-expert matmuls over
-        the occupied rows (`BATCHED_COST`, measured by ``benchmarks/bench_dispatch.py``).
+        the occupied rows (`BATCHED_COST`, measured per device type and dtype by
+        ``benchmarks/bench_dispatch.py``).
     """
 
     AUTO = "auto"
@@ -53,17 +54,24 @@ class DispatchPath(enum.Enum):
 
 
 # Time of one batched matmul (bmm) over R rows per expert relative to E per-expert
-# matmuls over the same rows, per matmul dtype (forward and backward together). AUTO
-# takes PADDED when ``cost * padded_rows < occupied_rows``. Measured on this project's
-# 2-core CPU machines with ``benchmarks/bench_dispatch.py`` (BENCHMARKS.md, "Dispatch
-# cost"): in float32 the two are within the machine's noise of each other (0.8-1.15 over
-# E 8/64 and 16-256 rows per expert), so padding never pays; with bfloat16 weights oneDNN's
-# batched matmul runs at about 0.6-0.85 of the per-expert calls.
-BATCHED_COST: dict[torch.dtype, float] = {
-    torch.float32: 1.0,
-    torch.float64: 1.0,
-    torch.bfloat16: 0.75,
-    torch.float16: 0.75,
+# matmuls over the same rows, per device type and matmul dtype (forward and backward
+# together). AUTO takes PADDED when ``cost * padded_rows < occupied_rows``; a device type
+# or dtype not listed takes the sorted path. Measured with ``benchmarks/bench_dispatch.py``
+# (BENCHMARKS.md, "Dispatch cost"):
+# - this project's 2-core CPU machines: in float32 the two are within the machine's noise
+#   of each other (0.88-1.33 over E 8/64 and 16-256 rows per expert), so padding never
+#   pays; with bfloat16 weights oneDNN's batched matmul runs at 0.76-1.19 of the
+#   per-expert calls (median 0.92), so padding pays only for nearly full buffers.
+# - an NVIDIA H200: one bmm replaces E kernel launches, 0.15-0.8 of the per-expert calls in
+#   float32 (rising with rows per expert) and 0.04-0.26 in bfloat16.
+BATCHED_COST: dict[tuple[str, torch.dtype], float] = {
+    ("cpu", torch.float32): 1.0,
+    ("cpu", torch.float64): 1.0,
+    ("cpu", torch.bfloat16): 0.75,
+    ("cpu", torch.float16): 0.75,
+    ("cuda", torch.float32): 0.7,
+    ("cuda", torch.bfloat16): 0.25,
+    ("cuda", torch.float16): 0.25,
 }
 
 
@@ -285,7 +293,8 @@ class SwitchFFN(nn.Module):
         if not self.experts.batched_matmul_ok():
             return False  # padded rows would run the same per-expert matmuls, on more rows
         padded_rows = x.shape[0] * sizes.expert_capacity * sizes.num_experts
-        cost = BATCHED_COST.get(matmul_dtype(self.experts.w_in), 1.0)
+        w = self.experts.w_in
+        cost = BATCHED_COST.get((w.device.type, matmul_dtype(w)), 1.0)
         return cost * padded_rows < sum(assignments.counts)
 
     def _valid_tokens(self, hidden_states: Tensor, x: Tensor) -> Tensor | None:

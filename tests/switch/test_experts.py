@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from _devices import DEVICES
 from moeify.switch.experts import segment_linear
 
 
@@ -54,19 +55,21 @@ def _record_ops(fn):
     return result, calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_segment_linear_under_autocast_is_nn_linear_per_expert(bias):
+def test_segment_linear_under_autocast_is_nn_linear_per_expert(bias, device):
     """Matmuls in bf16, gradients in float32, equal to nn.Linear per expert under the same
-    autocast, and no full-size bf16 copy of the weights or of their gradient."""
+    autocast (on the CPU and on a GPU), and no full-size bf16 copy of the weights or of
+    their gradient."""
     torch.manual_seed(0)
     E, i, o, counts = 4, 32, 48, [5, 0, 9, 2]
-    w = torch.randn(E, i, o, requires_grad=True)
-    b = torch.randn(E, o, requires_grad=True) if bias else None
-    x = torch.randn(sum(counts), i, requires_grad=True)
-    grad = torch.randn(sum(counts), o)
+    w = torch.randn(E, i, o, device=device, requires_grad=True)
+    b = torch.randn(E, o, device=device, requires_grad=True) if bias else None
+    x = torch.randn(sum(counts), i, device=device, requires_grad=True)
+    grad = torch.randn(sum(counts), o, device=device)
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             y = segment_linear(x, w, b, counts)
         y.backward(grad)
         return y
@@ -78,14 +81,14 @@ def test_segment_linear_under_autocast_is_nn_linear_per_expert(bias):
     assert not [c for c in calls if c[2] == (E, i, o) and c[3] == torch.bfloat16]
     assert w.grad.dtype == torch.float32 and (b is None or b.grad.dtype == torch.float32)
 
-    linears = [torch.nn.Linear(i, o, bias=bias) for _ in range(E)]
+    linears = [torch.nn.Linear(i, o, bias=bias, device=device) for _ in range(E)]
     with torch.no_grad():
         for e, lin in enumerate(linears):
             lin.weight.copy_(w[e].T)
             if bias:
                 lin.bias.copy_(b[e])
     x_ref = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         want = torch.cat([lin(part) for lin, part in zip(linears, x_ref.split(counts))])
     want.backward(grad)
     assert want.dtype == torch.bfloat16

@@ -11,6 +11,8 @@ import moeify
 from moeify import DenseFFNWeights, MoEConfig, SwitchFFN
 from moeify.switch import DispatchPath
 
+from _devices import DEVICES
+
 NO_NOISE = dict(jitter_eps=0.0, expert_dropout=0.0)
 
 
@@ -315,14 +317,14 @@ def test_auto_dispatch_follows_the_measured_cost_table():
     high = SortedAssignments(None, None, None, [120] * 4)  # 94% of the slots
     low = SortedAssignments(None, None, None, [40] * 4)  # 31%
 
-    assert BATCHED_COST[torch.float32] >= 1.0  # float32: bmm never beats per-expert calls
+    assert BATCHED_COST["cpu", torch.float32] >= 1.0  # float32: bmm never beats per-expert calls
     for assignments in (full, high, low):
         assert not layer._use_padded(x, assignments, sizes)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # would cast every expert's weights
         assert not layer.experts.batched_matmul_ok()
         assert not layer._use_padded(x, full, sizes)
     layer.to(torch.bfloat16)  # bf16 weights: padded where occupancy beats bmm's cost
-    assert layer.experts.batched_matmul_ok() and BATCHED_COST[torch.bfloat16] < 0.94
+    assert layer.experts.batched_matmul_ok() and BATCHED_COST["cpu", torch.bfloat16] < 0.94
     assert layer._use_padded(x, high, sizes) and not layer._use_padded(x, low, sizes)
     layer.dispatch_path = DispatchPath.SORTED
     assert not layer._use_padded(x, full, sizes)
@@ -330,25 +332,44 @@ def test_auto_dispatch_follows_the_measured_cost_table():
     assert layer._use_padded(x, low, sizes)
 
 
+@pytest.mark.parametrize("device", [p for p in DEVICES if p != "cpu"])
+def test_auto_dispatch_on_a_gpu_pads_where_one_bmm_beats_the_launches(device):
+    """On a GPU one bmm replaces E kernel launches: padding pays from lower occupancy than
+    on the CPU (float32 above BATCHED_COST's 0.7, bfloat16 weights above 0.25)."""
+    from moeify.switch.dispatch import SortedAssignments
+
+    layer = SwitchFFN(8, 16, MoEConfig(num_experts=4, capacity_factor=1.0, **NO_NOISE),
+                      seq_len=256, device=device).train()
+    x = torch.randn(2, 256, 8, device=device)
+    sizes = layer._sizes(256)
+    high = SortedAssignments(None, None, None, [120] * 4)  # 94% of the 128 slots
+    low = SortedAssignments(None, None, None, [40] * 4)  # 31%
+    assert layer._use_padded(x, high, sizes) and not layer._use_padded(x, low, sizes)
+    layer.to(torch.bfloat16)
+    assert layer._use_padded(x, low, sizes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", list(DispatchPath))
-def test_autocast_runs_experts_like_nn_linear_per_expert(path):
+def test_autocast_runs_experts_like_nn_linear_per_expert(path, device):
     """Under bf16 autocast the expert matmuls run in bf16 (router in float32), no
     full-size bf16 copy of the expert weights is made, and output and gradients match
-    an nn.Linear-per-expert reference under the same autocast, tokens dropping."""
+    an nn.Linear-per-expert reference under the same autocast, tokens dropping; on the
+    CPU and on a GPU."""
     from tests.switch.test_experts import _record_ops
 
     torch.manual_seed(5)
     d, f, E, T = 16, 40, 5, 24
     config = MoEConfig(num_experts=E, capacity_factor=1.0, min_capacity=1, **NO_NOISE)
-    layer = SwitchFFN(d, f, config, seq_len=T, activation="relu").train()
+    layer = SwitchFFN(d, f, config, seq_len=T, activation="relu", device=device).train()
     layer.dispatch_path = path
     with torch.no_grad():
         layer.router.weight.normal_()
-    x = torch.randn(3, T, d, requires_grad=True)
-    grad = torch.randn(3, T, d)
+    x = torch.randn(3, T, d, device=device, requires_grad=True)
+    grad = torch.randn(3, T, d, device=device)
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             y = layer(x)
         y.backward(grad)
         return y
@@ -365,23 +386,23 @@ def test_autocast_runs_experts_like_nn_linear_per_expert(path):
 
     # reference: the same routing, one nn.Linear pair per expert, HF-style loop
     ref_x = x.detach().clone().requires_grad_()
-    ups = [nn.Linear(d, f, bias=False) for _ in range(E)]
-    downs = [nn.Linear(f, d, bias=False) for _ in range(E)]
-    router = nn.Linear(d, E, bias=False)
+    ups = [nn.Linear(d, f, bias=False, device=device) for _ in range(E)]
+    downs = [nn.Linear(f, d, bias=False, device=device) for _ in range(E)]
+    router = nn.Linear(d, E, bias=False, device=device)
     with torch.no_grad():
         router.weight.copy_(layer.router.weight)
         for e in range(E):
             ups[e].weight.copy_(layer.experts.w_in[e].T)
             downs[e].weight.copy_(layer.experts.w_out[e].T)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.autocast("cpu", enabled=False):
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, enabled=False):
             logits = router(ref_x.reshape(-1, d))
         probs = torch.softmax(logits, -1)
         gate, index = probs.max(-1)
         position = (F.one_hot(index.view(3, T), E).cumsum(1) * F.one_hot(index.view(3, T), E)
                     ).sum(-1).flatten() - 1
         kept = position < layer.expert_capacity
-        out = torch.zeros(3 * T, d)
+        out = torch.zeros(3 * T, d, device=device)
         flat = ref_x.reshape(-1, d)
         for e in range(E):
             rows = torch.nonzero(kept & (index == e)).flatten()
