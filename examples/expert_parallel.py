@@ -122,6 +122,7 @@ def main() -> None:
             print(f"saved {args.save}: a moeify checkpoint written by {ep} ranks "
                   f"(their experts) and rank 0 (the dense part), optimizer state in "
                   f"{args.save}/optimizer", flush=True)
+    del model, optimizer  # FSDP2 holds gloo work: release it before the groups go
     dist.destroy_process_group()
 
 

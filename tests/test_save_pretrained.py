@@ -42,6 +42,27 @@ def test_save_pretrained_loads_back_exactly_and_never_as_the_dense_class(tmp_pat
     assert not [p for p in (tmp_path / "saved").iterdir() if p.name.startswith(".")]
 
 
+def test_the_dense_class_given_a_config_reports_every_ffn_missing(tmp_path, caplog):
+    """The one way to push the directory into the dense class, its own ``from_pretrained``
+    with an explicit config, does not pass silently: transformers' load report lists the
+    FFN weights as MISSING (newly initialized) and the Switch layers' as UNEXPECTED. This
+    pins that report (README, "Safety") so a transformers release that drops it fails here."""
+    torch.manual_seed(0)
+    dense = models.bert().eval()
+    config = dense.config
+    moeify.convert(dense, MoEConfig(num_experts=4))
+    dense.save_pretrained(tmp_path / "saved")
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING", logger="transformers"):
+            transformers.BertModel.from_pretrained(tmp_path / "saved", config=config)
+    finally:
+        transformers.logging.disable_propagation()
+    report = caplog.text
+    assert "MISSING" in report and "UNEXPECTED" in report, report[-2000:]
+    assert "intermediate.dense.weight" in report and "router.weight" in report
+
+
 def test_a_dense_model_keeps_transformers_save_pretrained(tmp_path):
     dense = models.gpt2()
     dense.save_pretrained(tmp_path / "dense")
