@@ -29,8 +29,13 @@ demo: install
 	$(PY) -m moeify convert "$(MINILM)" --experts 8 --seq-len 128 --out $(DEMO_OUT) --force
 	$(PY) -m moeify verify $(DEMO_OUT)
 
+# Two pytest workers (pytest-xdist): most tests are single-threaded (imports, subprocesses,
+# tiny models), so two halve the suite's wall time on a 2-core machine; TEST_JOBS=0 runs
+# everything in one process.
+TEST_JOBS ?= 2
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS)
 
 bench: install
 	$(PY) benchmarks/bench_layer.py --out BENCHMARKS.layer.md
