@@ -193,6 +193,7 @@ def _print_report(report, console, *, title: str) -> None:
         f"experts; parameters {report.params_dense:,} -> {report.params_moe:,} "
         f"({report.active_params_per_token:,} active per token)"
     )
+    console.print(f"experts: {report.experts_init}", markup=False)
 
 
 @app.command()

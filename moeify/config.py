@@ -36,6 +36,7 @@ class Init(str, enum.Enum):
     COPY = "copy"  # every expert an exact copy (sparse upcycling)
     PARTITION = "partition"  # hidden neurons split into E groups (MoEfication)
     RANDOM = "random"  # fresh scaled init
+    DROP = "drop"  # copies, each with a random fraction of its neurons re-initialized
 
 
 class Activation(str, enum.Enum):
@@ -113,6 +114,8 @@ class MoEConfig:
     every / layers: which FFN layers become Switch layers (every other one by default,
         odd indices); ``layers`` lists explicit indices and overrides ``every``.
     init / noise: expert initialization and relative noise added to copied experts.
+    drop_ratio: with ``init="drop"`` (Drop-Upcycling, Nakamura et al., ICLR 2025), the
+        fraction of each expert's hidden neurons re-initialized, to the nearest neuron.
     gate: ``softmax`` or ``normalized``, see `Gate`.
     jitter_eps: multiplicative router-input jitter U(1-eps, 1+eps), training only.
     aux_loss_coef / z_loss_coef: weights of the load-balancing loss (alpha) and the
@@ -148,9 +151,14 @@ class MoEConfig:
         None, "--layers", help="Explicit FFN indices to convert, e.g. 1,3,5 (overrides --every)."
     )
     init: Init = _field(
-        Init.COPY, "--init", help="Expert init: copy (upcycling), partition or random."
+        Init.COPY, "--init", help="Expert init: copy (upcycling), partition, random, or drop "
+        "(Drop-Upcycling: copies with --drop-ratio of each expert's neurons re-initialized)."
     )
     noise: float = _field(0.0, "--noise", help="Relative noise added to copied experts.")
+    drop_ratio: float = _field(
+        0.5, "--drop-ratio", help="With --init drop: the fraction of each expert's hidden "
+        "neurons re-initialized, a different random subset per expert (0.5 in the paper)."
+    )
     gate: Gate = _field(
         Gate.SOFTMAX, "--gate", help="softmax (Switch) or normalized (weights sum to 1)."
     )
@@ -203,6 +211,7 @@ class MoEConfig:
         _require_float("capacity_factor", self.capacity_factor, positive, "> 0")
         _require_float("eval_capacity_factor", self.eval_capacity_factor, positive, "> 0")
         _require_float("noise", self.noise, non_negative, ">= 0")
+        _require_float("drop_ratio", self.drop_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
         _require_float("jitter_eps", self.jitter_eps, unit, "in [0, 1)")
         _require_float("aux_loss_coef", self.aux_loss_coef, non_negative, ">= 0")
         _require_float("z_loss_coef", self.z_loss_coef, non_negative, ">= 0")

@@ -91,6 +91,11 @@ class ConversionReport:
             "active_params_per_token": self.active_params_per_token,
         }
 
+    @property
+    def experts_init(self) -> str:
+        """How the experts start (``config.init``), in words."""
+        return _init_text(self.config)
+
     def __str__(self) -> str:
         c = self.config
         lines = [
@@ -99,6 +104,7 @@ class ConversionReport:
             f"train / {c.eval_capacity_factor} eval)",
             f"parameters: {self.params_dense:,} dense -> {self.params_moe:,} MoE "
             f"({self.active_params_per_token:,} active per token)",
+            f"experts: {self.experts_init}",
         ]
         for s in self.sites:
             mark = "*" if s.selected else " "
@@ -109,3 +115,15 @@ class ConversionReport:
         for r in self.rejected:
             lines.append(f"   rejected {r.where}: {r.reason}")
         return "\n".join(lines)
+
+
+def _init_text(c: MoEConfig) -> str:
+    """How the experts start (``config.init``), in words."""
+    if c.init.value == "copy":
+        return "copies of the dense FFN" + (f", plus noise {c.noise:g}" if c.noise else "")
+    if c.init.value == "drop":
+        return (f"copies of the dense FFN, {c.drop_ratio:g} of each expert's hidden neurons "
+                "re-initialized (Drop-Upcycling)")
+    if c.init.value == "partition":
+        return "slices of the dense FFN's hidden neurons (partition)"
+    return "fresh random weights"

@@ -5,7 +5,7 @@
 | integrity | always runs: every tensor's bytes in the shards hash to the sha256 digest recorded when they were written (a flipped bit fails); checkpoints from before digests say "no digests recorded" |
 | reload | the checkpoint rebuilds and loads (no parameter holds NaN / inf); saved again and reloaded, it gives bitwise the same outputs |
 | upcycled weights | (source available, ``init=copy``, no noise) every non-expert weight equals the source's and every expert equals the source FFN |
-| dense identity | (source available) with the normalized gate and room for every token, the converted model reproduces the source model's outputs, computed in float32 |
+| dense identity | (source available, experts that start as the dense FFN: ``init=copy`` without noise) with the normalized gate and room for every token, the converted model reproduces the source model's outputs, computed in float32; other inits (``drop``, ``random``, ``partition``, noise) change the function by design and say so |
 | dense identity (bfloat16 / float16) | (half-precision checkpoints, source available) the same, each model computed in the checkpoint's own dtype |
 | onnx parity | (an ``.onnx`` file in the checkpoint, ``DIR.onnx`` beside it, or ``onnx=``) ONNX Runtime's outputs equal the PyTorch model's on the graph's declared sequence length |
 
@@ -417,11 +417,27 @@ def _compare(name: str, converted: torch.Tensor, reference: torch.Tensor, dtype:
                  f"{scale:.3g}))")
 
 
+def _not_the_dense_function(model: nn.Module) -> str | None:
+    """Why ``model``'s experts do not start as its dense FFN (no identity to check), or
+    None when they do."""
+    config = conversion_of(model).config
+    if config.init == Init.COPY and config.noise == 0:
+        return None
+    how = {Init.COPY: f"noise={config.noise:g} perturbs every copied expert",
+           Init.DROP: f"init=drop re-initializes {config.drop_ratio:g} of every expert's "
+                      "hidden neurons",
+           Init.RANDOM: "init=random draws fresh experts",
+           Init.PARTITION: "init=partition gives each expert a slice of the hidden neurons"}
+    return f"{how[config.init]}: the converted model is not the dense one by design"
+
+
 def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:
     """Run ``model`` and ``dense`` in float32, the former with room for every token and
     the normalized gate, and compare; both are left as they came (dtype, device, modes,
     configs). ``dense`` should hold the checkpoint's rounded weights (`source_model`
     loads it so): the tolerance is float32's."""
+    if (why := _not_the_dense_function(model)) is not None:
+        return Check("dense identity", "skip", why)
     try:
         inputs = _inputs(dense, seq_len)
         with _float32_eval(dense):
@@ -440,6 +456,8 @@ def check_native_identity(model: nn.Module, dense: nn.Module, seq_len: int | Non
     converted model as loaded, its routers float32): the path half-precision users run."""
     dtype = _weights_dtype(model)
     name = f"dense identity ({str(dtype).removeprefix('torch.')})"
+    if (why := _not_the_dense_function(model)) is not None:
+        return Check(name, "skip", why)
     try:
         inputs = _as_dtype(_inputs(dense, seq_len), dtype)
         with _eval(dense):

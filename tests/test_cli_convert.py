@@ -168,6 +168,31 @@ def test_directories_that_are_not_models(tmp_path, t5_dir):
     one_line_error(run("convert", converted, "--out", tmp_path / "o2"), "already converted")
 
 
+@pytest.mark.parametrize(("options", "reason"), [
+    (["--init", "drop", "--drop-ratio", "0.25"], "init=drop re-initializes 0.25"),
+    (["--init", "random"], "init=random draws fresh experts"),
+])
+def test_inits_that_change_the_function_convert_report_and_verify(options, reason, t5_dir,
+                                                                   tmp_path):
+    """Drop-Upcycling (and the other inits that are not the dense function at the start):
+    the report says how the experts start, and verify passes with the identity checks
+    skipped for that reason instead of failing them."""
+    out = tmp_path / "moe"
+    result = run("convert", t5_dir, "--experts", "4", "--seq-len", "8", *options, "--out", out)
+    assert result.returncode == 0, result.stderr
+    if options[1] == "drop":
+        assert "0.25 of each expert's hidden neurons re-initialized (Drop-Upcycling)" in (
+            result.stdout + result.stderr)
+    config = json.loads((out / "moeify.json").read_text())["plan"]["config"]
+    assert config["init"] == options[1]
+    result = run("verify", out, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["integrity"]["status"] == checks["reload"]["status"] == "pass"
+    assert checks["dense identity"]["status"] == "skip"
+    assert reason in checks["dense identity"]["detail"]
+
+
 def test_verify_passes_a_fresh_conversion_and_catches_a_tampered_one(t5_dir, tmp_path):
     out = tmp_path / "moe"
     assert run("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out).returncode == 0
@@ -236,6 +261,7 @@ def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragmen
 
 @pytest.mark.parametrize("options", [
     dict(), dict(noise=0.05), dict(init="random"), dict(init="partition"), dict(top_k=2),
+    dict(init="drop", drop_ratio=0.3),
 ])
 def test_streamed_conversion_writes_what_convert_and_save_write(options, tmp_path):
     import copy

@@ -116,6 +116,7 @@ class Experts(nn.Module):
         *,
         init: Init | str = Init.COPY,
         noise: float = 0.0,
+        drop_ratio: float = 0.5,
         generator: torch.Generator | None = None,
     ) -> None:
         """Initialize every expert from one dense FFN (sparse upcycling).
@@ -125,6 +126,13 @@ class Experts(nn.Module):
         partition: the dense FFN's f hidden neurons split into E consecutive groups of
             f/E (MoEfication); this module's d_ff must be f / E.
         random: fresh init at the paper's scale; the dense weights only fix the shapes.
+        drop: Drop-Upcycling (Nakamura et al., ICLR 2025). Each expert a copy, then a
+            different random subset of ``round(drop_ratio * f)`` hidden neurons
+            re-initialized: for each of them its weights in the input projection(s)
+            (``w_in`` and ``w_gate`` columns, ``b_in`` / ``b_gate`` entries) and its
+            weights in the output projection (``w_out`` row) are drawn from a normal
+            distribution with the mean and standard deviation of the whole dense tensor
+            they replace; ``b_out`` (per output, not per neuron) stays a copy.
         """
         init = Init(init)
         pairs = [("w_in", dense.w_in), ("w_out", dense.w_out), ("w_gate", dense.w_gate),
@@ -154,6 +162,28 @@ class Experts(nn.Module):
             if noise > 0 and init == Init.COPY and name.startswith("w_"):
                 scale = noise * source[0].float().std()
                 target.add_(scale * torch.randn(target.shape, generator=generator).to(target))
+        if init == Init.DROP:
+            self._drop_neurons(dense, drop_ratio, generator)
+
+    def _drop_neurons(self, dense: DenseFFNWeights, ratio: float,
+                      generator: torch.Generator | None) -> None:
+        """Drop-Upcycling's re-initialization of copied experts (see `load_dense`)."""
+        f = self.d_ff
+        count = math.floor(ratio * f + 0.5)
+        if count == 0:
+            return
+        # the hidden axis of each tensor as stored here (w_in [E, d, f], w_out [E, f, d])
+        axes = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
+        stats = {name: (source.float().mean().item(), source.float().std(correction=0).item())
+                 for name in axes if (source := getattr(dense, name)) is not None}
+        for e in range(self.num_experts):
+            neurons = torch.randperm(f, generator=generator)[:count].sort().values
+            for name, (mean, std) in stats.items():
+                expert = getattr(self, name)[e]
+                shape = list(expert.shape)
+                shape[axes[name]] = count
+                fresh = torch.randn(shape, generator=generator) * std + mean
+                expert.index_copy_(axes[name], neurons.to(expert.device), fresh.to(expert))
 
     def _hidden(self, h_in: Tensor, h_gate: Tensor | None) -> Tensor:
         act = _ACTIVATIONS[self.activation]

@@ -66,7 +66,8 @@ def upcycled_tensors(
 
     Router: truncated normal, std ``sqrt(0.1 / d_model)`` (`Router.reset_parameters`).
     Experts (``config.init``): ``copy`` (each expert the dense FFN, plus ``noise``),
-    ``partition`` (the hidden neurons split into E groups) or ``random``. Plain copies
+    ``partition`` (the hidden neurons split into E groups), ``random``, or ``drop``
+    (copies with ``drop_ratio`` of each expert's neurons re-initialized). Plain copies
     come back as one dense tensor repeated E times (nothing is materialized); the dense
     weights must then not be changed before the values are used.
     """
@@ -87,7 +88,7 @@ def upcycled_tensors(
                       bias=dense.b_in is not None, device="meta", dtype=dense.w_in.dtype)
     experts = experts.to_empty(device="cpu")
     cpu = DenseFFNWeights(**{k: None if t is None else t.detach().cpu() for k, t in pairs.items()})
-    experts.load_dense(cpu, init=config.init, noise=config.noise,
+    experts.load_dense(cpu, init=config.init, noise=config.noise, drop_ratio=config.drop_ratio,
                        generator=seeded_generator(config.seed, path, "experts"))
     for name, param in experts.named_parameters():
         tensors[f"experts.{name}"] = TensorSource(param.detach())
