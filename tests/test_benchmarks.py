@@ -313,3 +313,18 @@ def test_bench_dispatch_quick_reports_each_kernel_and_its_ratio():
         assert min(bmm, loop, grouped) > 0, c
         assert ratio_printed(bmm_ratio, bmm, loop, inputs=2), c
         assert ratio_printed(grouped_ratio, grouped, loop, inputs=2), c
+
+
+def test_bench_layer_refuses_an_hf_that_applies_the_capacity_to_the_whole_batch(monkeypatch):
+    """Before transformers 5.18 HF's SparseMLP routed the flattened batch: a different
+    layer, so the hf column is refused by version instead of failing the equivalence."""
+    from moeify import MoEConfig, SwitchFFN
+
+    bl = load_bench_layer()
+    layer = SwitchFFN(8, 16, MoEConfig(num_experts=4), seq_len=8)
+    assert isinstance(bl.build_hf(layer), torch.nn.Module)
+    # the module object build_hf imports: sys.modules can hold a different one than a name
+    # bound by an earlier "import transformers" in this process
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.17.0")
+    with pytest.raises(SystemExit, match=r"transformers 5\.17\.0 .*needs transformers >= 5\.18"):
+        bl.build_hf(layer)
