@@ -252,6 +252,12 @@ class MoEConfig:
             return float(self.expert_dropout)
         return float(source_dropout)
 
+    @property
+    def plain_copies(self) -> bool:
+        """Whether every expert starts as an exact copy of the dense FFN (``init="copy"``
+        without noise): the one init under which an upcycled layer can equal it."""
+        return self.init == Init.COPY and self.noise == 0
+
     def replace(self, **changes: Any) -> MoEConfig:
         """A copy with some fields changed (validated like a new config)."""
         return dataclasses.replace(self, **changes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moeify.config import MoEConfig
+from moeify.config import Init, MoEConfig
 from moeify.conversion import ConversionPlan, Rejection, expert_params
 
 
@@ -119,11 +119,11 @@ class ConversionReport:
 
 def _init_text(c: MoEConfig) -> str:
     """How the experts start (``config.init``), in words."""
-    if c.init.value == "copy":
+    if c.init == Init.COPY:
         return "copies of the dense FFN" + (f", plus noise {c.noise:g}" if c.noise else "")
-    if c.init.value == "drop":
+    if c.init == Init.DROP:
         return (f"copies of the dense FFN, {c.drop_ratio:g} of each expert's hidden neurons "
                 "re-initialized (Drop-Upcycling)")
-    if c.init.value == "partition":
+    if c.init == Init.PARTITION:
         return "slices of the dense FFN's hidden neurons (partition)"
     return "fresh random weights"

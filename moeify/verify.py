@@ -307,7 +307,7 @@ def source_model(meta: CheckpointMeta, model: nn.Module) -> tuple[nn.Module | No
 def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
     conversion = conversion_of(model)
     config = conversion.config
-    if config.init != Init.COPY or config.noise > 0:
+    if not config.plain_copies:
         return Check("upcycled weights", "skip", f"init={config.init.value}, noise={config.noise}")
     dense_state = dense.state_dict()
     replaced = {p for site in conversion.selected_sites for p in site.replace}
@@ -421,7 +421,7 @@ def _not_the_dense_function(model: nn.Module) -> str | None:
     """Why ``model``'s experts do not start as its dense FFN (no identity to check), or
     None when they do."""
     config = conversion_of(model).config
-    if config.init == Init.COPY and config.noise == 0:
+    if config.plain_copies:
         return None
     how = {Init.COPY: f"noise={config.noise:g} perturbs every copied expert",
            Init.DROP: f"init=drop re-initializes {config.drop_ratio:g} of every expert's "

@@ -172,18 +172,16 @@ class Experts(nn.Module):
         count = math.floor(ratio * f + 0.5)
         if count == 0:
             return
-        # the hidden axis of each tensor as stored here (w_in [E, d, f], w_out [E, f, d])
-        axes = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
         stats = {name: (source.float().mean().item(), source.float().std(correction=0).item())
-                 for name in axes if (source := getattr(dense, name)) is not None}
+                 for name in _HIDDEN_AXIS if (source := getattr(dense, name)) is not None}
         for e in range(self.num_experts):
             neurons = torch.randperm(f, generator=generator)[:count].sort().values
             for name, (mean, std) in stats.items():
-                expert = getattr(self, name)[e]
+                expert, axis = getattr(self, name)[e], _HIDDEN_AXIS[name]
                 shape = list(expert.shape)
-                shape[axes[name]] = count
+                shape[axis] = count
                 fresh = torch.randn(shape, generator=generator) * std + mean
-                expert.index_copy_(axes[name], neurons.to(expert.device), fresh.to(expert))
+                expert.index_copy_(axis, neurons.to(expert.device), fresh.to(expert))
 
     def _hidden(self, h_in: Tensor, h_gate: Tensor | None) -> Tensor:
         act = _ACTIVATIONS[self.activation]
@@ -239,9 +237,14 @@ def _bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
 
 
+# The hidden (f) axis of each dense FFN tensor (w_in [d, f], w_out [f, d], ...), which is
+# also an expert's axis once the leading expert axis is indexed away; b_out has none.
+_HIDDEN_AXIS = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
+
+
 def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
     """Split a dense weight's hidden (f) axis into ``num_experts`` consecutive groups."""
-    f_axis = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}.get(name)
+    f_axis = _HIDDEN_AXIS.get(name)
     if f_axis is None:  # b_out: a token reaches one partition, which adds the whole bias
         return source.unsqueeze(0).expand(num_experts, *source.shape)
     f = source.shape[f_axis]

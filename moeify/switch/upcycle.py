@@ -78,7 +78,7 @@ def upcycled_tensors(
     tensors = {"router.weight": TensorSource(router.weight.detach())}
     pairs = {"w_in": dense.w_in, "w_out": dense.w_out, "w_gate": dense.w_gate,
              "b_in": dense.b_in, "b_out": dense.b_out, "b_gate": dense.b_gate}
-    if config.init == Init.COPY and config.noise == 0:
+    if config.plain_copies:
         for name, source in pairs.items():
             if source is not None:
                 tensors[f"experts.{name}"] = TensorSource(source.detach().contiguous(), repeat=E)
