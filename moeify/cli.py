@@ -385,6 +385,10 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
     shard_experts: Annotated[Optional[int], typer.Option(
         "--shard-experts", help="Annotate expert weights as split over N devices.")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="text-generation (decoder-only: GPT-2, Llama) or text2text-generation "
+        "(T5): --onnx is then a directory of graphs with a KV cache (prefill/encoder and "
+        "decode steps) and generation.json, for moeify.onnx.OnnxGenerator.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -397,6 +401,15 @@ def export(
     from moeify.sources import CHECKPOINT_FILE, load_source
 
     check_export_args(seq_len, batch_size, opset)  # before loading anything
+    if task is not None:
+        from moeify.errors import MoEError
+        from moeify.onnx.generation import TASKS
+
+        if task not in TASKS:
+            raise MoEError(f"unknown --task {task!r}: choose {' or '.join(TASKS)}")
+        if shard_experts is not None or batch_size is not None:
+            raise MoEError("--shard-experts and --batch-size apply to single-graph exports, "
+                           "not to --task (its batch axis is dynamic)")
     from moeify.fs import check_output, hold_output_lock
 
     check_output(onnx_path, inputs=[model], force=force, what="--onnx", inside_ok=True)
@@ -408,6 +421,18 @@ def export(
         else:
             loaded, _ = load_source(model)
             console.print(f"{model} is not converted: exporting the dense model")
+    if task is not None:
+        from moeify.onnx.generation import export_generation
+
+        with console.status(f"exporting {onnx_path}"):
+            manifest = export_generation(loaded, onnx_path, seq_len=seq_len, task=task,
+                                         opset=opset, force=force)
+        if json_out:
+            typer.echo(json.dumps({"onnx": onnx_path, "manifest": manifest}))
+        else:
+            files = ", ".join(graph["file"] for graph in manifest["graphs"].values())
+            console.print(f"wrote {onnx_path} ({manifest['task']}): {files}, generation.json")
+        return
     with console.status(f"exporting {onnx_path}"):
         metadata = moeify.export_onnx(loaded, onnx_path, seq_len=seq_len, batch_size=batch_size,
                                       opset=opset, force=force, shard_experts=shard_experts)
