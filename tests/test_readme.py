@@ -48,7 +48,8 @@ def squeeze(text: str) -> str:
 def test_the_readme_has_the_python_blocks_this_test_expects():
     headings = [heading for heading, _ in BLOCKS]
     assert headings == ["Python API", "Training and distillation",
-                        "Expert parallelism (torch.distributed)", "Using the layer"], headings
+                        "Expert parallelism (torch.distributed)", "Generation with ONNX Runtime",
+                        "Using the layer"], headings
 
 
 @pytest.mark.parametrize("heading, code", [b for b in BLOCKS if "init_process_group" not in b[1]],
@@ -60,6 +61,8 @@ def test_python_block_runs(heading, code, capsys):
         assert "GPT2LMHeadModel: 4 FFN sites, 2 converted to 8 experts" in out
         assert "T5ForConditionalGeneration: 24 FFN sites, 12 converted to 64 experts" in out
         assert "torch.Size([2, 12])" in out  # generate() after moeify.set_seq_len(model, None)
+    if heading == "Generation with ONNX Runtime":
+        assert "(2, 21)" in out
 
 
 def test_expert_parallel_block_runs_under_torchrun(tmp_path):

@@ -191,3 +191,19 @@ def test_checkpoint_directory_exports_through_the_cli_and_generates_without_torc
                          timeout=300)
     assert run.returncode == 0, run.stderr
     np.testing.assert_array_equal(np.array(json.loads(run.stdout)), expected)
+
+
+def test_bench_generation_reports_tokens_per_second_and_agreement():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generation.py"
+    run = subprocess.run([sys.executable, str(script), "--layers", "2", "--batches", "2",
+                          "--prompt", "8", "--new", "4", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| 2 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    hf, ort, ratio = float(cells[1]), float(cells[3]), float(cells[5])
+    assert hf > 0 and ort > 0 and abs(ratio - ort / hf) < 0.01 + 0.01 * ratio
+    assert cells[6] == "100.0%"  # greedy tokens equal to generate()'s
+    assert "batch 2: ORT tokens/s >= 1.5x HF generate()" in run.stdout
