@@ -116,6 +116,18 @@ class MoEConfig:
     init / noise: expert initialization and relative noise added to copied experts.
     drop_ratio: with ``init="drop"`` (Drop-Upcycling, Nakamura et al., ICLR 2025), the
         fraction of each expert's hidden neurons re-initialized, to the nearest neuron.
+    granularity: granular upcycling (He et al. 2024, "Upcycling Large Language Models
+        into Mixture of Experts"; Megatron-Core's upcycling utilities) with G > 1: each
+        dense FFN splits into G slices of ``d_ff / G`` hidden neurons, and the layer's
+        ``num_experts`` experts (a multiple of G: ``num_experts / G`` copies of the G
+        slices) are those slices, expert ``j`` being slice ``j % G`` of copy ``j // G``.
+        The router's rows are drawn for the ``num_experts / G`` copies and repeated for
+        each copy's G slices, so at init a token's top-``top_k`` picks whole copies
+        (``top_k`` is a multiple of G) with equal weights ``1 / G`` per slice (the
+        pair's renormalized weights); each slice's output projection is scaled by G,
+        and the layer reproduces the dense FFN (the paper scales by ``E*G/K`` because
+        its combine weights are raw softmax probabilities; renormalized weights need G).
+        Requires ``init="copy"``.
     gate: ``softmax`` or ``normalized``, see `Gate`.
     jitter_eps: multiplicative router-input jitter U(1-eps, 1+eps), training only.
     aux_loss_coef / z_loss_coef: weights of the load-balancing loss (alpha) and the
@@ -159,6 +171,11 @@ class MoEConfig:
         0.5, "--drop-ratio", help="With --init drop: the fraction of each expert's hidden "
         "neurons re-initialized, a different random subset per expert (0.5 in the paper)."
     )
+    granularity: int = _field(
+        1, "--granularity", help="Granular upcycling: split each dense FFN into G slices of "
+        "d_ff/G; --experts (total, a multiple of G) are copies of the slices and --top-k (a "
+        "multiple of G) picks whole copies at init. 1: experts are whole copies."
+    )
     gate: Gate = _field(
         Gate.SOFTMAX, "--gate", help="softmax (Switch) or normalized (weights sum to 1)."
     )
@@ -199,6 +216,7 @@ class MoEConfig:
         if self.group_size is not None:
             _require_int("group_size", self.group_size, lambda v: v >= 1, ">= 1 or None")
         _require_int("every", self.every, lambda v: v >= 1, ">= 1")
+        _require_int("granularity", self.granularity, lambda v: v >= 1, ">= 1")
         _require_int("seed", self.seed, lambda v: v >= 0, ">= 0")
         if self.layers is not None:
             bad = [i for i in self.layers if not _is_int(i) or i < 0]
@@ -226,6 +244,20 @@ class MoEConfig:
             )
         if not isinstance(self.dropless, bool):
             raise ConfigError("{dropless} must be true or false", dropless=self.dropless)
+        if self.granularity > 1:
+            G = self.granularity
+            if self.init != Init.COPY:
+                raise ConfigError("{granularity} splits copies of the dense FFN: it needs "
+                                  "init='copy', not {init}", granularity=G, init=self.init.value)
+            if self.top_k % G:
+                raise ConfigError(
+                    "{granularity} needs top_k a multiple of it (a token picks whole copies "
+                    "of the G slices at init), got {top_k}; moeify routes top-1 or top-2, "
+                    "so granularity 2 goes with top_k=2", granularity=G, top_k=self.top_k)
+            if self.num_experts % G:
+                raise ConfigError("{num_experts} must be a multiple of {granularity} (each "
+                                  "copy of the dense FFN is G experts)",
+                                  num_experts=self.num_experts, granularity=G)
         if self.top_k > self.num_experts:  # unreachable while top_k <= 2 <= num_experts
             raise ConfigError("{top_k} exceeds {num_experts}",
                               top_k=self.top_k, num_experts=self.num_experts)
@@ -255,7 +287,13 @@ class MoEConfig:
     @property
     def plain_copies(self) -> bool:
         """Whether every expert starts as an exact copy of the dense FFN (``init="copy"``
-        without noise): the one init under which an upcycled layer can equal it."""
+        without noise or granularity)."""
+        return self.starts_dense and self.granularity == 1
+
+    @property
+    def starts_dense(self) -> bool:
+        """Whether the upcycled layer computes the dense FFN at init (with room for every
+        token and renormalized weights): plain copies, or copies of G slices (granular)."""
         return self.init == Init.COPY and self.noise == 0
 
     def replace(self, **changes: Any) -> MoEConfig:

@@ -225,8 +225,11 @@ def expert_params(site: FFNSite, config: MoEConfig) -> int:
 
 
 def expert_width(site: FFNSite, config: MoEConfig) -> int:
-    """Hidden width of each expert: the dense d_ff, or d_ff / E for ``init="partition"``."""
-    return site.d_ff // config.num_experts if config.init == Init.PARTITION else site.d_ff
+    """Hidden width of each expert: the dense d_ff, d_ff / E for ``init="partition"``, or
+    d_ff / G with ``granularity`` G."""
+    if config.init == Init.PARTITION:
+        return site.d_ff // config.num_experts
+    return site.d_ff // config.granularity
 
 
 # --- sharding -----------------------------------------------------------------------------

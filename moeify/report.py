@@ -119,6 +119,12 @@ class ConversionReport:
 
 def _init_text(c: MoEConfig) -> str:
     """How the experts start (``config.init``), in words."""
+    if c.init == Init.COPY and c.granularity > 1:
+        G = c.granularity
+        return (f"granular: {c.num_experts // G} copies x {G} slices of d_ff/{G} of the dense "
+                f"FFN, router rows repeated per copy, output projections x{G} (top-{c.top_k} "
+                f"= {c.top_k // G} copy x {G} slices at init)"
+                + (f", plus noise {c.noise:g}" if c.noise else ""))
     if c.init == Init.COPY:
         return "copies of the dense FFN" + (f", plus noise {c.noise:g}" if c.noise else "")
     if c.init == Init.DROP:

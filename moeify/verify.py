@@ -47,6 +47,7 @@ from moeify.config import Init
 from moeify.conversion import conversion_of
 from moeify.errors import MoEError
 from moeify.sources import load_source
+from moeify.switch.experts import granular_slices
 from moeify.trace import default_example_inputs
 
 # Tolerances follow the dtype of the arithmetic compared and the scale of the output:
@@ -307,7 +308,7 @@ def source_model(meta: CheckpointMeta, model: nn.Module) -> tuple[nn.Module | No
 def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
     conversion = conversion_of(model)
     config = conversion.config
-    if not config.plain_copies:
+    if not config.starts_dense:
         return Check("upcycled weights", "skip", f"init={config.init.value}, noise={config.noise}")
     dense_state = dense.state_dict()
     replaced = {p for site in conversion.selected_sites for p in site.replace}
@@ -328,15 +329,23 @@ def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
             if reference is None:
                 continue
             actual = getattr(experts, field)
-            if not all(torch.equal(actual[e], reference.to(actual.dtype))
-                       for e in range(actual.shape[0])):
+            if config.granularity > 1:  # slice e % G, w_out times G: the init's own product
+                expected = granular_slices(field, reference, config.num_experts,
+                                           config.granularity)
+                same = torch.equal(actual, expected.to(actual.dtype))
+            else:
+                same = all(torch.equal(actual[e], reference.to(actual.dtype))
+                           for e in range(actual.shape[0]))
+            if not same:
                 mismatched.append(f"{site.path}.experts.{field}")
     if mismatched:
         return Check("upcycled weights", "fail",
                      f"{len(mismatched)} tensors differ from the source, first {mismatched[0]}")
+    what = (f"slices of their dense FFN (granularity {config.granularity})"
+            if config.granularity > 1 else "their dense FFN")
     return Check("upcycled weights", "pass",
                  f"non-expert weights equal the source; {len(conversion.selected)} sites x "
-                 f"{config.num_experts} experts equal their dense FFN")
+                 f"{config.num_experts} experts equal {what}")
 
 
 # --- dense identity ------------------------------------------------------------------------
@@ -421,7 +430,7 @@ def _not_the_dense_function(model: nn.Module) -> str | None:
     """Why ``model``'s experts do not start as its dense FFN (no identity to check), or
     None when they do."""
     config = conversion_of(model).config
-    if config.plain_copies:
+    if config.starts_dense:
         return None
     how = {Init.COPY: f"noise={config.noise:g} perturbs every copied expert",
            Init.DROP: f"init=drop re-initializes {config.drop_ratio:g} of every expert's "

@@ -42,6 +42,14 @@ class BuildSwitchLayers(ProgramPass):
                     f"{bad.path} ({bad.d_ff}) is not divisible by it; pick a num_experts "
                     "that divides d_ff or init='copy'"
                 )
+        if c.granularity > 1:
+            bad = next((s for s in program.selected if s.d_ff % c.granularity), None)
+            if bad is not None:
+                raise self.fail(
+                    f"granularity {c.granularity} splits d_ff into {c.granularity} slices, "
+                    f"but d_ff of {bad.path} ({bad.d_ff}) is not divisible by it; pick a "
+                    "granularity that divides d_ff"
+                )
 
     def run(self, program: Program) -> bool:
         c = program.config

@@ -193,6 +193,25 @@ def test_inits_that_change_the_function_convert_report_and_verify(options, reaso
     assert reason in checks["dense identity"]["detail"]
 
 
+def test_granular_upcycling_converts_reports_and_verifies_as_the_dense_model(t5_dir, tmp_path):
+    out = tmp_path / "moe"
+    result = run("convert", t5_dir, "--experts", "8", "--top-k", "2", "--granularity", "2",
+                 "--seq-len", "8", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "granular: 4 copies x 2 slices of d_ff/2" in result.stdout + result.stderr
+    result = run("verify", out, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["upcycled weights"]["status"] == "pass"
+    assert "slices of their dense FFN (granularity 2)" in checks["upcycled weights"]["detail"]
+    assert checks["dense identity"]["status"] == "pass", checks["dense identity"]
+    one_line_error(run("convert", t5_dir, "--experts", "8", "--granularity", "2", "--out",
+                       tmp_path / "bad"), "--granularity 2 needs top_k a multiple of it")
+    inspect = run("inspect", t5_dir, "--experts", "8", "--top-k", "2", "--granularity", "2")
+    assert inspect.returncode == 0, inspect.stderr
+    assert "granular" in inspect.stdout + inspect.stderr
+
+
 def test_verify_passes_a_fresh_conversion_and_catches_a_tampered_one(t5_dir, tmp_path):
     out = tmp_path / "moe"
     assert run("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out).returncode == 0
@@ -261,7 +280,7 @@ def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragmen
 
 @pytest.mark.parametrize("options", [
     dict(), dict(noise=0.05), dict(init="random"), dict(init="partition"), dict(top_k=2),
-    dict(init="drop", drop_ratio=0.3),
+    dict(init="drop", drop_ratio=0.3), dict(top_k=2, granularity=2),
 ])
 def test_streamed_conversion_writes_what_convert_and_save_write(options, tmp_path):
     import copy

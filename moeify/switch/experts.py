@@ -117,9 +117,14 @@ class Experts(nn.Module):
         init: Init | str = Init.COPY,
         noise: float = 0.0,
         drop_ratio: float = 0.5,
+        granularity: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
         """Initialize every expert from one dense FFN (sparse upcycling).
+
+        ``granularity`` G > 1 (with copy): expert ``e`` is slice ``e % G`` of the dense
+        FFN's hidden neurons split into G consecutive groups, its output projection
+        scaled by G (`granular_slices`; ``MoEConfig.granularity`` has the reasoning).
 
         copy: each expert an exact copy of the dense FFN; ``noise > 0`` then adds
             ``noise * std(W) * N(0, 1)`` to each copied weight matrix.
@@ -151,6 +156,8 @@ class Experts(nn.Module):
                 continue
             if init == Init.PARTITION:
                 source = _partition(name, source, self.num_experts)
+            elif granularity > 1:
+                source = granular_slices(name, source, self.num_experts, granularity)
             else:
                 source = source.unsqueeze(0).expand(self.num_experts, *source.shape)
             if tuple(source.shape) != tuple(target.shape):
@@ -240,6 +247,17 @@ def _bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 # The hidden (f) axis of each dense FFN tensor (w_in [d, f], w_out [f, d], ...), which is
 # also an expert's axis once the leading expert axis is indexed away; b_out has none.
 _HIDDEN_AXIS = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
+
+
+def granular_slices(name: str, source: Tensor, num_experts: int, granularity: int) -> Tensor:
+    """Granular upcycling: the dense tensor ``name`` as ``num_experts`` experts, expert
+    ``e`` holding slice ``e % G`` of the hidden neurons (G = ``granularity``); ``w_out``
+    slices scaled by G, so G slices combined with weights 1/G give the dense output
+    (``b_out`` is every slice's whole bias: the weights 1/G add it once)."""
+    slices = _partition(name, source, granularity)
+    if name == "w_out":
+        slices = slices * granularity
+    return slices.repeat(num_experts // granularity, *([1] * source.dim()))
 
 
 def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:

@@ -200,6 +200,14 @@ class SwitchFFN(nn.Module):
                     "init='copy'"
                 )
             f //= config.num_experts
+        elif config.granularity > 1:
+            if f % config.granularity:
+                raise ValueError(
+                    f"granularity {config.granularity} splits the hidden width {f} into "
+                    f"{config.granularity} slices, which does not divide it: pick a "
+                    "granularity dividing d_ff"
+                )
+            f //= config.granularity
         layer = cls(  # on meta first: every parameter is written below, none drawn twice
             d, f, config, seq_len=seq_len, activation=activation,
             gated=dense.w_gate is not None, bias=dense.b_in is not None,

@@ -67,15 +67,20 @@ def upcycled_tensors(
     Router: truncated normal, std ``sqrt(0.1 / d_model)`` (`Router.reset_parameters`).
     Experts (``config.init``): ``copy`` (each expert the dense FFN, plus ``noise``),
     ``partition`` (the hidden neurons split into E groups), ``random``, or ``drop``
-    (copies with ``drop_ratio`` of each expert's neurons re-initialized). Plain copies
+    (copies with ``drop_ratio`` of each expert's neurons re-initialized); with
+    ``granularity`` G > 1, copies of G slices of the hidden neurons and one router row
+    per copy repeated G times (`MoEConfig.granularity`). Plain copies
     come back as one dense tensor repeated E times (nothing is materialized); the dense
     weights must then not be changed before the values are used.
     """
-    E = config.num_experts
+    E, G = config.num_experts, config.granularity
     d_model = dense.w_in.shape[0]
-    router = Router(d_model, E, router_dtype=config.router_dtype, device="cpu")
+    # granular: one router row per copy of the dense FFN, repeated for its G slices
+    router = Router(d_model, E // G, router_dtype=config.router_dtype, device="cpu")
     router.reset_parameters(seeded_generator(config.seed, path, "router"))
-    tensors = {"router.weight": TensorSource(router.weight.detach())}
+    weight = router.weight.detach()
+    tensors = {"router.weight": TensorSource(weight.repeat_interleave(G, dim=0) if G > 1
+                                             else weight)}
     pairs = {"w_in": dense.w_in, "w_out": dense.w_out, "w_gate": dense.w_gate,
              "b_in": dense.b_in, "b_out": dense.b_out, "b_gate": dense.b_gate}
     if config.plain_copies:
@@ -83,13 +88,14 @@ def upcycled_tensors(
             if source is not None:
                 tensors[f"experts.{name}"] = TensorSource(source.detach().contiguous(), repeat=E)
         return tensors
-    d_ff = dense.w_in.shape[1] // E if config.init == Init.PARTITION else dense.w_in.shape[1]
+    d_ff = dense.w_in.shape[1]
+    d_ff //= E if config.init == Init.PARTITION else G
     experts = Experts(E, d_model, d_ff, activation=activation, gated=dense.w_gate is not None,
                       bias=dense.b_in is not None, device="meta", dtype=dense.w_in.dtype)
     experts = experts.to_empty(device="cpu")
     cpu = DenseFFNWeights(**{k: None if t is None else t.detach().cpu() for k, t in pairs.items()})
     experts.load_dense(cpu, init=config.init, noise=config.noise, drop_ratio=config.drop_ratio,
-                       generator=seeded_generator(config.seed, path, "experts"))
+                       granularity=G, generator=seeded_generator(config.seed, path, "experts"))
     for name, param in experts.named_parameters():
         tensors[f"experts.{name}"] = TensorSource(param.detach())
     return tensors
