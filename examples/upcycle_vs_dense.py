@@ -1,26 +1,31 @@
-"""Does sparse upcycling pay? Continue a dense checkpoint dense, or upcycled to a Switch MoE.
+"""Which upcycling recipe pays? Continue a dense checkpoint dense, or upcycled three ways.
 
 A byte-level GPT-2 (vocabulary 256, built from a config: nothing to download) learns the
 Python standard library's own source files, every ``*.py`` of the running interpreter's
 stdlib in sorted order (every 20th file held out for validation). Phase 1 trains it dense
-for ``--dense-steps`` steps. From that checkpoint two arms continue for ``--arm-steps``
+for ``--dense-steps`` steps. From that checkpoint the arms continue for ``--arm-steps``
 steps each, on the same batches in the same order:
 
   dense     the model as it is;
-  upcycled  the same model converted with ``moeify.convert`` (8 experts, every other
-            FFN, capacity factor 1.25, experts copied from the dense FFN plus 1% noise),
-            with ``moeify.aux_loss`` added to the loss.
+  copy      sparse upcycling: ``moeify.convert`` with 8 experts copied from the dense FFN
+            plus 1% noise, top-1 (every other FFN, capacity factor 1.25);
+  drop      Drop-Upcycling (Nakamura et al., ICLR 2025): 8 copies, each with a different
+            half of its hidden neurons re-initialized (``init="drop"``, r = 0.5), top-1;
+  granular  granular upcycling (He et al. 2024): each FFN split in 2 halves, 8 copies of
+            them = 16 experts, top-2 (``granularity=2``): the dense FFN's FLOPs per token;
 
-Each arm starts a fresh AdamW with the same hyper-parameters (the phase-1 optimizer state
-is not carried over: the upcycled model has parameters the dense one lacks) and the same
-schedule: a short linear warmup, then a cosine decay to a tenth of the peak rate.
+every upcycled arm with ``moeify.aux_loss`` added to the loss. Each arm starts a fresh
+AdamW with the same hyper-parameters (the phase-1 optimizer state is not carried over:
+the upcycled models have parameters the dense one lacks) and the same schedule: a short
+linear warmup, then a cosine decay to a tenth of the peak rate. The arms run interleaved,
+one step of each in turn, so load from elsewhere on the machine slows them alike.
 Validation loss (mean cross-entropy per byte, in nats, over a fixed set of held-out
 batches) is measured every ``--eval-every`` steps; the script plots it against steps and
-against training seconds, and prints the final losses, the training tokens/s of each arm
-(wall time of the training steps only), the parameter counts and a verdict computed from
-those numbers.
+against training seconds, and prints a table: final losses (equal steps), losses at equal
+training time (the fastest arm's total), training tokens/s, parameters and dropped
+tokens, with a verdict per arm computed from those numbers.
 
-    python examples/upcycle_vs_dense.py                # ~10 min on 2 CPU cores, writes
+    python examples/upcycle_vs_dense.py                # ~20 min on 2 CPU cores, writes
                                                        # examples/upcycle_vs_dense.png
     python examples/upcycle_vs_dense.py --quick --png /tmp/upcycle.png   # < 1 min smoke run
 """
@@ -155,41 +160,69 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
-def train(model, s: Settings, steps: int, first_step: int, data: torch.Tensor,
-          val_batches: list[torch.Tensor], seed: int, decay: bool, label: str) -> Curve:
-    """Train ``steps`` steps on batches drawn with ``seed``; evaluate every eval_every."""
-    moe = bool(moeify.switch_layers(model))
-    optimizer, schedule = make_optimizer(model, s, steps, decay)
-    generator = torch.Generator().manual_seed(seed)
-    curve = Curve()
+@dataclass
+class Arm:
+    """One way to continue the checkpoint: its model, optimizer and validation curve."""
 
-    def record(step: int) -> None:
-        curve.steps.append(first_step + step)
-        curve.losses.append(evaluate(model, val_batches))
-        curve.seconds.append(curve.train_seconds)
-        print(f"  {label:8s} step {first_step + step:5d}  val loss {curve.losses[-1]:.4f}  "
-              f"train time {curve.train_seconds:6.1f} s", flush=True)
+    name: str
+    description: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    batches: torch.Generator
+    curve: Curve = field(default_factory=Curve)
+    params: tuple[int, int] = (0, 0)  # total, active per token
 
-    model.train()
-    record(0)
-    for step in range(1, steps + 1):
+    @property
+    def moe(self) -> bool:
+        return bool(moeify.switch_layers(self.model))
+
+    def step(self, s: Settings, data: torch.Tensor) -> None:
         start = time.perf_counter()
-        input_ids = sample_batch(data, s, generator)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        if moe:
-            loss = loss + moeify.aux_loss(model)
+        input_ids = sample_batch(data, s, self.batches)
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        if self.moe:
+            loss = loss + moeify.aux_loss(self.model)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        curve.train_seconds += time.perf_counter() - start
-        if moe:
-            stats = moeify.routing_stats(model)
-            curve.dropped.append(sum(x.dropped_fraction for x in stats) / len(stats))
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.curve.train_seconds += time.perf_counter() - start
+        if self.moe:
+            stats = moeify.routing_stats(self.model)
+            self.curve.dropped.append(sum(x.dropped_fraction for x in stats) / len(stats))
+
+    def record(self, step: int, val_batches: list[torch.Tensor]) -> None:
+        c = self.curve
+        c.steps.append(step)
+        c.losses.append(evaluate(self.model, val_batches))
+        c.seconds.append(c.train_seconds)
+        print(f"  {self.name:8s} step {step:5d}  val loss {c.losses[-1]:.4f}  "
+              f"train time {c.train_seconds:6.1f} s", flush=True)
+
+
+def make_arm(name: str, description: str, model: torch.nn.Module, s: Settings, steps: int,
+             seed: int, decay: bool, params: tuple[int, int] = (0, 0)) -> Arm:
+    optimizer, schedule = make_optimizer(model, s, steps, decay)
+    return Arm(name, description, model, optimizer, schedule,
+               torch.Generator().manual_seed(seed), params=params)
+
+
+def train(arms: list[Arm], s: Settings, steps: int, first_step: int, data: torch.Tensor,
+          val_batches: list[torch.Tensor]) -> None:
+    """``steps`` steps of every arm, interleaved step by step (whatever else runs on the
+    machine slows every arm alike), each on its own batch stream; every arm is evaluated
+    every ``eval_every`` steps."""
+    for arm in arms:
+        arm.model.train()
+        arm.record(first_step, val_batches)
+    for step in range(1, steps + 1):
+        for arm in arms:
+            arm.step(s, data)
         if step % s.eval_every == 0 or step == steps:
-            record(step)
-    return curve
+            for arm in arms:
+                arm.record(first_step + step, val_batches)
 
 
 # --- reporting -----------------------------------------------------------------------------
@@ -204,39 +237,51 @@ def interpolate(curve: Curve, seconds: float) -> float:
     return curve.losses[-1]
 
 
-def verdict(dense: float, upcycled: float, speed_ratio: float) -> str:
-    diff = dense - upcycled
-    speed = f"at {speed_ratio:.2f}x the dense arm's tokens/s"
+def compared(diff: float, what: str) -> str:
     if abs(diff) < TIE_NATS:
-        return f"verdict: a tie at this scale ({diff:+.4f} nats), {speed}"
+        return f"ties dense {what} ({diff:+.4f} nats)"
     if diff > 0:
-        return f"verdict: upcycled beats dense by {diff:.4f} nats at equal steps, {speed}"
-    return f"verdict: dense is ahead by {-diff:.4f} nats at this scale, {speed}"
+        return f"beats dense by {diff:.4f} nats {what}"
+    return f"loses to dense by {-diff:.4f} nats {what}"
 
 
-def print_results(s: Settings, dense: Curve, moe: Curve, params: dict[str, int]) -> None:
+def print_results(s: Settings, arms: list[Arm]) -> None:
     tokens = s.arm_steps * s.batch_size * s.seq_len
-    tps_dense, tps_moe = tokens / dense.train_seconds, tokens / moe.train_seconds
-    final_dense, final_moe = dense.losses[-1], moe.losses[-1]
-    same_time = min(dense.train_seconds, moe.train_seconds)
-    dropped = 100 * sum(moe.dropped) / max(1, len(moe.dropped))
+    dense = next(arm for arm in arms if arm.name == "dense")
+    same_time = min(arm.curve.train_seconds for arm in arms)
+    tps = {arm.name: tokens / arm.curve.train_seconds for arm in arms}
     print(f"\nresults after {s.dense_steps} dense + {s.arm_steps} steps per arm "
-          f"({tokens:,} training tokens per arm)")
-    print(f"final val loss   dense {final_dense:.4f}   upcycled {final_moe:.4f}   "
-          f"difference (dense - upcycled) {final_dense - final_moe:+.4f} nats")
-    print(f"train tokens/s   dense {tps_dense:,.0f}   upcycled {tps_moe:,.0f}   "
-          f"ratio {tps_moe / tps_dense:.2f}")
-    print(f"parameters       dense {params['dense']:,}   upcycled {params['moe']:,} total / "
-          f"{params['active']:,} active per token")
-    print(f"upcycled arm     {dropped:.1f}% of tokens dropped by capacity in training (mean "
-          f"over layers and steps); val loss at conversion {moe.losses[0]:.4f} vs dense "
-          f"{dense.losses[0]:.4f}")
-    print(f"equal train time ({same_time:.1f} s, interpolated)   dense "
-          f"{interpolate(dense, same_time):.4f}   upcycled {interpolate(moe, same_time):.4f}")
-    print(verdict(final_dense, final_moe, tps_moe / tps_dense))
+          f"({tokens:,} training tokens per arm); equal time = {same_time:.1f} s of training "
+          "(the fastest arm's total, losses interpolated)")
+    print()
+    print("| arm | experts | final val loss | dense - arm | val loss at equal time | "
+          "dense - arm | train tokens/s | vs dense | parameters total / active | dropped |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for arm in arms:
+        c = arm.curve
+        at_time = interpolate(c, same_time)
+        dropped = f"{100 * sum(c.dropped) / len(c.dropped):.1f}%" if c.dropped else "-"
+        print(f"| {arm.name} | {arm.description} | {c.losses[-1]:.4f} | "
+              f"{dense.curve.losses[-1] - c.losses[-1]:+.4f} | {at_time:.4f} | "
+              f"{interpolate(dense.curve, same_time) - at_time:+.4f} | {tps[arm.name]:,.0f} | "
+              f"{tps[arm.name] / tps['dense']:.2f} | {arm.params[0]:,} / {arm.params[1]:,} | "
+              f"{dropped} |")
+    print()
+    for arm in arms:
+        if arm is dense:
+            continue
+        steps = compared(dense.curve.losses[-1] - arm.curve.losses[-1], "at equal steps")
+        time_ = compared(interpolate(dense.curve, same_time) - interpolate(arm.curve, same_time),
+                         "at equal time")
+        print(f"verdict {arm.name}: {steps}; {time_}; val loss at conversion "
+              f"{arm.curve.losses[0]:.4f} vs dense {dense.curve.losses[0]:.4f}")
 
 
-def plot(path: Path, s: Settings, phase1: Curve, dense: Curve, moe: Curve) -> None:
+COLORS = {"dense": "tab:blue", "copy": "tab:orange", "drop": "tab:green",
+          "granular": "tab:red"}
+
+
+def plot(path: Path, s: Settings, phase1: Curve, arms: list[Arm]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,24 +289,23 @@ def plot(path: Path, s: Settings, phase1: Curve, dense: Curve, moe: Curve) -> No
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_step.plot(phase1.steps, phase1.losses, color="0.4", label="phase 1: dense")
-    by_step.plot(dense.steps, dense.losses, color="tab:blue",
-                 label=f"dense arm (final {dense.losses[-1]:.4f})")
-    by_step.plot(moe.steps, moe.losses, color="tab:orange",
-                 label=f"upcycled arm, 8 experts (final {moe.losses[-1]:.4f})")
+    for arm in arms:
+        by_step.plot(arm.curve.steps, arm.curve.losses, color=COLORS.get(arm.name),
+                     label=f"{arm.name}: {arm.description} (final {arm.curve.losses[-1]:.4f})")
+        by_time.plot(arm.curve.seconds, arm.curve.losses, color=COLORS.get(arm.name),
+                     marker=".", label=arm.name)
     by_step.axvline(s.dense_steps, color="0.6", linestyle="--", linewidth=1)
-    later = phase1.losses[len(phase1.losses) // 3:] + dense.losses + moe.losses
+    later = phase1.losses[len(phase1.losses) // 3:] + [x for a in arms for x in a.curve.losses]
     low, high = min(later), max(later)
     by_step.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     by_step.set(xlabel="training step", ylabel="validation loss (nats / byte)",
                 title="validation loss vs. steps")
-    by_step.legend()
-    by_time.plot(dense.seconds, dense.losses, color="tab:blue", marker=".", label="dense arm")
-    by_time.plot(moe.seconds, moe.losses, color="tab:orange", marker=".", label="upcycled arm")
+    by_step.legend(fontsize=8)
     by_time.set(xlabel="training seconds after the checkpoint (this CPU)",
                 ylabel="validation loss (nats / byte)", title="validation loss vs. time")
-    by_time.legend()
+    by_time.legend(fontsize=8)
     fig.suptitle(f"byte-level GPT-2 ({s.n_layer} layers, d={s.n_embd}) on the Python stdlib: "
-                 f"dense vs. sparse upcycling")
+                 "dense vs. upcycling recipes")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -282,7 +326,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--capacity", type=float, default=1.25)
-    parser.add_argument("--noise", type=float, default=0.01)
+    parser.add_argument("--noise", type=float, default=0.01, help="copy arm's noise")
+    parser.add_argument("--drop-ratio", type=float, default=0.5, help="drop arm's ratio")
+    parser.add_argument("--arms", nargs="+", choices=["dense", "copy", "drop", "granular"],
+                        default=["dense", "copy", "drop", "granular"],
+                        help="which continuations to compare (dense always runs)")
     parser.add_argument("--gate", choices=["softmax", "normalized"], default="softmax")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -319,30 +367,42 @@ def main() -> None:
           f"sequences of {s.seq_len} bytes, batches of {s.batch_size}; "
           f"{count_parameters(model):,} parameters; {torch.get_num_threads()} threads")
     print(f"phase 1: dense for {s.dense_steps} steps (AdamW lr {s.lr}, warmup {s.warmup})")
-    phase1 = train(model, s, s.dense_steps, 0, train_bytes, val_batches, seed=args.seed,
-                   decay=False, label="dense")
+    first = make_arm("dense", "-", model, s, s.dense_steps, args.seed, decay=False)
+    train([first], s, s.dense_steps, 0, train_bytes, val_batches)
+    phase1 = first.curve
 
-    upcycled = copy.deepcopy(model)
-    config = moeify.MoEConfig(num_experts=args.experts, every=2, capacity_factor=args.capacity,
-                              noise=args.noise, gate=args.gate, expert_dropout=0.0,
-                              seed=args.seed)
-    report = moeify.convert(upcycled, config, seq_len=s.seq_len).report
-    print(report)
-    assert count_parameters(upcycled) == report.params_moe
-    params = {"dense": count_parameters(model), "moe": report.params_moe,
-              "active": report.active_params_per_token}
+    arm_seed = args.seed + 1  # every arm draws the same batches in the same order
+    arms = [make_arm("dense", "-", model, s, s.arm_steps, arm_seed, decay=True,
+                     params=(count_parameters(model), count_parameters(model)))]
+    common = dict(every=2, capacity_factor=args.capacity, gate=args.gate, expert_dropout=0.0,
+                  seed=args.seed)
+    recipes = {
+        "copy": (f"{args.experts} copies + {args.noise:g} noise, top-1",
+                 dict(num_experts=args.experts, noise=args.noise)),
+        "drop": (f"{args.experts}, Drop-Upcycling r={args.drop_ratio:g}, top-1",
+                 dict(num_experts=args.experts, init="drop", drop_ratio=args.drop_ratio)),
+        "granular": (f"{args.experts} x 2 halves, top-2",
+                     dict(num_experts=2 * args.experts, top_k=2, granularity=2)),
+    }
+    for name in args.arms:
+        if name == "dense":
+            continue
+        description, options = recipes[name]
+        upcycled = copy.deepcopy(model)
+        report = moeify.convert(upcycled, moeify.MoEConfig(**common, **options),
+                                seq_len=s.seq_len).report
+        print(f"arm {name}:\n{report}")
+        assert count_parameters(upcycled) == report.params_moe
+        arms.append(make_arm(name, description, upcycled, s, s.arm_steps, arm_seed, decay=True,
+                             params=(report.params_moe, report.active_params_per_token)))
+    print(f"arms: {', '.join(a.name for a in arms)}; {s.arm_steps} steps each from step "
+          f"{s.dense_steps}, fresh AdamW each (lr {s.lr}, warmup {s.warmup}, cosine to "
+          "lr/10), interleaved step by step")
+    train(arms, s, s.arm_steps, s.dense_steps, train_bytes, val_batches)
 
-    arm_seed = args.seed + 1  # both arms draw the same batches in the same order
-    print(f"arms: {s.arm_steps} steps each from step {s.dense_steps}, fresh AdamW each "
-          f"(lr {s.lr}, warmup {s.warmup}, cosine to lr/10)")
-    dense = train(model, s, s.arm_steps, s.dense_steps, train_bytes, val_batches,
-                  seed=arm_seed, decay=True, label="dense")
-    moe = train(upcycled, s, s.arm_steps, s.dense_steps, train_bytes, val_batches,
-                seed=arm_seed, decay=True, label="upcycled")
-
-    print_results(s, dense, moe, params)
+    print_results(s, arms)
     path = png_path(args)
-    plot(path, s, phase1, dense, moe)
+    plot(path, s, phase1, arms)
     print(f"wrote {path}")
 
 

@@ -1,5 +1,5 @@
-"""examples/upcycle_vs_dense.py --quick: both arms train, the plot is written, the printed
-numbers are sane and the verdict agrees with them."""
+"""examples/upcycle_vs_dense.py --quick: every arm trains, the plot is written, the table's
+numbers are sane and each verdict agrees with them."""
 
 import math
 import re
@@ -8,16 +8,23 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "upcycle_vs_dense.py"
-NUMBER = r"([-+]?(?:[0-9][0-9,]*\.?[0-9]*(?:e[-+]?[0-9]+)?|nan|inf))"
+ARMS = ("dense", "copy", "drop", "granular")
 
 
-def numbers(pattern: str, out: str) -> list[float]:
-    match = re.search(pattern.replace("{n}", NUMBER), out)
-    assert match, f"no line matching {pattern!r} in:\n{out}"
-    return [float(v.replace(",", "")) for v in match.groups()]
+def table(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in ARMS:
+            rows[cells[0]] = cells
+    return rows
 
 
-def test_quick_run_compares_dense_and_upcycled_arms(tmp_path):
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+def test_quick_run_compares_every_recipe_with_the_dense_arm(tmp_path):
     png = tmp_path / "x.png"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--png", str(png)],
@@ -29,28 +36,33 @@ def test_quick_run_compares_dense_and_upcycled_arms(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000  # a rendered figure, not an empty canvas
 
-    dense, upcycled, diff = numbers(
-        r"final val loss\s+dense {n}\s+upcycled {n}\s+difference \(dense - upcycled\) {n}", out)
-    for loss in (dense, upcycled):
-        assert math.isfinite(loss) and 0 < loss < math.log(256)  # better than uniform bytes
-    assert abs(diff - (dense - upcycled)) < 2e-4
-
-    tps_dense, tps_moe, _ = numbers(r"train tokens/s\s+dense {n}\s+upcycled {n}\s+ratio {n}", out)
-    assert all(math.isfinite(v) and v > 0 for v in (tps_dense, tps_moe))
-
-    p_dense, p_moe, p_active = numbers(
-        r"parameters\s+dense {n}\s+upcycled {n} total / {n} active per token", out)
-    assert p_moe > p_dense  # the experts add parameters ...
-    assert p_dense <= p_active < 1.1 * p_dense  # ... but a token still touches about as many
-
-    # both arms start from the same checkpoint: same step, nearly the same loss
-    first_dense = numbers(r"dense    step\s+30  val loss {n}", out.split("arms:")[1])[0]
-    first_moe = numbers(r"upcycled step\s+30  val loss {n}", out)[0]
-    assert abs(first_dense - first_moe) < 0.5
-
-    verdict = re.search(r"^verdict: (.*)$", out, re.MULTILINE)
-    assert verdict, out
-    if diff > 0.006:
-        assert verdict.group(1).startswith("upcycled beats dense")
-    elif diff < -0.006:
-        assert verdict.group(1).startswith("dense is ahead")
+    rows = table(out)
+    assert sorted(rows) == sorted(ARMS), out
+    dense_final, dense_at_time = number(rows["dense"][2]), number(rows["dense"][4])
+    dense_params = [number(p) for p in rows["dense"][8].split("/")]
+    for name, cells in rows.items():
+        final, diff, at_time, diff_time = (number(cells[i]) for i in (2, 3, 4, 5))
+        assert math.isfinite(final) and 0 < final < math.log(256)  # better than uniform
+        assert abs(diff - (dense_final - final)) < 2e-4
+        assert abs(diff_time - (dense_at_time - at_time)) < 2e-4
+        assert number(cells[6]) > 0 and math.isfinite(number(cells[7]))
+        total, active = (number(p) for p in cells[8].split("/"))
+        if name == "dense":
+            continue
+        assert total > dense_params[0]  # the experts add parameters ...
+        assert dense_params[0] <= active < 1.1 * dense_params[0]  # ... not per token
+        assert 0 <= number(cells[9]) <= 100
+        verdict = re.search(rf"^verdict {name}: (.*?) at equal steps", out, re.MULTILINE)
+        assert verdict, out
+        if diff > 0.006:
+            assert verdict.group(1).startswith("beats dense")
+        elif diff < -0.006:
+            assert verdict.group(1).startswith("loses to dense")
+    # every arm starts from the same checkpoint: same step, nearly the same loss
+    starts = re.findall(r"^\s+(\w+)\s+step\s+30  val loss ([0-9.]+)", out.split("arms:")[1],
+                        re.MULTILINE)
+    assert sorted(name for name, _ in starts) == sorted(ARMS)
+    losses = [float(loss) for _, loss in starts]
+    assert max(losses) - min(losses) < 0.5
+    # granular upcycling starts as the dense function (top-2 over tied halves)
+    assert "granular: 8 copies x 2 slices of d_ff/2" in out
