@@ -86,6 +86,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moeify import conversion
 from moeify.config import Activation, Gate, MoEConfig
 from moeify.errors import MoEError
 
@@ -311,7 +312,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
     if any(s.activation != activation for s in sites) or source.hidden_act not in _ACTS[activation]:
         raise _fail(f"the experts' activation ({activation.value}) is not the source's "
                     f"hidden_act {source.hidden_act!r}")
-    expert_width = sites[0].d_ff // (c.num_experts if c.init.value == "partition" else 1)
+    expert_width = conversion.expert_width(sites[0], c)
     if arch == MIXTRAL and c.top_k != 2:
         raise MoEError(TOP1_MIXTRAL)
 

@@ -31,6 +31,9 @@ CASES = {
     "llama-qwen2_moe-top1": (models.llama, "qwen2_moe", {"top_k": 1}),
     "llama-qwen2_moe-top2": (models.llama, "qwen2_moe", {"top_k": 2}),
     "qwen2-qwen2_moe": (models.qwen2, "qwen2_moe", {}),
+    # granular upcycling: 4 copies x 2 halves of the FFN, Mixtral's intermediate_size d_ff/2
+    "llama-mixtral-granular": (models.llama, "mixtral", {"num_experts": 8, "top_k": 2,
+                                                         "granularity": 2}),
 }
 
 
