@@ -10,7 +10,9 @@ FFNs is copied, and each converted FFN gets one FFN made from its experts by a r
   data first. Experts the router ignores then contribute nothing.
 
 An upcycled teacher whose experts are still exact copies gives back the original dense
-FFN under either rule. `distillation_loss` mixes the hard-label loss and the soft
+FFN under either rule. Granular experts (``MoEConfig.granularity``) merge per copy: each
+copy's G slices joined back into one FFN, then the copies merged by the rule (a copy's
+usage is its slices' total). `distillation_loss` mixes the hard-label loss and the soft
 teacher loss with the paper's best setting as default: weight 0.75 on the ground-truth
 labels and 0.25 on the teacher's probabilities.
 """
@@ -59,6 +61,23 @@ def _expert_weights(layer, rule: Rule) -> Tensor:
     raise MoEError(f"unknown rule {rule!r}: use 'mean' or 'usage'")
 
 
+def _whole_copies(name: str, experts: Tensor, granularity: int) -> Tensor:
+    """Granular experts (slice ``e % G`` of copy ``e // G``) as whole FFNs, one per copy:
+    the G slices joined along the hidden axis, ``w_out`` divided by G (each slice's
+    combine weight is 1/G when a token reaches its whole copy), ``b_out`` averaged over
+    the slices. ``granularity`` 1: the experts as they are."""
+    if granularity == 1:
+        return experts
+    G = granularity
+    slices = experts.unflatten(0, (-1, G))  # [copies, G, ...]
+    if name == "b_out":
+        return slices.mean(1)
+    if name in ("w_in", "w_gate"):  # [copies, G, d, f/G] -> [copies, d, f]
+        return slices.permute(0, 2, 1, 3).flatten(2)
+    joined = slices.flatten(1, 2)  # w_out [copies, f, d]; b_in / b_gate [copies, f]
+    return joined / G if name == "w_out" else joined
+
+
 @torch.no_grad()
 def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
             rule: Rule = "mean") -> nn.Module:
@@ -81,19 +100,23 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
         if layer is None:
             raise MoEError(f"{site.path} is not a Switch layer in this model")
         weights = _expert_weights(layer, rule).to(layer.experts.w_in.device)
+        G = layer.config.granularity
+        if G > 1:  # one weight per copy: the sum over its G slices
+            weights = weights.view(-1, G).sum(1)
         modules = dict(student.named_modules())
         projections = {"in": site.up, "out": site.down, "gate": site.gate}
         for kind, proj in projections.items():
             if proj is None:
                 continue
             module = modules[proj.path]
-            w = getattr(layer.experts, f"w_{kind}")  # [E, in, out]
+            w = _whole_copies(f"w_{kind}", getattr(layer.experts, f"w_{kind}"), G)  # [E, in, out]
             merged = torch.einsum("e,eio->io", weights.to(w.dtype), w)
             target = merged.T if proj.kind.value == "linear" else merged
             module.weight.copy_(target.to(module.weight.dtype))
             ffn_params.add(f"{proj.path}.weight")
             b = getattr(layer.experts, f"b_{kind}")
             if b is not None and getattr(module, "bias", None) is not None:
+                b = _whole_copies(f"b_{kind}", b, G)
                 module.bias.copy_((weights.to(b.dtype) @ b).to(module.bias.dtype))
                 ffn_params.add(f"{proj.path}.bias")
     missing = []

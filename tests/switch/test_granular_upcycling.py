@@ -113,3 +113,17 @@ def test_save_and_load_keep_the_granular_layer(tmp_path):
     assert torch.equal(outputs(model, ids), outputs(loaded, ids))
     (_, layer), *_ = moeify.switch_layers(loaded)
     assert layer.experts.d_ff == 20 and layer.config.granularity == 2
+
+
+def test_distill_joins_the_slices_back_into_the_dense_ffn():
+    torch.manual_seed(0)
+    dense = models.llama(layers=2).eval()
+    moe = copy.deepcopy(dense)
+    moeify.convert(moe, MoEConfig(**GRANULAR))
+    student = moeify.distill(moe)
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(student.state_dict()[name], tensor), name  # bitwise: x2 then /2
+    ids = torch.randint(2, models.VOCAB, (2, 12))
+    outputs(moe, ids)
+    usage = moeify.distill(moe, rule="usage")  # copies weighted by their slices' tokens
+    assert torch.allclose(outputs(usage, ids), outputs(dense, ids), atol=1e-6)
