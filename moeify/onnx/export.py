@@ -12,8 +12,9 @@ Inputs and outputs by model kind:
 | encoder-decoder (T5) | input_ids, attention_mask, decoder_input_ids | logits |
 | other modules | input (one tensor) | the module's output |
 
-``metadata_props`` carry the moeify version, experts, top-k, capacity (eval), group
-size and exporter, which `OnnxRunner` reads to refuse inputs of another length.
+``metadata_props`` carry the moeify version, experts, top-k, router (the config's; a
+T5's causal decoder keeps token choice), capacity (eval), group size and exporter,
+which `OnnxRunner` reads to refuse inputs of another length.
 
 Half precision: a bfloat16 or float16 model (in memory or a checkpoint directory)
 exports as a **float32 graph**. Its weights are widened exactly (every bf16/fp16 value
@@ -307,6 +308,9 @@ def export_onnx(
     force: bool = False,
     shard_experts: int | None = None,
     external_data: bool | None = None,
+    optimize: bool = False,
+    quantize: str | None = None,
+    quantize_all: bool = False,
 ) -> dict[str, str]:
     """Export ``model`` to ``path`` (see the module docs); returns the metadata written.
 
@@ -319,13 +323,23 @@ def export_onnx(
     expert-parallel plan over N devices into the graph (`moeify.onnx.sharding`), checked
     before saving. Weights go to ``<path>.data`` beside the file (ONNX external data) when
     ``external_data`` is true, or by default when the graph is over 2 GB.
-    A bf16 / fp16 model exports as a float32 graph (see the module docs). Refused with a
+    A bf16 / fp16 model exports as a float32 graph (see the module docs).
+    ``quantize`` (``int4`` / ``int8``: the expert weights, every linear weight with
+    ``quantize_all``) and ``optimize`` (ONNX Runtime's transformer fusions) post-process
+    the staged graph (`moeify.onnx.postprocess`); the metadata returned then says what
+    they did under ``quantized`` / ``optimized``. Refused with a
     `MoEError`: ``seq_len`` or ``batch_size`` below 1, ``seq_len`` beyond the model's
     maximum positions (where its config has one), and a graph `onnx.checker` rejects.
     """
     import onnx
 
+    from moeify.onnx.postprocess import check_postprocess_args, postprocess, summary
+
     check_export_args(seq_len, batch_size, opset)
+    check_postprocess_args(quantize, quantize_all)
+    if shard_experts is not None and quantize is not None:
+        raise MoEError("--quantize writes per-expert MatMulNBits, which an expert-parallel "
+                       "plan does not describe: export with --shard-experts or --quantize")
     path = Path(path)
     if path.exists() and not force:
         raise MoEError(f"{path} already exists: choose another path or pass --force")
@@ -396,7 +410,7 @@ def export_onnx(
         metadata.update({
             "num_experts": str(c.num_experts), "top_k": str(c.top_k),
             "expert_capacity": str(c.capacity(group, training=False)),
-            "group_size": str(group),
+            "group_size": str(group), "router": c.router.value,
         })
         if c.dropless:
             metadata["dropless"] = dropless_cost(c.num_experts, c.top_k, group)
@@ -422,6 +436,11 @@ def export_onnx(
             entry.key, entry.value = key, value
         onnx.save_model(proto, str(staged))
         _check_written(staged)  # with its external data, before anything reaches `path`
+        reports = postprocess(staged, optimize=optimize, quantize=quantize,
+                              quantize_all=quantize_all)
+        for name, key in (("quantize", "quantized"), ("optimize", "optimized")):
+            if name in reports:
+                metadata[key] = summary({name: reports[name]})
     return metadata
 
 

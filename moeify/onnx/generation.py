@@ -165,12 +165,31 @@ def _declare(layers: list, tokens: int) -> None:
 
 
 def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs: list[str],
-                  dynamic: dict[str, Any], path: Path, opset: int) -> None:
+                  dynamic: dict[str, Any], path: Path, opset: int, tokens: int) -> None:
+    """Export one graph to ``path`` with its ``metadata_props`` (as `export_onnx` writes
+    them, for the group length ``tokens`` this graph routes) and check it."""
+    import onnx
+
     with torch.no_grad():
         program = torch.onnx.export(wrapper.eval(), example, dynamo=True, opset_version=opset,
                                     input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic, verbose=False, optimize=True)
     _save_ir(program.model, path, None)
+    proto = onnx.load(str(path))
+    conversion = conversion_of(wrapper.model)
+    metadata = {"moeify_version": __version__, "inputs": ",".join(inputs),
+                "moeify_converted": "true" if conversion is not None else "false",
+                "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, "
+                            f"opset {opset}"}
+    if conversion is not None:
+        c = conversion.config
+        metadata.update({"num_experts": str(c.num_experts), "top_k": str(c.top_k),
+                         "group_size": str(tokens),
+                         "expert_capacity": str(c.capacity(tokens, training=False))})
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
     _check_written(path)
 
 
@@ -190,6 +209,9 @@ def export_generation(
     task: str | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    optimize: bool = False,
+    quantize: str | None = None,
+    quantize_all: bool = False,
 ) -> dict[str, Any]:
     """Export a (converted) generator to the directory ``out``; returns the manifest.
 
@@ -199,11 +221,16 @@ def export_generation(
     task the model has no graphs for, a model whose groups are not sequences
     (``MoEConfig.group_size``: a decode step holds one token per sequence), a cache
     layout other than one key/value per layer, and the refusals of `export_onnx`.
-    ``out`` is written atomically and not replaced without ``force``.
+    ``out`` is written atomically and not replaced without ``force``. ``quantize`` /
+    ``quantize_all`` / ``optimize`` post-process every graph as `export_onnx` does (the
+    optimizer's fusions for T5 with ``t5``, for decoder-only models with ``gpt2``); the
+    manifest's ``postprocess`` says what each did.
     """
     from moeify.checkpoint import load
+    from moeify.onnx.postprocess import check_postprocess_args
 
     check_export_args(seq_len, None, opset)
+    check_postprocess_args(quantize, quantize_all)
     if task is not None and task not in TASKS:
         raise MoEError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     out = Path(out)
@@ -241,12 +268,29 @@ def export_generation(
                 decoder = [l for name, l in layers if not name.startswith("encoder.")]
                 graphs = _export_seq2seq(model, encoder, decoder, tmp, seq_len, opset)
             manifest = _manifest(model, own, seq_len, graphs, opset, limit)
+            done = _postprocess(tmp, graphs["graphs"], optimize=optimize, quantize=quantize,
+                                quantize_all=quantize_all,
+                                model_type="t5" if own == "text2text-generation" else "gpt2")
+            if done:
+                manifest["postprocess"] = done
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         for (_, layer), tokens in zip(layers, saved):
             layer.set_tokens_per_group(tokens)
         model.train(was_training)
     return manifest
+
+
+def _postprocess(tmp: Path, graphs: dict[str, Any], **options: Any) -> dict[str, str]:
+    """Quantize / optimize every staged graph; the summary line of each, by graph."""
+    from moeify.onnx.postprocess import postprocess, summary
+
+    done = {}
+    for name, graph in graphs.items():
+        reports = postprocess(tmp / graph["file"], **options)
+        if reports:
+            done[name] = summary(reports)
+    return done
 
 
 def _prompt(model: nn.Module, batch: int, seq_len: int, left: bool):
@@ -274,7 +318,7 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int) -> dict[s
     _declare(layers, seq_len)
     axes = {name: {0: batch} for name in inputs}
     _export_graph(_CausalLM(model, False), (ids, mask, positions), inputs, outputs,
-                  _dims(inputs, axes), tmp / "prefill.onnx", opset)
+                  _dims(inputs, axes), tmp / "prefill.onnx", opset, seq_len)
     with torch.no_grad():
         first = _CausalLM(model, False)(ids, mask, positions)
     past = first[1:]
@@ -287,7 +331,7 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int) -> dict[s
     axes["attention_mask"] = {0: batch, 1: past_len + 1}
     _export_graph(_CausalLM(model, True), (step, step_mask, step_positions, *past),
                   inputs + past_names, outputs, _dims(inputs + past_names, axes),
-                  tmp / "decode.onnx", opset)
+                  tmp / "decode.onnx", opset, 1)
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
     return {
         "layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -309,7 +353,8 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     _declare(encoder_layers, seq_len)
     encoder_inputs = ["input_ids", "attention_mask"]
     _export_graph(_Encoder(model), (ids, mask), encoder_inputs, ["encoder_hidden_states"],
-                  {name: {0: batch} for name in encoder_inputs}, tmp / "encoder.onnx", opset)
+                  {name: {0: batch} for name in encoder_inputs}, tmp / "encoder.onnx", opset,
+                  seq_len)
     with torch.no_grad():
         states = _Encoder(model)(ids, mask)
     start = torch.full((2, 1), model.config.decoder_start_token_id, dtype=torch.long)
@@ -319,7 +364,7 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     axes: dict[str, dict[int, Any]] = {name: {0: batch} for name in inputs}
     _export_graph(_Seq2SeqDecoder(model, False), (start, states, mask), inputs,
                   ["logits", *present, *cross], _dims(inputs, axes),
-                  tmp / "decoder_init.onnx", opset)
+                  tmp / "decoder_init.onnx", opset, 1)
     with torch.no_grad():
         first = _Seq2SeqDecoder(model, False)(start, states, mask)
     own, cross_kv = first[1: 1 + 2 * num_layers], first[1 + 2 * num_layers:]
@@ -328,7 +373,7 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     axes.update({name: {0: batch} for name in cross})
     _export_graph(_Seq2SeqDecoder(model, True), (start, states, mask, *own, *cross_kv),
                   inputs + past + cross, ["logits", *present],
-                  _dims(inputs + past + cross, axes), tmp / "decoder.onnx", opset)
+                  _dims(inputs + past + cross, axes), tmp / "decoder.onnx", opset, 1)
     return {
         "layers": num_layers, "kv_heads": own[0].shape[1], "head_dim": own[0].shape[3],
         "graphs": {
