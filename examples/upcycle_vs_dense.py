@@ -372,8 +372,8 @@ def main() -> None:
     phase1 = first.curve
 
     arm_seed = args.seed + 1  # every arm draws the same batches in the same order
-    arms = [make_arm("dense", "-", model, s, s.arm_steps, arm_seed, decay=True,
-                     params=(count_parameters(model), count_parameters(model)))]
+    arms = [make_arm("dense", "none (continued dense)", model, s, s.arm_steps, arm_seed,
+                     decay=True, params=(count_parameters(model), count_parameters(model)))]
     common = dict(every=2, capacity_factor=args.capacity, gate=args.gate, expert_dropout=0.0,
                   seed=args.seed)
     recipes = {
