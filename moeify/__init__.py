@@ -16,6 +16,7 @@ _EXPORTS = {
     "Gate": "moeify.config",
     "Init": "moeify.config",
     "MoEConfig": "moeify.config",
+    "RouterKind": "moeify.config",
     "DenseFFNWeights": "moeify.switch",
     "SwitchFFN": "moeify.switch",
     "ConversionReport": "moeify.report",
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from moeify.pipeline import default_pipeline
     from moeify.conversion import ConversionPlan, FFNSite, conversion_of
     from moeify.report import ConversionReport
-    from moeify.config import Activation, Gate, Init, MoEConfig
+    from moeify.config import Activation, Gate, Init, MoEConfig, RouterKind
     from moeify.switch import DenseFFNWeights, SwitchFFN
 
 

@@ -21,7 +21,12 @@ from moeify.switch import SwitchFFN
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Routing statistics of one Switch layer's last forward pass."""
+    """Routing statistics of one Switch layer's last forward pass.
+
+    For an expert-choice layer (``router == "expert-choice"``): ``tokens_per_expert`` is
+    C per group for every expert (fewer in groups with padding), ``dropped_fraction``
+    the fraction of the real tokens that no expert chose, ``load_balancing_loss`` 0.
+    """
 
     name: str
     tokens_per_expert: tuple[int, ...]
@@ -30,6 +35,7 @@ class LayerStats:
     num_tokens: int
     load_balancing_loss: float = float("nan")  # unweighted, as recorded by the forward
     z_loss: float = float("nan")
+    router: str = "token-choice"
 
 
 def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
@@ -57,7 +63,9 @@ def aux_loss(model: nn.Module) -> Tensor:
     ``mean over Switch layers of (aux_loss_coef * load_balancing + z_loss_coef * z_loss)``
     over the layers that ran (a converted model clears older records at each forward);
     averaged over layers (as t5x does) so the weight does not grow with depth. Add it to
-    the task loss before ``backward()``.
+    the task loss before ``backward()``. An expert-choice layer's load-balancing term is
+    0 (its experts are full by construction; Zhou et al. use no such loss): it counts
+    in the mean with its z-loss alone.
     """
     terms = [
         layer.config.aux_loss_coef * record.load_balancing_loss
@@ -155,8 +163,9 @@ def routing_stats(model: nn.Module) -> list[LayerStats]:
             num_tokens=record.num_tokens,
             load_balancing_loss=float(record.load_balancing_loss.detach()),
             z_loss=float(record.z_loss.detach()),
+            router=layer.config.router.value,
         )
-        for name, _, record in _records(model)
+        for name, layer, record in _records(model)
     ]
 
 

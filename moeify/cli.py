@@ -194,6 +194,7 @@ def _print_report(report, console, *, title: str) -> None:
         f"({report.active_params_per_token:,} active per token)"
     )
     console.print(f"experts: {report.experts_init}", markup=False)
+    console.print(f"router: {report.router_text}", markup=False)
 
 
 @app.command()

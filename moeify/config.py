@@ -39,6 +39,22 @@ class Init(str, enum.Enum):
     DROP = "drop"  # copies, each with a random fraction of its neurons re-initialized
 
 
+class RouterKind(str, enum.Enum):
+    """Who chooses: tokens their experts, or experts their tokens.
+
+    ``token-choice`` (Switch, GShard): each token picks its top-k experts; an expert
+    takes the first C tokens that picked it and the rest overflow (dropped).
+    ``expert-choice`` (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice
+    Routing"): each expert picks the C tokens of a group it scores highest, so every
+    expert is exactly full and a token gets any number of experts, none included
+    (`moeify.switch.expert_choice`). An expert then chooses among all of a group's
+    tokens, later ones included: causal sites (a decoder's FFNs) keep token choice.
+    """
+
+    TOKEN_CHOICE = "token-choice"
+    EXPERT_CHOICE = "expert-choice"
+
+
 class Activation(str, enum.Enum):
     """Elementwise activations an expert FFN supports (gated or not)."""
 
@@ -108,6 +124,15 @@ class MoEConfig:
     capacity_factor / eval_capacity_factor: slots per expert as a multiple of an even
         share of a group's tokens, in training / in evaluation (paper: 1.25 / 2.0).
     top_k: experts per token, 1 (Switch) or 2 (GShard random routing).
+    router: ``token-choice`` or ``expert-choice``, see `RouterKind`. With expert choice
+        each expert takes ``C = capacity(T)`` tokens of a group of T (the same formula,
+        the capacity factor taking top_k's role: a token gets ``capacity_factor``
+        experts on average), so ``top_k`` must stay 1; ``dropless`` (which has no
+        capacity) and the ``normalized`` gate (the paper weighs each pair by the
+        expert's score) are refused. Its layers need no load-balancing loss (every
+        expert is full by construction): their term of `moeify.aux_loss` is 0, the
+        router z-loss still applies. Sites in causal stacks keep token choice, and a
+        model whose selected sites are all causal is refused (`ConversionPlan`).
     min_capacity: floor on the expert capacity.
     group_size: tokens routed together; ``None`` means one sequence per group, so the
         capacity does not depend on the batch size.
@@ -152,6 +177,11 @@ class MoEConfig:
     )
     eval_capacity_factor: float = _field(2.0, "--eval-capacity", help="Evaluation capacity factor.")
     top_k: int = _field(1, "--top-k", help="Experts per token: 1 (Switch) or 2 (GShard).")
+    router: RouterKind = _field(
+        RouterKind.TOKEN_CHOICE, "--router", help="token-choice (each token picks its top-k "
+        "experts) or expert-choice (each expert takes the top-C tokens of a group, Zhou et "
+        "al. 2022; causal sites such as a decoder's keep token choice)."
+    )
     min_capacity: int = _field(4, "--min-capacity", help="Floor on the expert capacity.")
     group_size: int | None = _field(
         None, "--group-size", help="Tokens routed together; default: one sequence per group."
@@ -173,7 +203,7 @@ class MoEConfig:
     )
     granularity: int = _field(
         1, "--granularity", help="Granular upcycling: split each dense FFN into G slices of "
-        "d_ff/G; --experts (total, a multiple of G) are copies of the slices and --top-k (a "
+        "d_ff/G; the experts (a multiple of G) are copies of the slices and top-k (a "
         "multiple of G) picks whole copies at init. 1: experts are whole copies."
     )
     gate: Gate = _field(
@@ -199,7 +229,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        for name, kind in (("init", Init), ("gate", Gate)):
+        for name, kind in (("init", Init), ("gate", Gate), ("router", RouterKind)):
             value = getattr(self, name)
             try:
                 set_(name, kind(value))
@@ -244,6 +274,8 @@ class MoEConfig:
             )
         if not isinstance(self.dropless, bool):
             raise ConfigError("{dropless} must be true or false", dropless=self.dropless)
+        if self.router == RouterKind.EXPERT_CHOICE:
+            self._check_expert_choice()
         if self.granularity > 1:
             G = self.granularity
             if self.init != Init.COPY:
@@ -262,9 +294,28 @@ class MoEConfig:
             raise ConfigError("{top_k} exceeds {num_experts}",
                               top_k=self.top_k, num_experts=self.num_experts)
 
+    def _check_expert_choice(self) -> None:
+        router = self.router.value
+        if self.top_k != 1:
+            raise ConfigError(
+                "{top_k} has no role with {router}: each expert takes its top-C tokens, "
+                "C = capacity_factor x T / E, so a token gets capacity_factor experts on "
+                "average; set top_k=1", top_k=self.top_k, router=router)
+        if self.dropless:
+            raise ConfigError(
+                "{dropless} computes every choice a token makes; with {router} the experts "
+                "choose, C tokens each: use one of the two", dropless=self.dropless,
+                router=router)
+        if self.gate != Gate.SOFTMAX:
+            raise ConfigError(
+                "{gate} renormalizes a token's weights over its experts; {router} weighs "
+                "each (token, expert) pair by the expert's softmax score: use gate='softmax'",
+                gate=self.gate.value, router=router)
+
     def capacity(self, tokens_per_group: int, *, training: bool) -> int:
         """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int);
-        the group's length itself when ``dropless``."""
+        the group's length itself when ``dropless``. With expert choice, the number
+        of tokens each expert takes (top_k is 1: ``ceil(capacity_factor * T / E)``)."""
         if self.dropless:
             return tokens_per_group
         factor = self.capacity_factor if training else self.eval_capacity_factor
@@ -304,6 +355,7 @@ class MoEConfig:
         out = dataclasses.asdict(self)
         out["init"] = self.init.value
         out["gate"] = self.gate.value
+        out["router"] = self.router.value
         if self.layers is not None:
             out["layers"] = list(self.layers)
         return out

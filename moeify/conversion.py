@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.config import Activation, Init, MoEConfig
+from moeify.config import Activation, Init, MoEConfig, RouterKind
 from moeify.errors import MoEError
 from moeify.switch.experts import DenseFFNWeights
 
@@ -97,6 +97,9 @@ class FFNSite:
         (`MoEConfig.expert_dropout` None). A dropout after the down-projection (GPT-2's
         ``mlp.dropout``, BERT's ``output.dropout``) is outside the FFN and stays.
     found_by: how the dataflow was obtained, e.g. "fx.symbolic_trace of h.0.mlp".
+    causal: the FFN runs in a causal stack, whose attention hides later tokens (GPT-2,
+        Llama, T5's decoder): expert choice cannot route it (`layer_config`). Found from
+        the markers transformers' modules carry, see `moeify.passes.find.is_causal_site`.
     """
 
     path: str
@@ -110,6 +113,7 @@ class FFNSite:
     found_by: str = ""
     stack: str = ""
     index: int = 0
+    causal: bool = False
 
     @property
     def d_model(self) -> int:
@@ -182,7 +186,7 @@ class FFNSite:
             "down": self.down.to_dict(), "gate": None if self.gate is None else self.gate.to_dict(),
             "activation": self.activation.value, "bypass_attributes": list(self.bypass_attributes),
             "dropout": self.dropout, "found_by": self.found_by, "stack": self.stack,
-            "index": self.index,
+            "index": self.index, "causal": self.causal,
         }
 
     @classmethod
@@ -195,6 +199,7 @@ class FFNSite:
             bypass_attributes=tuple(data.get("bypass_attributes", ())),
             dropout=float(data.get("dropout", 0.0)), found_by=data.get("found_by", ""),
             stack=data.get("stack", ""), index=int(data.get("index", 0)),
+            causal=bool(data.get("causal", False)),
         )
 
 
@@ -214,6 +219,27 @@ class FFNAnalysis:
     sites: tuple[FFNSite, ...]
     rejected: tuple[Rejection, ...]
     examined: tuple[str, ...] = ()
+
+
+def layer_config(site: FFNSite, config: MoEConfig) -> MoEConfig:
+    """The config of the Switch layer built at ``site``: ``config``, except that a causal
+    site keeps token choice where ``config`` asks for expert choice (an expert would rank
+    a token against later ones, which causal decoding does not have yet)."""
+    if config.router == RouterKind.EXPERT_CHOICE and site.causal:
+        return config.replace(router=RouterKind.TOKEN_CHOICE)
+    return config
+
+
+def expert_choice_refusal(sites: tuple[FFNSite, ...], config: MoEConfig) -> str | None:
+    """Why ``config`` cannot convert ``sites`` (the selected ones), or None: expert
+    choice with every site causal (a decoder-only model) would leave no layer to use it."""
+    if config.router != RouterKind.EXPERT_CHOICE or not sites or not all(s.causal for s in sites):
+        return None
+    stacks = ", ".join(dict.fromkeys(s.stack or s.path for s in sites))
+    return (f"expert-choice routing needs a non-causal FFN, but every selected site is causal "
+            f"({stacks}): an expert would choose among future tokens, which causal decoding "
+            "cannot know; use token-choice routing (router='token-choice', --router "
+            "token-choice)")
 
 
 def expert_params(site: FFNSite, config: MoEConfig) -> int:
@@ -358,6 +384,10 @@ class ConversionPlan:
     selected: the paths of the sites to convert, in module order.
     sharding: the expert-parallel layout of the converted model's parameters.
     params_dense: parameters of the model before conversion.
+
+    A plan that asks for expert choice where every selected site is causal cannot be
+    made (`expert_choice_refusal`); causal sites of a mixed model (T5's decoder) get
+    token-choice layers (`layer_config`).
     """
 
     model: str
@@ -375,6 +405,9 @@ class ConversionPlan:
         unknown = [p for p in self.selected if p not in known]
         if unknown:
             raise MoEError(f"the plan selects {unknown[0]!r}, which is not one of its sites")
+        refusal = expert_choice_refusal(self.selected_sites, self.config)
+        if refusal is not None:
+            raise MoEError(refusal)
 
     @property
     def selected_sites(self) -> tuple[FFNSite, ...]:

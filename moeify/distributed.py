@@ -86,6 +86,7 @@ from moeify.checkpoint import (
     load_skeleton,
     read_meta,
 )
+from moeify.config import RouterKind
 from moeify.errors import MoEError
 from moeify.conversion import conversion_of
 from moeify.sources import CHECKPOINT_FILE, Source
@@ -353,10 +354,16 @@ def _plan_ranges(model: nn.Module, rank: int, world: int) -> range | None:
 
 def _check_experts_divide(layers: list[tuple[str, SwitchFFN]], parts: int, over: str,
                           fix: str) -> None:
-    """Every layer not yet expert-parallel, its experts dividing into ``parts``."""
+    """Every layer not yet expert-parallel, routing by token choice, its experts dividing
+    into ``parts``. The exchange sends each token to the experts it chose; under expert
+    choice the experts choose, which it does not implement."""
     for name, layer in layers:
         if isinstance(layer, ExpertParallelSwitchFFN):
             raise MoEError(f"{name} is already expert-parallel")
+        if layer.config.router == RouterKind.EXPERT_CHOICE:
+            raise MoEError(f"{name} routes by expert choice, which expert parallelism does not "
+                           "run (its exchange sends each token to the experts the token "
+                           "chose): train expert-choice models in one process")
         if layer.config.num_experts % parts:
             raise MoEError(
                 f"{name} has {layer.config.num_experts} experts, which do not divide over "
@@ -367,10 +374,11 @@ def _check_experts_divide(layers: list[tuple[str, SwitchFFN]], parts: int, over:
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     """Shard every Switch layer's experts over ``group`` (default: the world), in place.
 
-    Checks that every layer's expert count divides over the group before any collective
-    runs. Returns ``model``. Replicated parameters are not synchronized here: start all
-    ranks from the same weights (same seed or checkpoint) and average gradients with
-    `average_gradients` (or DDP over the replicated parameters).
+    Checks that every layer's expert count divides over the group, and that none routes
+    by expert choice, before any collective runs. Returns ``model``. Replicated
+    parameters are not synchronized here: start all ranks from the same weights (same
+    seed or checkpoint) and average gradients with `average_gradients` (or DDP over the
+    replicated parameters).
     """
     rank, world = _check(group)
     layers = switch_layers(model)
@@ -652,10 +660,10 @@ def parallelize(model: nn.Module, mesh, *, shard_dense: bool = True) -> nn.Modul
     step. Do not call `average_gradients` on such a model.
 
     Checked before any collective, with the same one-line `MoEError` on every rank: the
-    mesh (two dimensions named dp and ep), the model (converted, not yet parallel), and
-    every layer's expert count dividing by ``ep``. Start every rank from the same weights
-    (same seed or checkpoint). Returns ``model`` (its class renamed by FSDP2 when
-    ``shard_dense``).
+    mesh (two dimensions named dp and ep), the model (converted, not yet parallel, no
+    expert-choice layer), and every layer's expert count dividing by ``ep``. Start every
+    rank from the same weights (same seed or checkpoint). Returns ``model`` (its class
+    renamed by FSDP2 when ``shard_dense``).
     """
     _, ep = _check_mesh(mesh)
     _check_layers(model, ep)

@@ -87,7 +87,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify import conversion
-from moeify.config import Activation, Gate, MoEConfig
+from moeify.config import Activation, Gate, MoEConfig, RouterKind
 from moeify.errors import MoEError
 
 SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE = "switch_transformers", "mixtral", "qwen2_moe"
@@ -118,6 +118,11 @@ TOP1_MIXTRAL = (
     "qwen2_moe, which routes top-1 with the raw router probability"
 )
 _CAPACITY_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
+EXPERT_CHOICE_HF = (
+    "--router expert-choice has no HF counterpart: SwitchTransformers, Mixtral and "
+    "Qwen2-MoE route by token choice (each token picks its experts); use --format torch "
+    "or onnx"
+)
 
 
 def _option(name: str) -> str:
@@ -195,6 +200,8 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
     """
     if misfit(arch, model) is not None:
         raise MoEError(no_target_message(model, arch))
+    if config.router == RouterKind.EXPERT_CHOICE:
+        raise _fail(EXPERT_CHOICE_HF)
     if arch == SWITCH_TRANSFORMERS:
         return config
     if explicit is None:
@@ -302,6 +309,8 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
         raise MoEError(no_target_message(model, arch))
     source = model.config
     c = plan.config
+    if c.router == RouterKind.EXPERT_CHOICE:
+        raise _fail(EXPERT_CHOICE_HF)
     num_layers = source.num_hidden_layers
     sparse = _sparse_layers(plan, arch, num_layers)
     notes: list[str] = []

@@ -8,8 +8,9 @@ what converts:
 
 - the source is a T5 v1.0 model (ReLU FFN without biases; v1.1's gated GELU has no
   SwitchTransformers counterpart);
-- top-1 routing with the softmax gate, ``copy`` or ``random`` experts (``partition``
-  changes the experts' width);
+- top-1 token-choice routing with the softmax gate (expert choice has no HF
+  counterpart), ``copy`` or ``random`` experts (``partition`` changes the experts'
+  width);
 - sparse layers at the odd indices of each stack (``every`` 1 or 2), as HF places them;
 - one capacity: HF's ``expert_capacity`` is a number of slots per sequence, so it is
   written as the *evaluation* capacity at the declared ``seq_len``. Loaded with
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint import atomic_directory
-from moeify.config import Gate, Init
+from moeify.config import Gate, Init, RouterKind
 from moeify.errors import MoEError
 from moeify.conversion import conversion_of
 
@@ -51,6 +52,9 @@ def switch_config(model: nn.Module):
         raise _fail(f"the source T5 uses the {t5.feed_forward_proj!r} FFN (HF's Switch "
                     "classes have T5 v1.0's ReLU FFN only)")
     c = conversion.config
+    if c.router == RouterKind.EXPERT_CHOICE:
+        raise _fail("the model routes by expert choice in its encoder; HF's "
+                    "SwitchTransformers routes by token choice (each token picks its expert)")
     if c.top_k != 1 or c.gate != Gate.SOFTMAX:
         raise _fail(f"top_k={c.top_k}, gate={c.gate.value} (HF routes top-1 with the softmax gate)")
     if c.init == Init.PARTITION:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moeify.config import Init, MoEConfig
-from moeify.conversion import ConversionPlan, Rejection, expert_params
+from moeify.config import Init, MoEConfig, RouterKind
+from moeify.conversion import ConversionPlan, Rejection, expert_params, layer_config
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SiteReport:
     capacity_eval: int | None
     ffn_dropout: float = 0.0  # the dropout the dense FFN applies between its projections
     expert_dropout: float | None = None  # the experts' dropout when selected, else None
+    router: str | None = None  # "token-choice" / "expert-choice" when selected, else None
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class ConversionReport:
     + router)``). active_params_per_token: parameters a token's forward touches
     (top_k experts per converted site, plus the router). Per site, ``ffn_dropout`` is
     the dropout found inside the dense FFN and ``expert_dropout`` the rate its experts
-    apply (None for a site left dense).
+    apply (None for a site left dense), ``router`` its layer's routing (token choice at
+    a causal site when the config asks for expert choice; `router_text` sums it up).
     """
 
     model: str
@@ -70,6 +72,7 @@ class ConversionReport:
                 capacity_eval=plan.capacity(training=False) if is_chosen else None,
                 ffn_dropout=site.dropout,
                 expert_dropout=config.resolve_expert_dropout(site.dropout) if is_chosen else None,
+                router=layer_config(site, config).router.value if is_chosen else None,
             ))
         return cls(
             model=plan.model, config=config, seq_len=plan.seq_len, examined=plan.examined,
@@ -96,6 +99,28 @@ class ConversionReport:
         """How the experts start (``config.init``), in words."""
         return _init_text(self.config)
 
+    @property
+    def router_text(self) -> str:
+        """Who chooses at the converted sites, in words: with expert choice, where it
+        applies and where causal sites keep token choice."""
+        c = self.config
+        if c.router == RouterKind.TOKEN_CHOICE:
+            return f"token choice: each token picks its top-{c.top_k} expert" + "s" * (c.top_k > 1)
+        parts = []
+        for kind in (RouterKind.EXPERT_CHOICE, RouterKind.TOKEN_CHOICE):
+            sites = [s for s in self.sites if s.router == kind.value]
+            if not sites:
+                continue
+            stacks = ", ".join(dict.fromkeys(s.stack or s.path for s in sites))
+            count = f"{len(sites)} layer" + "s" * (len(sites) > 1)
+            if kind == RouterKind.EXPERT_CHOICE:
+                parts.append(f"expert choice in {stacks} ({count}): each expert takes its "
+                             "top-C tokens of a group")
+            else:
+                parts.append(f"token choice in {stacks} ({count}, causal: an expert would "
+                             "choose among future tokens)")
+        return "; ".join(parts) or "expert choice (no site converted)"
+
     def __str__(self) -> str:
         c = self.config
         lines = [
@@ -105,6 +130,7 @@ class ConversionReport:
             f"parameters: {self.params_dense:,} dense -> {self.params_moe:,} MoE "
             f"({self.active_params_per_token:,} active per token)",
             f"experts: {self.experts_init}",
+            f"router: {self.router_text}",
         ]
         for s in self.sites:
             mark = "*" if s.selected else " "

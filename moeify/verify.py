@@ -43,7 +43,7 @@ from moeify.checkpoint import (
     read_meta,
     save,
 )
-from moeify.config import Init
+from moeify.config import Init, RouterKind
 from moeify.conversion import conversion_of
 from moeify.errors import MoEError
 from moeify.sources import load_source
@@ -394,15 +394,17 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def _room_for_every_token(model: nn.Module) -> Iterator[None]:
     """Every Switch layer with the normalized gate and capacity for every token (an
-    upcycled model then computes the dense function); restored afterwards."""
+    upcycled model then computes the dense function); restored afterwards. An
+    expert-choice layer keeps its softmax gate: with room for every token each expert
+    takes all of them, and a token's scores over the experts sum to 1."""
     layers = [layer for _, layer in switch_layers(model)]
     saved = [(layer.config, layer.tokens_per_group, layer.last_routing) for layer in layers]
     try:
         for layer in layers:
             E = layer.config.num_experts
+            gate = {} if layer.config.router == RouterKind.EXPERT_CHOICE else {"gate": "normalized"}
             layer.config = layer.config.replace(
-                gate="normalized", capacity_factor=float(E), eval_capacity_factor=float(E),
-                group_size=None,
+                capacity_factor=float(E), eval_capacity_factor=float(E), group_size=None, **gate,
             )
             layer.set_tokens_per_group(layer.tokens_per_group)
         yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moeify.config import Init
+from moeify.conversion import layer_config
 from moeify.passes._base import ProgramPass
 from moeify.program import Program
 from moeify.switch import SwitchFFN
@@ -18,7 +19,8 @@ class BuildSwitchLayers(ProgramPass):
         `SwitchFFN.from_dense` (seeded by ``config.seed`` and the site path, so any route
         gives bitwise identical weights), in the dense FFN's dtype and device and the
         model's train/eval mode, its expert dropout ``config.expert_dropout`` or the
-        site's own (``FFNSite.dropout``). The model is not touched yet.
+        site's own (``FFNSite.dropout``), its config `layer_config` (token choice at a
+        causal site under ``router="expert-choice"``). The model is not touched yet.
     Preserves the computation: yes (nothing is inserted).
 
     ``lazy=True`` builds the layers on the meta device and keeps each site's dense
@@ -59,8 +61,8 @@ class BuildSwitchLayers(ProgramPass):
             if self.lazy:
                 program.dense[site.path] = dense
                 dense = dense.to("meta")
-            layer = SwitchFFN.from_dense(dense, c, path=site.path, activation=site.activation,
-                                         source_dropout=site.dropout)
+            layer = SwitchFFN.from_dense(dense, layer_config(site, c), path=site.path,
+                                         activation=site.activation, source_dropout=site.dropout)
             program.layers[site.path] = layer.train(program.model.training)
             program.progress("building Switch layers", done + 1, total)
         return False

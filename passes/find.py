@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from torch import nn
+
 from moeify.passes._base import ProgramPass
 from moeify.passes.find_ffn import assign_stacks, find_ffn_sites
 from moeify.conversion import FFNAnalysis, Rejection, conversion_of
@@ -14,8 +18,9 @@ class FindFFN(ProgramPass):
     """Find every FFN site of the model.
 
     Requires: a model not converted yet.
-    Guarantees: ``program.analysis`` lists every site (with stack, index, rewrite plan
-        and how it was found) and every rejected candidate with its reason.
+    Guarantees: ``program.analysis`` lists every site (with stack, index, rewrite plan,
+        causality (`is_causal_site`) and how it was found) and every rejected candidate
+        with its reason.
     Preserves the computation: yes (an analysis; the model is not touched).
 
     Strategy (`moeify.trace`): symbolic regions first; when they leave halves of an
@@ -66,8 +71,10 @@ class FindFFN(ProgramPass):
                 claimed = {p for s in sites for p in (s.up.path, s.down.path)}
                 rejected += [r for r in more_rejected if not _mentions(r, claimed)]
         order = [path for path, _ in model.named_modules()]
+        sites = [dataclasses.replace(s, causal=is_causal_site(model, s.path))
+                 for s in assign_stacks(sites, order)]
         program.analysis = FFNAnalysis(
-            sites=tuple(assign_stacks(sites, order)),
+            sites=tuple(sites),
             rejected=tuple(rejected),
             examined=tuple(examined)
             + tuple(f"opaque {o.path or '<root>'} ({o.type_name}): {o.reason}"
@@ -75,6 +82,30 @@ class FindFFN(ProgramPass):
         )
         program.progress("tracing", 1, 1)
         return False
+
+
+def is_causal_site(model: nn.Module, path: str) -> bool:
+    """Whether the FFN at ``path`` runs in a causal stack (attention that hides later
+    tokens), read from the markers transformers' modules carry, on any device.
+
+    From the FFN's parent outwards, the first module that is marked decides: one with
+    ``is_decoder=True`` (T5's decoder stack and blocks, BERT's layers of a decoder) is
+    causal; otherwise the first whose submodules include an attention with a boolean
+    ``is_causal`` (GPT-2, Llama, T5 and BERT attention) is causal iff one of them is
+    (T5's decoder block: its self-attention is, its cross-attention is not). A model
+    without these markers (a plain torch model, nanoGPT masking inside ``forward``)
+    reads as not causal: expert choice is its user's call there.
+    """
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        if getattr(ancestor, "is_decoder", None) is True:
+            return True
+        flags = [m.is_causal for m in ancestor.modules()
+                 if isinstance(getattr(m, "is_causal", None), bool)]
+        if flags:
+            return any(flags)
+    return False
 
 
 def _unreached_pairs(model, trace) -> set[str]:

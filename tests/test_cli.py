@@ -48,7 +48,7 @@ CONFIG_OPTIONS = {  # the names users type; renaming one breaks their scripts
     "jitter_eps": "--jitter", "aux_loss_coef": "--aux-loss-coef",
     "z_loss_coef": "--z-loss-coef", "expert_dropout": "--expert-dropout",
     "router_dtype": "--router-dtype", "seed": "--seed", "dropless": "--dropless",
-    "drop_ratio": "--drop-ratio",
+    "drop_ratio": "--drop-ratio", "granularity": "--granularity", "router": "--router",
 }
 
 

@@ -55,6 +55,21 @@ def test_dense_identity_leaves_the_callers_bf16_model_as_it_was():
     assert moe(input_ids=ids, decoder_input_ids=ids).logits.dtype == torch.bfloat16
 
 
+def test_dense_identity_of_an_expert_choice_t5():
+    """Room for every token: each encoder expert takes every token with its softmax
+    score, and the scores sum to 1; the decoder's token-choice layers get the normalized
+    gate. Every layer's config comes back."""
+    torch.manual_seed(0)
+    dense = models.t5(layers=2).eval()
+    moe = copy.deepcopy(dense)
+    moeify.convert(moe, MoEConfig(num_experts=4, router="expert-choice"), seq_len=SEQ)
+    configs = [layer.config for _, layer in moeify.switch_layers(moe)]
+    assert [c.router.value for c in configs] == ["expert-choice", "token-choice"]
+    check = check_dense_identity(moe, dense, SEQ)
+    assert check.status == "pass", check.detail
+    assert [layer.config for _, layer in moeify.switch_layers(moe)] == configs
+
+
 # --- tolerances per dtype, ONNX parity, factory checkpoints (issue 14) -----------------------
 
 import json  # noqa: E402

@@ -1,6 +1,7 @@
 """The Switch Transformer layer: routing, capacity, dispatch/combine, losses, modules."""
 
 from moeify.switch.dispatch import Sizes
+from moeify.switch.expert_choice import ExpertChoiceRouting, route_expert_choice
 from moeify.switch.experts import DenseFFNWeights, Experts
 from moeify.switch.layer import DispatchPath, RoutingRecord, SwitchFFN
 from moeify.switch.losses import load_balancing_loss, router_z_loss
@@ -11,6 +12,7 @@ from moeify.switch.upcycle import TensorSource, seeded_generator, upcycled_tenso
 __all__ = [
     "DenseFFNWeights",
     "DispatchPath",
+    "ExpertChoiceRouting",
     "Experts",
     "Router",
     "Routing",
@@ -21,6 +23,7 @@ __all__ = [
     "expert_capacity",
     "load_balancing_loss",
     "route",
+    "route_expert_choice",
     "router_z_loss",
     "seeded_generator",
     "upcycled_tensors",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.config import Activation, Init, MoEConfig
+from moeify.config import Activation, Init, MoEConfig, RouterKind
 from moeify.switch.dispatch import (
     Sizes,
     SortedAssignments,
@@ -27,6 +27,13 @@ from moeify.switch.dispatch import (
     sort_by_expert,
 )
 from moeify.switch.experts import DenseFFNWeights, Experts, matmul_dtype
+from moeify.switch.expert_choice import (
+    ExpertChoiceRouting,
+    combine_expert_choice,
+    dispatch_expert_choice,
+    route_expert_choice,
+    times_chosen,
+)
 from moeify.switch.losses import load_balancing_loss, router_z_loss
 from moeify.switch.router import Router
 from moeify.switch.routing import Routing, group_capacities, route
@@ -78,12 +85,15 @@ BATCHED_COST: dict[tuple[str, torch.dtype], float] = {
 class RoutingRecord(NamedTuple):
     """What one forward of a Switch layer leaves behind for losses and statistics.
 
-    load_balancing_loss: scalar float32 with gradient, unweighted.
+    load_balancing_loss: scalar float32 with gradient, unweighted; a constant 0 for an
+                         expert-choice layer (balanced by construction).
     z_loss:              scalar float32 with gradient, unweighted.
-    tokens_per_expert:   [E] int64, assignments each expert processed (all groups).
-    dropped_fraction:    scalar float32, fraction of tokens no expert processed.
+    tokens_per_expert:   [E] int64, assignments each expert processed (all groups);
+                         expert choice: C per group, fewer in groups with padding.
+    dropped_fraction:    scalar float32, fraction of the real tokens no expert
+                         processed (expert choice: that no expert chose).
     expert_capacity:     slots per expert and group in that forward.
-    num_tokens:          tokens in that forward.
+    num_tokens:          real tokens in that forward.
     """
 
     load_balancing_loss: Tensor
@@ -108,10 +118,15 @@ class SwitchFFN(nn.Module):
     still one group, and in eager mode the capacity follows each input's sequence length
     by the same formula, as a Python int: what autoregressive decoding needs (one new
     token per step). Tracing, compiling and exporting need the fixed capacity of a
-    declared length and refuse an undeclared layer. After each forward (outside tracing and export), `last_routing` holds the
-    unweighted losses and the routing statistics that `moeify.aux_loss` and
-    `moeify.routing_stats` read: the one piece of state a forward writes, the
-    equivalent of flax's ``sow``.
+    declared length and refuse an undeclared layer.
+
+    With ``config.router == "expert-choice"`` the experts choose their tokens
+    (`moeify.switch.expert_choice`): each expert takes C tokens of every group, computed
+    in the static ``[E, G*C, d]`` buffers (``dispatch_path`` does not apply).
+
+    After each forward (outside tracing and export), `last_routing` holds the unweighted
+    losses and the routing statistics that `moeify.aux_loss` and `moeify.routing_stats`
+    read: the one piece of state a forward writes, the equivalent of flax's ``sow``.
     """
 
     def __init__(
@@ -275,6 +290,10 @@ class SwitchFFN(nn.Module):
         capacity: int | Tensor = sizes.expert_capacity
         if valid is not None:  # each group's capacity from its real tokens
             capacity = self._group_capacities(valid)
+        if self.config.router == RouterKind.EXPERT_CHOICE:
+            y = self._expert_choice(x, sizes, capacity, valid, tracing=tracing,
+                                    record=not _is_exporting(hidden_states))
+            return y.reshape_as(hidden_states).to(hidden_states.dtype)
         routing = self.route(x, capacity, valid=valid)
         assignments = None if tracing else sort_by_expert(routing, sizes)
         if assignments is None or self._use_padded(x, assignments, sizes):
@@ -292,6 +311,35 @@ class SwitchFFN(nn.Module):
             counts = None if assignments is None else assignments.counts
             self.last_routing = self._record(routing, counts, sizes.expert_capacity)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
+
+    def _expert_choice(self, x: Tensor, sizes: Sizes, capacity: int | Tensor,
+                       valid: Tensor | None, *, tracing: bool, record: bool) -> Tensor:
+        """Expert choice over grouped tokens x: [G, T, d] -> [G, T, d]. ``capacity``: the
+        static C, or each group's capacity for its real tokens ([G, 1, 1])."""
+        routing = route_expert_choice(
+            self.router(x), expert_capacity=sizes.expert_capacity, valid=valid,
+            group_capacity=None if isinstance(capacity, int) else capacity,
+        )
+        dispatched = dispatch_expert_choice(x, routing, sizes)  # [E, G*C, d]
+        batched = tracing or self.experts.batched_matmul_ok()
+        expert_out = self.experts(dispatched, batched=batched)  # [E, G*C, d]
+        if record:
+            self.last_routing = self._record_expert_choice(routing, sizes.expert_capacity)
+        return combine_expert_choice(expert_out, routing, sizes, x)
+
+    def _record_expert_choice(self, routing: ExpertChoiceRouting,
+                              expert_capacity: int) -> RoutingRecord:
+        valid = routing.valid
+        chosen = times_chosen(routing) > 0  # [G, T]; padding is never chosen
+        real = chosen.numel() if valid is None else int(valid.sum())
+        return RoutingRecord(
+            load_balancing_loss=torch.zeros((), device=chosen.device),
+            z_loss=router_z_loss(routing.router_logits, valid),
+            tokens_per_expert=routing.kept.sum(dim=(0, 2)).detach(),
+            dropped_fraction=(1.0 - chosen.sum().float() / max(real, 1)).detach(),
+            expert_capacity=expert_capacity,
+            num_tokens=real,
+        )
 
     def _use_padded(self, x: Tensor, assignments: SortedAssignments, sizes: Sizes) -> bool:
         """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d] (see
@@ -404,7 +452,7 @@ class SwitchFFN(nn.Module):
         return (
             f"d_model={self.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, "
             f"tokens_per_group={self.tokens_per_group}, expert_capacity={capacity}, "
-            f"gate={c.gate.value}"
+            f"gate={c.gate.value}, router={c.router.value}"
         )
 
 
