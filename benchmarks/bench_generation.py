@@ -9,18 +9,30 @@ the same threads; reported: median tokens/s (batch x new tokens / wall time) and
 ratio ORT / HF, plus whether the greedy tokens agree. Target: ORT >= 1.5x HF.
 
     python benchmarks/bench_generation.py [--batches 1 4] [--prompt 64] [--new 64]
+                                          [--quantize int4 int8]
+
+``--quantize``: the experts of copies of the graphs quantized (`moeify export --quantize`),
+compared with float32: bytes, batch-1 tokens/s, and how often greedy decoding agrees over
+32 fixed prompts of 8 to ``--prompt`` tokens (the first new token, and all of the first
+``--new / 4``). Random weights make near-ties common, so agreement here is a floor for
+trained weights, not an estimate.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import tempfile
-import time
 
-import numpy as np
-import torch
+# OpenMP threads (PyTorch) sleep instead of spinning between the timed calls, as ONNX
+# Runtime's are told to (spinning=False): neither takes cores from the other's turn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 THREADS = 2
 
@@ -35,6 +47,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=None,
                         help="override the preset's layer count (smoke runs)")
+    parser.add_argument("--quantize", nargs="+", choices=["int4", "int8"], default=[],
+                        help="also quantize the experts of the exported graphs and report "
+                             "bytes, batch-1 tokens/s and greedy agreement with float32")
     args = parser.parse_args()
 
     import moeify
@@ -61,7 +76,7 @@ def main() -> int:
         start = time.perf_counter()
         export_generation(model, f"{tmp}/gen", seq_len=args.prompt)
         print(f"export: {time.perf_counter() - start:.0f} s")
-        generator = OnnxGenerator(f"{tmp}/gen", threads=THREADS)
+        generator = OnnxGenerator(f"{tmp}/gen", threads=THREADS, spinning=False)
         for batch in args.batches:
             ids = torch.randint(2, config.vocab_size, (batch, args.prompt),
                                 generator=torch.Generator().manual_seed(batch))
@@ -85,6 +100,8 @@ def main() -> int:
             hf, ort = (tokens / statistics.median(times[k]) for k in ("hf", "ort"))
             spread = {k: f"{tokens / max(v):.1f}-{tokens / min(v):.1f}" for k, v in times.items()}
             rows.append((batch, hf, spread["hf"], ort, spread["ort"], ort / hf, agree))
+        quantized = [compare_quantized(f"{tmp}/gen", bits, generator, args, config.vocab_size)
+                     for bits in args.quantize]
     print()
     print("| batch | HF generate() tokens/s | (min-max) | ORT tokens/s | (min-max) | ORT / HF | "
           "greedy tokens equal |")
@@ -96,8 +113,54 @@ def main() -> int:
     for batch, *_, ratio, _ in rows:
         verdict = "PASS" if ratio >= 1.5 else "FAIL"
         print(f"- [{verdict}] batch {batch}: ORT tokens/s >= 1.5x HF generate(): {ratio:.2f}x")
+    if quantized:
+        print()
+        print(f"| graphs | bytes | / float32 | ORT tokens/s at batch 1 | / float32 | first new "
+              f"token equal ({PROMPTS} prompts) | {args.new // 4} new tokens all equal |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for row in quantized:
+            print("| " + " | ".join(row) + " |")
     print(f"\nLoad average at the end: {os.getloadavg()[0]:.2f}")
     return 0
+
+
+PROMPTS = 32  # fixed prompts on which quantized graphs are compared with float32
+
+
+def compare_quantized(float_dir: str, bits: str, generator, args, vocab: int) -> list[str]:
+    """Quantize a copy of the float32 graphs' experts; its bytes, batch-1 speed (timed
+    interleaved with float32) and greedy agreement over fixed prompts of various lengths."""
+    import shutil
+    from pathlib import Path
+
+    from moeify.onnx import OnnxGenerator
+    from moeify.onnx.postprocess import postprocess
+
+    target = f"{float_dir}-{bits}"
+    shutil.copytree(float_dir, target)
+    for graph in ("prefill.onnx", "decode.onnx"):
+        postprocess(Path(target) / graph, optimize=False, quantize=bits, quantize_all=False)
+    quantized = OnnxGenerator(target, threads=THREADS, spinning=False)
+    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.onnx*"))  # noqa: E731
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, vocab, int(n)).tolist()
+               for n in rng.integers(8, args.prompt + 1, PROMPTS)]
+    steps = args.new // 4
+    a = generator.generate(prompts, max_new_tokens=steps, eos_token_id=[])
+    b = quantized.generate(prompts, max_new_tokens=steps, eos_token_id=[])
+    first = a.shape[1] - steps
+    ids = np.random.default_rng(1).integers(2, vocab, (1, args.prompt))
+    times: dict[str, list[float]] = {"float": [], "quantized": []}
+    for _ in range(args.repeats):
+        for key, g in (("float", generator), ("quantized", quantized)):
+            start = time.perf_counter()
+            g.generate(ids, max_new_tokens=args.new, eos_token_id=[])
+            times[key].append(time.perf_counter() - start)
+    speed = {k: args.new / statistics.median(v) for k, v in times.items()}
+    return [f"{bits} experts", f"{size(target):,}", f"{size(target) / size(float_dir):.3f}",
+            f"{speed['quantized']:.1f}", f"{speed['quantized'] / speed['float']:.2f}",
+            f"{np.mean(a[:, first] == b[:, first]):.1%}",
+            f"{np.mean((a[:, first:] == b[:, first:]).all(axis=1)):.1%}"]
 
 
 if __name__ == "__main__":

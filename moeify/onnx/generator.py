@@ -35,7 +35,10 @@ class OnnxGenerator:
     """Generates with the graphs in ``path`` (a directory `export_generation` wrote)."""
 
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = True) -> None:
+        """``threads``: ONNX Runtime's intra-op threads (default: its own choice);
+        ``spinning=False`` lets them sleep between runs instead of spinning (for
+        processes that share their cores with other work)."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -50,6 +53,8 @@ class OnnxGenerator:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {
             name: ort.InferenceSession(str(self.path / graph["file"]), options,
                                        providers=list(providers or ["CPUExecutionProvider"]))

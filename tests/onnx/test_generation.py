@@ -198,7 +198,7 @@ def test_bench_generation_reports_tokens_per_second_and_agreement():
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generation.py"
     run = subprocess.run([sys.executable, str(script), "--layers", "2", "--batches", "2",
-                          "--prompt", "8", "--new", "4", "--repeats", "1"],
+                          "--prompt", "8", "--new", "4", "--repeats", "1", "--quantize", "int4"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     row = next(line for line in run.stdout.splitlines() if line.startswith("| 2 |"))
@@ -207,3 +207,8 @@ def test_bench_generation_reports_tokens_per_second_and_agreement():
     assert hf > 0 and ort > 0 and abs(ratio - ort / hf) < 0.01 + 0.01 * ratio
     assert cells[6] == "100.0%"  # greedy tokens equal to generate()'s
     assert "batch 2: ORT tokens/s >= 1.5x HF generate()" in run.stdout
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| int4 experts |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert 0 < float(cells[2]) < 1  # the quantized graphs are smaller
+    assert float(cells[3]) > 0
+    assert 0 <= float(cells[5].rstrip("%")) <= 100
