@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 
 class Gate(str, enum.Enum):
@@ -114,6 +114,16 @@ def _field(default: Any, *cli: str, help: str) -> Any:
     """A field with its command-line option: ``cli`` holds the option's names (long name
     first), ``help`` its one-line help. `moeify.cli` builds one option per field from this."""
     return dataclasses.field(default=default, metadata={"cli": cli, "help": help})
+
+
+class HiddenSplit(NamedTuple):
+    """How `MoEConfig` splits a dense FFN's hidden neurons, with the words a refusal
+    uses: "{who} splits d_ff into {parts} {unit}", then ``fix``."""
+
+    parts: int
+    who: str
+    unit: str
+    fix: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +344,20 @@ class MoEConfig:
         if self.expert_dropout is not None:
             return float(self.expert_dropout)
         return float(source_dropout)
+
+    @property
+    def hidden_split(self) -> HiddenSplit:
+        """Into how many slices each dense FFN's hidden neurons split: one per expert
+        (``partition``), G (``granularity``), or 1 (whole copies)."""
+        if self.init == Init.PARTITION:
+            return HiddenSplit(self.num_experts, "init='partition'", "experts",
+                               "pick a num_experts dividing d_ff or init='copy'")
+        G = self.granularity
+        return HiddenSplit(G, f"granularity {G}", "slices", "pick a granularity dividing d_ff")
+
+    def expert_width(self, d_ff: int) -> int:
+        """Hidden width of each expert made from a dense FFN of width ``d_ff``."""
+        return d_ff // self.hidden_split.parts
 
     @property
     def plain_copies(self) -> bool:

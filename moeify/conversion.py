@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.config import Activation, Init, MoEConfig, RouterKind
+from moeify.config import Activation, MoEConfig, RouterKind
 from moeify.errors import MoEError
 from moeify.switch.experts import DenseFFNWeights
 
@@ -253,9 +253,7 @@ def expert_params(site: FFNSite, config: MoEConfig) -> int:
 def expert_width(site: FFNSite, config: MoEConfig) -> int:
     """Hidden width of each expert: the dense d_ff, d_ff / E for ``init="partition"``, or
     d_ff / G with ``granularity`` G."""
-    if config.init == Init.PARTITION:
-        return site.d_ff // config.num_experts
-    return site.d_ff // config.granularity
+    return config.expert_width(site.d_ff)
 
 
 # --- sharding -----------------------------------------------------------------------------

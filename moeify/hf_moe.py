@@ -287,8 +287,9 @@ def _sparse_layers(plan, arch: str, num_layers: int) -> tuple[int, ...]:
         if site.bias:
             raise _fail(f"site {site.path} has biases; the target's experts have none")
         found.append(int(match.group(1)))
-    if c.init.value == "partition" and any(s.d_ff % c.num_experts for s in plan.selected_sites):
-        raise _fail("init='partition' needs num_experts to divide the FFN width")
+    split = c.hidden_split
+    if any(s.d_ff % split.parts for s in plan.selected_sites):
+        raise _fail(f"{split.who} needs {split.parts} to divide the FFN width")
     sparse = tuple(sorted(found))
     if arch == MIXTRAL and sparse != tuple(range(num_layers)):
         raise _fail(f"Mixtral makes every decoder layer sparse, the plan converts layers "

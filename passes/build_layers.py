@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from moeify.config import Init
 from moeify.conversion import layer_config
 from moeify.passes._base import ProgramPass
 from moeify.program import Program
@@ -36,22 +35,11 @@ class BuildSwitchLayers(ProgramPass):
         if not program.selected:
             raise self.fail("no selected sites: run SelectSites first (or apply a plan)")
         c = program.config
-        if c.init == Init.PARTITION:
-            bad = next((s for s in program.selected if s.d_ff % c.num_experts), None)
-            if bad is not None:
-                raise self.fail(
-                    f"init='partition' splits d_ff into {c.num_experts} experts, but d_ff of "
-                    f"{bad.path} ({bad.d_ff}) is not divisible by it; pick a num_experts "
-                    "that divides d_ff or init='copy'"
-                )
-        if c.granularity > 1:
-            bad = next((s for s in program.selected if s.d_ff % c.granularity), None)
-            if bad is not None:
-                raise self.fail(
-                    f"granularity {c.granularity} splits d_ff into {c.granularity} slices, "
-                    f"but d_ff of {bad.path} ({bad.d_ff}) is not divisible by it; pick a "
-                    "granularity that divides d_ff"
-                )
+        split = c.hidden_split
+        bad = next((s for s in program.selected if s.d_ff % split.parts), None)
+        if bad is not None:
+            raise self.fail(f"{split.who} splits d_ff into {split.parts} {split.unit}, but d_ff "
+                            f"of {bad.path} ({bad.d_ff}) is not divisible by it; {split.fix}")
 
     def run(self, program: Program) -> bool:
         c = program.config

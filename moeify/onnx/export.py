@@ -104,13 +104,18 @@ class _Plain(nn.Module):
         return self.model(input)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder-only language model (an LM head, no encoder)."""
+    return hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+
+
 def _wrap(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if config is None:
         return _Plain(model)
     if getattr(config, "is_encoder_decoder", False):
         return _EncoderDecoder(model)
-    if hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM"):
+    if is_causal_lm(model):
         return _DecoderOnly(model)
     return _EncoderOnly(model)
 
@@ -198,6 +203,47 @@ def _widened(model: nn.Module):
     finally:
         for table, name, original in reversed(replaced):
             table[name] = original
+
+
+def exporter_name(opset: int) -> str:
+    """The ``exporter`` entry of a graph's metadata."""
+    return f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}"
+
+
+def routing_metadata(config, group: int) -> dict[str, str]:
+    """The routing facts a graph's ``metadata_props`` carry for a converted model whose
+    groups hold ``group`` tokens in that graph (`OnnxRunner` and the optimizer read them)."""
+    c = config
+    metadata = {"num_experts": str(c.num_experts), "top_k": str(c.top_k),
+                "expert_capacity": str(c.capacity(group, training=False)),
+                "group_size": str(group), "router": c.router.value}
+    if c.dropless:
+        metadata["dropless"] = dropless_cost(c.num_experts, c.top_k, group)
+    return metadata
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Append ``metadata`` to the graph proto's ``metadata_props``."""
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+@contextlib.contextmanager
+def declarations_restored(model: nn.Module):
+    """``model`` in eval mode inside the block, its Switch layers free to be declared for
+    the graph being exported; afterwards every layer's declared length and the model's
+    mode are what they were."""
+    layers = [layer for _, layer in switch_layers(model)]
+    saved = [layer.tokens_per_group for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for layer, tokens in zip(layers, saved):
+            layer.set_tokens_per_group(tokens)
+        model.train(was_training)
 
 
 def dropless_cost(num_experts: int, top_k: int, group: int) -> str:
@@ -361,32 +407,24 @@ def export_onnx(
     if weights is None and any(p.is_meta for p in model.parameters()):
         raise MoEError("the model has parameters on the meta device: load its weights, or "
                        "pass the checkpoint directory to export_onnx")
-    saved = [layer.tokens_per_group for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with _widened(model), _quiet():
-            graph_dtype = _source_dtype(model)  # float32 for a bf16 / fp16 model
-            for layer in layers:
-                if layer.config.group_size is None:
-                    layer.set_tokens_per_group(seq_len)
-            wrapper = _wrap(model).eval()
-            example = _example(wrapper, model, batch_size or 2, seq_len)
-            dynamic = None
-            if batch_size is None:
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                dynamic = {name: {0: batch} for name in wrapper.inputs}
-            with torch.no_grad():
-                # the optimizer folds small constants: with weights still on meta it runs
-                # once they are attached (it never reads tensors above its size limit)
-                program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
-                                            input_names=list(wrapper.inputs), output_names=["output"],
-                                            dynamic_shapes=dynamic, verbose=False,
-                                            optimize=weights is None)
-    finally:
-        for layer, tokens in zip(layers, saved):
-            layer.set_tokens_per_group(tokens)
-        model.train(was_training)
+    with declarations_restored(model), _widened(model), _quiet():
+        graph_dtype = _source_dtype(model)  # float32 for a bf16 / fp16 model
+        for layer in layers:
+            if layer.config.group_size is None:
+                layer.set_tokens_per_group(seq_len)
+        wrapper = _wrap(model).eval()
+        example = _example(wrapper, model, batch_size or 2, seq_len)
+        dynamic = None
+        if batch_size is None:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic = {name: {0: batch} for name in wrapper.inputs}
+        with torch.no_grad():
+            # the optimizer folds small constants: with weights still on meta it runs
+            # once they are attached (it never reads tensors above its size limit)
+            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
+                                        input_names=list(wrapper.inputs), output_names=["output"],
+                                        dynamic_shapes=dynamic, verbose=False,
+                                        optimize=weights is None)
     stored: dict[str, torch.dtype] | None = None
     if weights is not None:
         stored = {}
@@ -400,20 +438,13 @@ def export_onnx(
         "moeify_converted": "true" if c is not None else "false",
         "seq_len": str(seq_len),
         "batch_size": "dynamic" if batch_size is None else str(batch_size),
-        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}",
+        "exporter": exporter_name(opset),
         "inputs": ",".join(wrapper.inputs),
         "external_data": f"{path.name}.data" if large else "none",
         "dtype": graph_dtype,
     }
     if c is not None:
-        group = c.group_size or seq_len
-        metadata.update({
-            "num_experts": str(c.num_experts), "top_k": str(c.top_k),
-            "expert_capacity": str(c.capacity(group, training=False)),
-            "group_size": str(group), "router": c.router.value,
-        })
-        if c.dropless:
-            metadata["dropless"] = dropless_cost(c.num_experts, c.top_k, group)
+        metadata.update(routing_metadata(c, c.group_size or seq_len))
     # staged beside `path` under the destination's lock, space checked; moved into place
     # (external data first, the graph last) when the block succeeds (`moeify.fs`)
     with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:
@@ -431,9 +462,7 @@ def export_onnx(
                 annotate_expert_sharding(proto, shard_experts, conversion.sharding))
             metadata["shard_experts"] = str(shard_experts)
             check_sharding(proto)
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        set_metadata(proto, metadata)
         onnx.save_model(proto, str(staged))
         _check_written(staged)  # with its external data, before anything reaches `path`
         reports = postprocess(staged, optimize=optimize, quantize=quantize,

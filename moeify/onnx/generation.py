@@ -55,7 +55,12 @@ from moeify.onnx.export import (
     _save_ir,
     _widened,
     check_export_args,
+    declarations_restored,
+    exporter_name,
+    is_causal_lm,
     max_positions,
+    routing_metadata,
+    set_metadata,
 )
 
 TASKS = ("text-generation", "text2text-generation")
@@ -135,8 +140,7 @@ def task_of(model: nn.Module) -> str:
     if config is not None and getattr(config, "is_encoder_decoder", False):
         if kind == "t5":
             return "text2text-generation"
-    elif config is not None and (hasattr(model, "lm_head")
-                                 or type(model).__name__.endswith("ForCausalLM")):
+    elif config is not None and is_causal_lm(model):
         return "text-generation"
     raise MoEError(
         f"{kind} has no generation export: text-generation takes decoder-only models with "
@@ -179,16 +183,10 @@ def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs
     conversion = conversion_of(wrapper.model)
     metadata = {"moeify_version": __version__, "inputs": ",".join(inputs),
                 "moeify_converted": "true" if conversion is not None else "false",
-                "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, "
-                            f"opset {opset}"}
+                "exporter": exporter_name(opset)}
     if conversion is not None:
-        c = conversion.config
-        metadata.update({"num_experts": str(c.num_experts), "top_k": str(c.top_k),
-                         "group_size": str(tokens),
-                         "expert_capacity": str(c.capacity(tokens, training=False))})
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        metadata.update(routing_metadata(conversion.config, tokens))
+    set_metadata(proto, metadata)
     onnx.save_model(proto, str(path))
     _check_written(path)
 
@@ -256,11 +254,8 @@ def export_generation(
             "convert with groups = sequences (no group_size) to export for generation")
     _check_cache_layout(model)
     layers = switch_layers(model)
-    saved = [layer.tokens_per_group for _, layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with atomic_directory(out, force=force, what="--onnx") as tmp, _widened(model), _quiet():
+    with declarations_restored(model), _widened(model), _quiet():
+        with atomic_directory(out, force=force, what="--onnx") as tmp:
             if own == "text-generation":
                 graphs = _export_causal(model, [l for _, l in layers], tmp, seq_len, opset)
             else:
@@ -274,10 +269,6 @@ def export_generation(
             if done:
                 manifest["postprocess"] = done
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finally:
-        for (_, layer), tokens in zip(layers, saved):
-            layer.set_tokens_per_group(tokens)
-        model.train(was_training)
     return manifest
 
 
@@ -409,7 +400,7 @@ def _manifest(model, task: str, seq_len: int, graphs: dict[str, Any], opset: int
         "pad_token_id": token("pad_token_id"),
         "eos_token_id": token("eos_token_id"),
         "moeify_version": __version__,
-        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {opset}",
+        "exporter": exporter_name(opset),
         "moeify_converted": c is not None,
         **graphs,
     }

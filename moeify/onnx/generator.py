@@ -138,26 +138,26 @@ class OnnxGenerator:
         if do_sample and not temperature > 0:
             raise MoEError(f"temperature must be > 0 when sampling, got {temperature!r}")
         left = self.task == "text-generation"
-        ids, mask = _batch(input_ids, attention_mask, left=left,
-                           pad=self._pad(pad_token_id, eos_token_id))
+        eos = self._eos(eos_token_id)
+        pad = self._pad(pad_token_id, eos_token_id)
+        ids, mask = _batch(input_ids, attention_mask, left=left, pad=pad)
         n = ids.shape[1]
         if n > self.seq_len:
             raise MoEError(f"the prompts are {n} tokens long, longer than the {self.seq_len} "
                            f"this export was declared for: shorten them, or export again "
                            f"with --seq-len {n}")
-        eos = self._eos(eos_token_id)
-        pad = self._pad(pad_token_id, eos_token_id)
         limit = self.manifest.get("max_positions")
         if left and limit is not None and int(mask.sum(1).max()) + max_new_tokens > limit:
             raise MoEError(f"{int(mask.sum(1).max())} prompt tokens + {max_new_tokens} new "
                            f"exceed the model's {limit} positions: ask for fewer new tokens")
         rng = np.random.default_rng(seed)
         choose = lambda logits: _choose(logits, do_sample, temperature, top_k, rng)  # noqa: E731
+        full = _padded(ids, mask, self.seq_len, pad, left)  # the graphs' static length
         if left:
-            new = self._causal(ids, mask, max_new_tokens, choose, eos, pad)
+            new = self._causal(*full, max_new_tokens, choose, eos, pad)
             return np.concatenate([ids, new], axis=1)
         start = np.full((ids.shape[0], 1), self.manifest["decoder_start_token_id"], np.int64)
-        new = self._seq2seq(ids, mask, start, max_new_tokens, choose, eos, pad)
+        new = self._seq2seq(*full, start, max_new_tokens, choose, eos, pad)
         return np.concatenate([start, new], axis=1)
 
     def _eos(self, eos_token_id) -> np.ndarray:
@@ -175,11 +175,7 @@ class OnnxGenerator:
             pad = int(eos[0]) if eos.size else 0
         return int(pad)
 
-    def _causal(self, ids, mask, steps, choose, eos, pad) -> np.ndarray:
-        L, n = self.seq_len, ids.shape[1]
-        full_ids = np.full((ids.shape[0], L), pad, np.int64)
-        full_mask = np.zeros((ids.shape[0], L), np.int64)
-        full_ids[:, L - n:], full_mask[:, L - n:] = ids, mask
+    def _causal(self, full_ids, full_mask, steps, choose, eos, pad) -> np.ndarray:
         positions = np.where(full_mask == 0, 0, np.cumsum(full_mask, axis=1) - 1)
         out = self.run("prefill", input_ids=full_ids, attention_mask=full_mask,
                        position_ids=positions)
@@ -194,11 +190,7 @@ class OnnxGenerator:
 
         return _loop(out, step, steps, choose, eos, pad)
 
-    def _seq2seq(self, ids, mask, start, steps, choose, eos, pad) -> np.ndarray:
-        L, n = self.seq_len, ids.shape[1]
-        full_ids = np.full((ids.shape[0], L), pad, np.int64)
-        full_mask = np.zeros((ids.shape[0], L), np.int64)
-        full_ids[:, :n], full_mask[:, :n] = ids, mask
+    def _seq2seq(self, full_ids, full_mask, start, steps, choose, eos, pad) -> np.ndarray:
         states = self.run("encoder", input_ids=full_ids,
                           attention_mask=full_mask)["encoder_hidden_states"]
         common = {"encoder_hidden_states": states, "encoder_attention_mask": full_mask}
@@ -215,16 +207,14 @@ class OnnxGenerator:
 def _batch(input_ids, attention_mask, *, left: bool, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, mask)`` as int64 ``[batch, n]``, the mask checked for the padding side."""
     side = "left" if left else "right"
-    if isinstance(input_ids, np.ndarray) or (hasattr(input_ids, "numpy")
-                                             and not isinstance(input_ids, (list, tuple))):
-        ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids)
+    if not isinstance(input_ids, (list, tuple)):  # an array (numpy, or a tensor's .numpy())
+        ids = _array(input_ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise MoEError(f"input_ids must be [batch, length] token ids, got shape {list(ids.shape)}")
         if attention_mask is None:
             mask = np.ones(ids.shape, np.int64)
         else:
-            mask = np.asarray(attention_mask.numpy() if hasattr(attention_mask, "numpy")
-                              else attention_mask).astype(np.int64)
+            mask = _array(attention_mask).astype(np.int64)
             if mask.shape != ids.shape:
                 raise MoEError(f"attention_mask {list(mask.shape)} does not match input_ids "
                                f"{list(ids.shape)}")
@@ -253,6 +243,19 @@ def _batch(input_ids, attention_mask, *, left: bool, pad: int) -> tuple[np.ndarr
                        f"(as Hugging Face does): each attention_mask row must be "
                        f"{'0...0 1...1' if left else '1...1 0...0'}")
     return ids, mask
+
+
+def _array(value) -> np.ndarray:
+    """``value`` as a numpy array (a torch tensor through its ``.numpy()``: no torch import)."""
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+
+def _padded(ids: np.ndarray, mask: np.ndarray, width: int, pad: int,
+            left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``ids`` and ``mask`` widened to ``width`` columns by padding on one side."""
+    extra = width - ids.shape[1]
+    side = ((0, 0), (extra, 0) if left else (0, extra))
+    return np.pad(ids, side, constant_values=pad), np.pad(mask, side)
 
 
 def _choose(logits: np.ndarray, sample: bool, temperature: float, top_k: int | None,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.config import Activation, Init, MoEConfig, RouterKind
+from moeify.config import Activation, MoEConfig, RouterKind
 from moeify.switch.dispatch import (
     Sizes,
     SortedAssignments,
@@ -207,22 +207,11 @@ class SwitchFFN(nn.Module):
         loading a checkpoint assigns its tensors).
         """
         d, f = dense.w_in.shape
-        if config.init == Init.PARTITION:
-            if f % config.num_experts:
-                raise ValueError(
-                    f"init='partition' splits the hidden width {f} into {config.num_experts} "
-                    "experts, which does not divide it: pick num_experts dividing d_ff or "
-                    "init='copy'"
-                )
-            f //= config.num_experts
-        elif config.granularity > 1:
-            if f % config.granularity:
-                raise ValueError(
-                    f"granularity {config.granularity} splits the hidden width {f} into "
-                    f"{config.granularity} slices, which does not divide it: pick a "
-                    "granularity dividing d_ff"
-                )
-            f //= config.granularity
+        split = config.hidden_split
+        if f % split.parts:
+            raise ValueError(f"{split.who} splits the hidden width {f} into {split.parts} "
+                             f"{split.unit}, which does not divide it: {split.fix}")
+        f = config.expert_width(f)
         layer = cls(  # on meta first: every parameter is written below, none drawn twice
             d, f, config, seq_len=seq_len, activation=activation,
             gated=dense.w_gate is not None, bias=dense.b_in is not None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moeify.config import Activation, Init, MoEConfig
+from moeify.config import Activation, MoEConfig
 from moeify.switch.experts import DenseFFNWeights, Experts
 from moeify.switch.router import Router
 
@@ -88,8 +88,7 @@ def upcycled_tensors(
             if source is not None:
                 tensors[f"experts.{name}"] = TensorSource(source.detach().contiguous(), repeat=E)
         return tensors
-    d_ff = dense.w_in.shape[1]
-    d_ff //= E if config.init == Init.PARTITION else G
+    d_ff = config.expert_width(dense.w_in.shape[1])
     experts = Experts(E, d_model, d_ff, activation=activation, gated=dense.w_gate is not None,
                       bias=dense.b_in is not None, device="meta", dtype=dense.w_in.dtype)
     experts = experts.to_empty(device="cpu")

@@ -52,6 +52,9 @@ def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path):
         (["--quantize-all"], "--quantize-all widens --quantize"),
         (["--quantize", "int3"], "--quantize 'int3' is not one of int4, int8"),
         (["--quantize", "int4", "--shard-experts", "2"], "export with --shard-experts or"),
+        (["--task", "summarize"], "unknown --task 'summarize'"),
+        (["--task", "text-generation", "--batch-size", "2"], "not to --task"),
+        (["--task", "text-generation"], "bert has no generation export"),
     ]:
         result = run("export", tmp_path / "ck", "--onnx", tmp_path / "x.onnx", "--seq-len",
                      SEQ, *args)
