@@ -4,14 +4,17 @@ The GPT-2 small architecture (the ``gpt2`` preset: 12 layers, d=768, fresh weigh
 ``--random-init`` builds it offline) converted to 8 experts (every other FFN, eval
 capacity factor 2.0), exported with `moeify.onnx.export_generation` for prompts of
 ``--prompt`` tokens. Each repeat generates ``--new`` tokens greedily for a batch of
-random prompts (no eos: every run makes exactly that many) with both, interleaved, on
-the same threads; reported: median tokens/s (batch x new tokens / wall time) and the
-ratio ORT / HF, plus whether the greedy tokens agree. Target: ORT >= 1.5x HF.
+random prompts (no eos: every run makes exactly that many) with HF and each exported
+form, interleaved, on the same threads; reported: median tokens/s (batch x new tokens /
+wall time) and the ratio ORT / HF, plus whether the greedy tokens agree. Target: ORT >=
+1.5x HF. ``--moe-op``: the graphs' expert layers, ``static`` (fixed-capacity buffers)
+and/or ``ort`` (ONNX Runtime's ``com.microsoft.MoE``, see `moeify.onnx.moe_op`); both
+by default, each exported and timed.
 
     python benchmarks/bench_generation.py [--batches 1 4] [--prompt 64] [--new 64]
-                                          [--quantize int4 int8]
+                                          [--moe-op static ort] [--quantize int4 int8]
 
-``--quantize``: the experts of copies of the graphs quantized (`moeify export --quantize`),
+``--quantize``: the experts of copies of the static graphs quantized (`moeify export --quantize`),
 compared with float32: bytes, batch-1 tokens/s, and how often greedy decoding agrees over
 32 fixed prompts of 8 to ``--prompt`` tokens (the first new token, and all of the first
 ``--new / 4``). Random weights make near-ties common, so agreement here is a floor for
@@ -47,6 +50,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=None,
                         help="override the preset's layer count (smoke runs)")
+    parser.add_argument("--moe-op", nargs="+", choices=["static", "ort"],
+                        default=["static", "ort"],
+                        help="expert layers of the graphs timed: static capacity buffers, "
+                             "ONNX Runtime's com.microsoft.MoE, or both")
     parser.add_argument("--quantize", nargs="+", choices=["int4", "int8"], default=[],
                         help="also quantize the experts of the exported graphs and report "
                              "bytes, batch-1 tokens/s and greedy agreement with float32")
@@ -73,46 +80,55 @@ def main() -> int:
           f"interleaved repeats; load average {load[0]:.2f}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        export_generation(model, f"{tmp}/gen", seq_len=args.prompt)
-        print(f"export: {time.perf_counter() - start:.0f} s")
-        generator = OnnxGenerator(f"{tmp}/gen", threads=THREADS, spinning=False)
+        generators = {}
+        for op in args.moe_op:
+            start = time.perf_counter()
+            export_generation(model, f"{tmp}/{op}", seq_len=args.prompt, moe_op=op)
+            print(f"export --moe-op {op}: {time.perf_counter() - start:.0f} s")
+            generators[op] = OnnxGenerator(f"{tmp}/{op}", threads=THREADS, spinning=False)
         for batch in args.batches:
             ids = torch.randint(2, config.vocab_size, (batch, args.prompt),
                                 generator=torch.Generator().manual_seed(batch))
             mask = torch.ones_like(ids)
-            times: dict[str, list[float]] = {"hf": [], "ort": []}
+            times: dict[str, list[float]] = {"hf": [], **{op: [] for op in generators}}
             outputs = {}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats):  # interleaved: HF, then each graph, per repeat
                 start = time.perf_counter()
                 with torch.no_grad():
                     outputs["hf"] = model.generate(input_ids=ids, attention_mask=mask,
-                                                   max_new_tokens=args.new, do_sample=False)
+                                                   max_new_tokens=args.new,
+                                                   do_sample=False).numpy()
                 times["hf"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                outputs["ort"] = generator.generate(ids.numpy(), mask.numpy(),
-                                                    max_new_tokens=args.new, eos_token_id=[])
-                times["ort"].append(time.perf_counter() - start)
-            new_hf, new_ort = outputs["hf"].numpy()[:, args.prompt:], outputs["ort"][:, args.prompt:]
-            assert new_hf.shape == new_ort.shape == (batch, args.new), (new_hf.shape, new_ort.shape)
-            agree = float(np.mean(new_hf == new_ort))
+                for op, generator in generators.items():
+                    start = time.perf_counter()
+                    outputs[op] = generator.generate(ids.numpy(), mask.numpy(),
+                                                     max_new_tokens=args.new, eos_token_id=[])
+                    times[op].append(time.perf_counter() - start)
             tokens = batch * args.new
-            hf, ort = (tokens / statistics.median(times[k]) for k in ("hf", "ort"))
+            speed = {k: tokens / statistics.median(v) for k, v in times.items()}
             spread = {k: f"{tokens / max(v):.1f}-{tokens / min(v):.1f}" for k, v in times.items()}
-            rows.append((batch, hf, spread["hf"], ort, spread["ort"], ort / hf, agree))
-        quantized = [compare_quantized(f"{tmp}/gen", bits, generator, args, config.vocab_size)
-                     for bits in args.quantize]
+            new_hf = outputs["hf"][:, args.prompt:]
+            for op in generators:
+                new_ort = outputs[op][:, args.prompt:]
+                assert new_hf.shape == new_ort.shape == (batch, args.new), new_ort.shape
+                rows.append((batch, op, speed["hf"], spread["hf"], speed[op], spread[op],
+                             speed[op] / speed["hf"], float(np.mean(new_hf == new_ort))))
+        quantized = []
+        if args.quantize and "static" in generators:
+            quantized = [compare_quantized(f"{tmp}/static", bits, generators["static"], args,
+                                           config.vocab_size) for bits in args.quantize]
     print()
-    print("| batch | HF generate() tokens/s | (min-max) | ORT tokens/s | (min-max) | ORT / HF | "
-          "greedy tokens equal |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, hf, hf_spread, ort, ort_spread, ratio, agree in rows:
-        print(f"| {batch} | {hf:.1f} | {hf_spread} | {ort:.1f} | {ort_spread} | {ratio:.2f} | "
-              f"{agree:.1%} |")
+    print("| batch | graphs (--moe-op) | HF generate() tokens/s | (min-max) | ORT tokens/s | "
+          "(min-max) | ORT / HF | greedy tokens equal |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for batch, op, hf, hf_spread, ort, ort_spread, ratio, agree in rows:
+        print(f"| {batch} | {op} | {hf:.1f} | {hf_spread} | {ort:.1f} | {ort_spread} | "
+              f"{ratio:.2f} | {agree:.1%} |")
     print()
-    for batch, *_, ratio, _ in rows:
+    for batch, op, *_, ratio, _ in rows:
         verdict = "PASS" if ratio >= 1.5 else "FAIL"
-        print(f"- [{verdict}] batch {batch}: ORT tokens/s >= 1.5x HF generate(): {ratio:.2f}x")
+        print(f"- [{verdict}] batch {batch}, --moe-op {op}: ORT tokens/s >= 1.5x HF "
+              f"generate(): {ratio:.2f}x")
     if quantized:
         print()
         print(f"| graphs | bytes | / float32 | ORT tokens/s at batch 1 | / float32 | first new "

@@ -399,6 +399,11 @@ def export(
         "--task", help="text-generation (decoder-only: GPT-2, Llama) or text2text-generation "
         "(T5): --onnx is then a directory of graphs with a KV cache (prefill/encoder and "
         "decode steps) and generation.json, for moeify.onnx.OnnxGenerator.")] = None,
+    moe_op: Annotated[str, typer.Option(
+        "--moe-op", help="static (standard ONNX ops over fixed-capacity expert buffers) or "
+        "ort (ONNX Runtime's com.microsoft.MoE: each expert runs on its routed tokens only, "
+        "the capacity applied as a mask; ONNX Runtime only; ReLU, tanh-GELU, SiLU and SwiGLU "
+        "experts).")] = "static",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -414,6 +419,9 @@ def export(
     from moeify.onnx.postprocess import check_postprocess_args
 
     check_postprocess_args(quantize, quantize_all)
+    from moeify.onnx.export import check_moe_op_args
+
+    check_moe_op_args(moe_op, quantize=quantize, shard_experts=shard_experts)
     if task is not None:
         from moeify.errors import MoEError
         from moeify.onnx.generation import TASKS
@@ -440,12 +448,16 @@ def export(
         with console.status(f"exporting {onnx_path}"):
             manifest = export_generation(loaded, onnx_path, seq_len=seq_len, task=task,
                                          opset=opset, force=force, optimize=optimize,
-                                         quantize=quantize, quantize_all=quantize_all)
+                                         quantize=quantize, quantize_all=quantize_all,
+                                         moe_op=moe_op)
         if json_out:
             typer.echo(json.dumps({"onnx": onnx_path, "manifest": manifest}))
         else:
             files = ", ".join(graph["file"] for graph in manifest["graphs"].values())
             console.print(f"wrote {onnx_path} ({manifest['task']}): {files}, generation.json")
+            if moe_op != "static":
+                for name, graph in manifest["graphs"].items():
+                    console.print(f"{name}: experts {graph['moe_op']}")
             for graph, done in manifest.get("postprocess", {}).items():
                 console.print(f"{graph}: " + done.replace("\n", f"\n{graph}: "))
         return
@@ -453,7 +465,7 @@ def export(
         metadata = moeify.export_onnx(loaded, onnx_path, seq_len=seq_len, batch_size=batch_size,
                                       opset=opset, force=force, shard_experts=shard_experts,
                                       optimize=optimize, quantize=quantize,
-                                      quantize_all=quantize_all)
+                                      quantize_all=quantize_all, moe_op=moe_op)
     if json_out:
         typer.echo(json.dumps({"onnx": onnx_path, "metadata": metadata}))
     else:

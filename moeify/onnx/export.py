@@ -50,6 +50,7 @@ from moeify.api import switch_layers
 from moeify.checkpoint import load_skeleton
 from moeify.errors import MoEError
 from moeify.fs import atomic_file, check_output
+from moeify.onnx.moe_op import check_moe_op, describe, ort_experts, translation_table
 from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
 from moeify.conversion import conversion_of
 
@@ -324,6 +325,21 @@ def check_export_args(seq_len: Any, batch_size: Any, opset: Any = DEFAULT_OPSET)
                        f"a dynamic one, got {batch_size!r}")
 
 
+def check_moe_op_args(moe_op: str, *, quantize: str | None = None,
+                      shard_experts: int | None = None) -> None:
+    """Refuse ``--moe-op`` values and combinations before any work."""
+    check_moe_op(moe_op)
+    if moe_op != "ort":
+        return
+    if quantize is not None:
+        raise MoEError("--quantize rewrites the expert MatMuls of the static graph, and with "
+                       "--moe-op ort the experts are one com.microsoft.MoE node per layer: "
+                       "export with --moe-op static to quantize")
+    if shard_experts is not None:
+        raise MoEError("--shard-experts annotates the static graph's expert tensors: export "
+                       "with --moe-op static to shard")
+
+
 def _check_positions(model: nn.Module, seq_len: int) -> None:
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
@@ -357,6 +373,7 @@ def export_onnx(
     optimize: bool = False,
     quantize: str | None = None,
     quantize_all: bool = False,
+    moe_op: str = "static",
 ) -> dict[str, str]:
     """Export ``model`` to ``path`` (see the module docs); returns the metadata written.
 
@@ -373,7 +390,10 @@ def export_onnx(
     ``quantize`` (``int4`` / ``int8``: the expert weights, every linear weight with
     ``quantize_all``) and ``optimize`` (ONNX Runtime's transformer fusions) post-process
     the staged graph (`moeify.onnx.postprocess`); the metadata returned then says what
-    they did under ``quantized`` / ``optimized``. Refused with a
+    they did under ``quantized`` / ``optimized``. ``moe_op="ort"`` writes the expert
+    layers that it can express as ONNX Runtime's ``com.microsoft.MoE`` operator, the
+    capacity applied as a mask (`moeify.onnx.moe_op`; the metadata's ``moe_op`` says
+    which layers); a checkpoint directory is then loaded whole. Refused with a
     `MoEError`: ``seq_len`` or ``batch_size`` below 1, ``seq_len`` beyond the model's
     maximum positions (where its config has one), and a graph `onnx.checker` rejects.
     """
@@ -383,6 +403,7 @@ def export_onnx(
 
     check_export_args(seq_len, batch_size, opset)
     check_postprocess_args(quantize, quantize_all)
+    check_moe_op_args(moe_op, quantize=quantize, shard_experts=shard_experts)
     if shard_experts is not None and quantize is not None:
         raise MoEError("--quantize writes per-expert MatMulNBits, which an expert-parallel "
                        "plan does not describe: export with --shard-experts or --quantize")
@@ -393,9 +414,15 @@ def export_onnx(
                  what="path", inside_ok=True)  # never over the checkpoint being read
     weights = None
     if not isinstance(model, nn.Module):
-        model, weights = load_skeleton(model)
+        if moe_op == "static":
+            model, weights = load_skeleton(model)
+        else:  # the operator's weight layout is computed from the loaded experts
+            from moeify.checkpoint import load
+
+            model = load(model)
     conversion = conversion_of(model)
-    layers = [layer for _, layer in switch_layers(model)]
+    named_layers = switch_layers(model)
+    layers = [layer for _, layer in named_layers]
     declared = {layer.tokens_per_group for layer in layers} - {None}
     if conversion is not None and conversion.config.group_size is None and declared - {seq_len}:
         raise MoEError(
@@ -418,13 +445,14 @@ def export_onnx(
         if batch_size is None:
             batch = torch.export.Dim("batch", min=1, max=4096)
             dynamic = {name: {0: batch} for name in wrapper.inputs}
-        with torch.no_grad():
+        with torch.no_grad(), ort_experts(named_layers, moe_op) as static:
             # the optimizer folds small constants: with weights still on meta it runs
             # once they are attached (it never reads tensors above its size limit)
             program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
                                         input_names=list(wrapper.inputs), output_names=["output"],
                                         dynamic_shapes=dynamic, verbose=False,
-                                        optimize=weights is None)
+                                        optimize=weights is None,
+                                        custom_translation_table=translation_table())
     stored: dict[str, torch.dtype] | None = None
     if weights is not None:
         stored = {}
@@ -445,6 +473,7 @@ def export_onnx(
     }
     if c is not None:
         metadata.update(routing_metadata(c, c.group_size or seq_len))
+        metadata["moe_op"] = describe(named_layers, static)
     # staged beside `path` under the destination's lock, space checked; moved into place
     # (external data first, the graph last) when the block succeeds (`moeify.fs`)
     with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:

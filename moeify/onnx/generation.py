@@ -48,6 +48,13 @@ from moeify.conversion import conversion_of
 from moeify.errors import MoEError
 from moeify.fs import atomic_directory, check_output
 from moeify.onnx.generator import FORMAT, MANIFEST
+from moeify.onnx.moe_op import (
+    describe,
+    ort_experts,
+    refuse_static,
+    translation_table,
+    unsupported,
+)
 from moeify.onnx.export import (
     DEFAULT_OPSET,
     _check_written,
@@ -55,6 +62,7 @@ from moeify.onnx.export import (
     _save_ir,
     _widened,
     check_export_args,
+    check_moe_op_args,
     declarations_restored,
     exporter_name,
     is_causal_lm,
@@ -163,21 +171,26 @@ def _check_cache_layout(model: nn.Module) -> None:
             "config without a sliding window (e.g. sliding_window=None)")
 
 
-def _declare(layers: list, tokens: int) -> None:
-    for layer in layers:
+def _declare(layers: list[tuple[str, nn.Module]], tokens: int) -> None:
+    for _, layer in layers:
         layer.set_tokens_per_group(tokens)
 
 
 def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs: list[str],
-                  dynamic: dict[str, Any], path: Path, opset: int, tokens: int) -> None:
+                  dynamic: dict[str, Any], path: Path, opset: int, tokens: int,
+                  layers: list[tuple[str, nn.Module]], moe_op: str) -> str:
     """Export one graph to ``path`` with its ``metadata_props`` (as `export_onnx` writes
-    them, for the group length ``tokens`` this graph routes) and check it."""
+    them, for the group length ``tokens`` this graph routes) and check it. ``layers``:
+    the Switch layers this graph runs, declared for ``tokens``. Returns the graph's
+    ``moe_op`` line (`moeify.onnx.moe_op.describe`)."""
     import onnx
 
-    with torch.no_grad():
+    with torch.no_grad(), ort_experts(layers, moe_op, refuse_none=False) as static:
         program = torch.onnx.export(wrapper.eval(), example, dynamo=True, opset_version=opset,
                                     input_names=inputs, output_names=outputs,
-                                    dynamic_shapes=dynamic, verbose=False, optimize=True)
+                                    dynamic_shapes=dynamic, verbose=False, optimize=True,
+                                    custom_translation_table=translation_table())
+    kind = describe(layers, static)
     _save_ir(program.model, path, None)
     proto = onnx.load(str(path))
     conversion = conversion_of(wrapper.model)
@@ -186,9 +199,11 @@ def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs
                 "exporter": exporter_name(opset)}
     if conversion is not None:
         metadata.update(routing_metadata(conversion.config, tokens))
+        metadata["moe_op"] = kind
     set_metadata(proto, metadata)
     onnx.save_model(proto, str(path))
     _check_written(path)
+    return kind
 
 
 def _dims(names: list[str], axes: dict[str, dict[int, Any]]) -> dict[str, Any]:
@@ -210,6 +225,7 @@ def export_generation(
     optimize: bool = False,
     quantize: str | None = None,
     quantize_all: bool = False,
+    moe_op: str = "static",
 ) -> dict[str, Any]:
     """Export a (converted) generator to the directory ``out``; returns the manifest.
 
@@ -222,13 +238,17 @@ def export_generation(
     ``out`` is written atomically and not replaced without ``force``. ``quantize`` /
     ``quantize_all`` / ``optimize`` post-process every graph as `export_onnx` does (the
     optimizer's fusions for T5 with ``t5``, for decoder-only models with ``gpt2``); the
-    manifest's ``postprocess`` says what each did.
+    manifest's ``postprocess`` says what each did. ``moe_op="ort"``: the expert layers
+    that `moeify.onnx.moe_op` can express become ONNX Runtime's ``com.microsoft.MoE``
+    node, in every graph (a decode step then reads only its tokens' experts); each
+    graph's ``moe_op`` entry in the manifest says which layers.
     """
     from moeify.checkpoint import load
     from moeify.onnx.postprocess import check_postprocess_args
 
     check_export_args(seq_len, None, opset)
     check_postprocess_args(quantize, quantize_all)
+    check_moe_op_args(moe_op, quantize=quantize)
     if task is not None and task not in TASKS:
         raise MoEError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     out = Path(out)
@@ -257,11 +277,14 @@ def export_generation(
     with declarations_restored(model), _widened(model), _quiet():
         with atomic_directory(out, force=force, what="--onnx") as tmp:
             if own == "text-generation":
-                graphs = _export_causal(model, [l for _, l in layers], tmp, seq_len, opset)
+                graphs = _export_causal(model, layers, tmp, seq_len, opset, moe_op)
             else:
-                encoder = [l for name, l in layers if name.startswith("encoder.")]
-                decoder = [l for name, l in layers if not name.startswith("encoder.")]
-                graphs = _export_seq2seq(model, encoder, decoder, tmp, seq_len, opset)
+                encoder = [(n, l) for n, l in layers if n.startswith("encoder.")]
+                decoder = [(n, l) for n, l in layers if not n.startswith("encoder.")]
+                graphs = _export_seq2seq(model, encoder, decoder, tmp, seq_len, opset, moe_op)
+            if moe_op == "ort" and all(g["moe_op"].startswith("static")
+                                       for g in graphs["graphs"].values()):
+                refuse_static(filter(None, (unsupported(layer) for _, layer in layers)))
             manifest = _manifest(model, own, seq_len, graphs, opset, limit)
             done = _postprocess(tmp, graphs["graphs"], optimize=optimize, quantize=quantize,
                                 quantize_all=quantize_all,
@@ -298,7 +321,8 @@ def _prompt(model: nn.Module, batch: int, seq_len: int, left: bool):
     return ids, mask
 
 
-def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int) -> dict[str, Any]:
+def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int,
+                   moe_op: str) -> dict[str, Any]:
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     past_len = torch.export.Dim("past", min=1, max=2**16)
@@ -308,8 +332,9 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int) -> dict[s
     outputs = ["logits", *_kv_names("present", num_layers)]
     _declare(layers, seq_len)
     axes = {name: {0: batch} for name in inputs}
-    _export_graph(_CausalLM(model, False), (ids, mask, positions), inputs, outputs,
-                  _dims(inputs, axes), tmp / "prefill.onnx", opset, seq_len)
+    prefill_op = _export_graph(_CausalLM(model, False), (ids, mask, positions), inputs,
+                               outputs, _dims(inputs, axes), tmp / "prefill.onnx", opset,
+                               seq_len, layers, moe_op)
     with torch.no_grad():
         first = _CausalLM(model, False)(ids, mask, positions)
     past = first[1:]
@@ -320,32 +345,33 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int) -> dict[s
     _declare(layers, 1)
     axes.update({name: {0: batch, 2: past_len} for name in past_names})
     axes["attention_mask"] = {0: batch, 1: past_len + 1}
-    _export_graph(_CausalLM(model, True), (step, step_mask, step_positions, *past),
-                  inputs + past_names, outputs, _dims(inputs + past_names, axes),
-                  tmp / "decode.onnx", opset, 1)
+    decode_op = _export_graph(_CausalLM(model, True), (step, step_mask, step_positions, *past),
+                              inputs + past_names, outputs, _dims(inputs + past_names, axes),
+                              tmp / "decode.onnx", opset, 1, layers, moe_op)
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
     return {
         "layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
         "graphs": {
             "prefill": {"file": "prefill.onnx", "inputs": inputs, "outputs": outputs,
-                        "tokens_per_group": seq_len},
+                        "tokens_per_group": seq_len, "moe_op": prefill_op},
             "decode": {"file": "decode.onnx", "inputs": inputs + past_names, "outputs": outputs,
-                       "tokens_per_group": 1},
+                       "tokens_per_group": 1, "moe_op": decode_op},
         },
     }
 
 
 def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: int,
-                    opset: int) -> dict[str, Any]:
+                    opset: int, moe_op: str) -> dict[str, Any]:
     num_layers = model.config.num_decoder_layers
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     past_len = torch.export.Dim("past", min=1, max=2**16)
     ids, mask = _prompt(model, 2, seq_len, left=False)
     _declare(encoder_layers, seq_len)
     encoder_inputs = ["input_ids", "attention_mask"]
-    _export_graph(_Encoder(model), (ids, mask), encoder_inputs, ["encoder_hidden_states"],
-                  {name: {0: batch} for name in encoder_inputs}, tmp / "encoder.onnx", opset,
-                  seq_len)
+    encoder_op = _export_graph(_Encoder(model), (ids, mask), encoder_inputs,
+                               ["encoder_hidden_states"],
+                               {name: {0: batch} for name in encoder_inputs},
+                               tmp / "encoder.onnx", opset, seq_len, encoder_layers, moe_op)
     with torch.no_grad():
         states = _Encoder(model)(ids, mask)
     start = torch.full((2, 1), model.config.decoder_start_token_id, dtype=torch.long)
@@ -353,27 +379,32 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     inputs = ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"]
     present, cross = _kv_names("present", num_layers), _kv_names("cross", num_layers)
     axes: dict[str, dict[int, Any]] = {name: {0: batch} for name in inputs}
-    _export_graph(_Seq2SeqDecoder(model, False), (start, states, mask), inputs,
-                  ["logits", *present, *cross], _dims(inputs, axes),
-                  tmp / "decoder_init.onnx", opset, 1)
+    init_op = _export_graph(_Seq2SeqDecoder(model, False), (start, states, mask), inputs,
+                            ["logits", *present, *cross], _dims(inputs, axes),
+                            tmp / "decoder_init.onnx", opset, 1, decoder_layers, moe_op)
     with torch.no_grad():
         first = _Seq2SeqDecoder(model, False)(start, states, mask)
     own, cross_kv = first[1: 1 + 2 * num_layers], first[1 + 2 * num_layers:]
     past = _kv_names("past", num_layers)
     axes.update({name: {0: batch, 2: past_len} for name in past})
     axes.update({name: {0: batch} for name in cross})
-    _export_graph(_Seq2SeqDecoder(model, True), (start, states, mask, *own, *cross_kv),
-                  inputs + past + cross, ["logits", *present],
-                  _dims(inputs + past + cross, axes), tmp / "decoder.onnx", opset, 1)
+    decoder_op = _export_graph(_Seq2SeqDecoder(model, True), (start, states, mask, *own,
+                                                              *cross_kv),
+                               inputs + past + cross, ["logits", *present],
+                               _dims(inputs + past + cross, axes), tmp / "decoder.onnx", opset,
+                               1, decoder_layers, moe_op)
     return {
         "layers": num_layers, "kv_heads": own[0].shape[1], "head_dim": own[0].shape[3],
         "graphs": {
             "encoder": {"file": "encoder.onnx", "inputs": encoder_inputs,
-                        "outputs": ["encoder_hidden_states"], "tokens_per_group": seq_len},
+                        "outputs": ["encoder_hidden_states"], "tokens_per_group": seq_len,
+                        "moe_op": encoder_op},
             "decoder_init": {"file": "decoder_init.onnx", "inputs": inputs,
-                             "outputs": ["logits", *present, *cross], "tokens_per_group": 1},
+                             "outputs": ["logits", *present, *cross], "tokens_per_group": 1,
+                             "moe_op": init_op},
             "decoder": {"file": "decoder.onnx", "inputs": inputs + past + cross,
-                        "outputs": ["logits", *present], "tokens_per_group": 1},
+                        "outputs": ["logits", *present], "tokens_per_group": 1,
+                        "moe_op": decoder_op},
         },
     }
 

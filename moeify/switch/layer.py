@@ -284,6 +284,10 @@ class SwitchFFN(nn.Module):
                                     record=not _is_exporting(hidden_states))
             return y.reshape_as(hidden_states).to(hidden_states.dtype)
         routing = self.route(x, capacity, valid=valid)
+        ort_experts = getattr(self, "ort_experts", None)
+        if ort_experts is not None and _is_exporting(hidden_states):
+            y = self._ort_experts(ort_experts, x, routing, sizes)
+            return y.reshape_as(hidden_states).to(hidden_states.dtype)
         assignments = None if tracing else sort_by_expert(routing, sizes)
         if assignments is None or self._use_padded(x, assignments, sizes):
             dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
@@ -300,6 +304,18 @@ class SwitchFFN(nn.Module):
             counts = None if assignments is None else assignments.counts
             self.last_routing = self._record(routing, counts, sizes.expert_capacity)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
+
+    def _ort_experts(self, ort_experts: nn.Module, x: Tensor, routing: Routing,
+                     sizes: Sizes) -> Tensor:
+        """The experts as ONNX Runtime's MoE operator, for an export with
+        ``moe_op="ort"`` (`moeify.onnx.moe_op`): every token through its routed experts,
+        then the capacity and padding applied as the ``kept`` mask."""
+        y = ort_experts(x.flatten(0, 1), routing.router_logits.flatten(0, 1))  # [G*T, d]
+        y = y.unflatten(0, x.shape[:2])
+        if routing.valid is not None or sizes.expert_capacity < sizes.tokens_per_group:
+            # top-1: the one choice; top-2 reaches here only where nothing can drop
+            y = y * routing.kept.any(dim=-1, keepdim=True).to(y.dtype)
+        return y
 
     def _expert_choice(self, x: Tensor, sizes: Sizes, capacity: int | Tensor,
                        valid: Tensor | None, *, tracing: bool, record: bool) -> Tensor:

@@ -1,0 +1,242 @@
+"""Expert layers as ONNX Runtime's ``com.microsoft.MoE`` operator (``moe_op="ort"``).
+
+The default export (``moe_op="static"``) writes each Switch layer in standard ONNX ops
+over static ``[E, G*C, d]`` expert buffers: every expert runs on all its C slots, used
+or not. ONNX Runtime's contrib operator ``com.microsoft.MoE`` (CPU kernel since 1.22;
+checked against 1.32) instead groups the tokens by expert and runs each expert on the
+rows routed to it only, so a decode step with one token per sequence reads one
+expert's weights per token, not E.
+
+The operator has no capacity: it routes every token. moeify keeps its function exact
+around it:
+
+- the router, the routing and the capacity stay in the graph as in the static form
+  (float32 logits, slot positions, ``kept``); the operator receives the same float32
+  logits and computes the same softmax gate: top-1 ``p * expert(x)``
+  (``normalize_routing_weights=0``), top-2 the pair renormalized
+  (``normalize_routing_weights=1``), a normalized gate ``normalize_routing_weights=1``;
+- its output is multiplied by the ``kept`` mask: a token that overflowed its expert's
+  capacity (or a padding token) gets 0 and the residual carries it, as in the static
+  graph. The operator computes that token's expert output and it is discarded: the
+  work is the tokens', not the buffers' ``E x C`` slots.
+
+Which layers can take the operator (`unsupported` says why not, and those layers keep
+the static form):
+
+| layer | operator form |
+| --- | --- |
+| ReLU, tanh GELU (``gelu_new``), SiLU experts, biases or not | ``relu`` / ``gelu`` / ``silu`` |
+| gated SiLU (Llama's SwiGLU) | ``swiglu`` (interleaved fc1, alpha 1, beta 0, no limit) |
+| exact (erf) GELU, gated GELU / ReLU | none: the operator's gelu is the tanh form |
+| top-2 with capacity < group length | none: one choice of a pair can drop alone |
+| expert choice | none: experts choose tokens |
+
+A graph with the operator runs on ONNX Runtime only (``onnx.checker`` knows no schema
+for the ``com.microsoft`` domain and skips the node); the expert weights are stored in
+the operator's layout (``fc1 [E, f, d]``, ``fc2 [E, d, f]``; SwiGLU's fc1 ``[E, 2f, d]``
+with gate and linear rows interleaved), ties between equal router probabilities may
+break differently from PyTorch's argmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.config import Activation, Gate, RouterKind
+from moeify.errors import MoEError
+
+MOE_OPS = ("static", "ort")
+DOMAIN = "com.microsoft"
+OP = f"{DOMAIN}.MoE"
+
+# the operator's activation_type for an (activation, gated) expert
+_ACTIVATION_TYPES = {
+    (Activation.RELU, False): "relu",
+    (Activation.GELU_TANH, False): "gelu",  # ORT: 0.5x(1 + tanh(0.79788(x + 0.044715x^3)))
+    (Activation.SILU, False): "silu",
+    (Activation.SILU, True): "swiglu",
+}
+
+
+def check_moe_op(moe_op: str) -> None:
+    """Refuse an unknown ``--moe-op`` before any work."""
+    if moe_op not in MOE_OPS:
+        raise MoEError(f"--moe-op {moe_op!r} is not one of {', '.join(MOE_OPS)}")
+
+
+def unsupported(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a SwitchFFN declared for its group length) cannot be exported as
+    the operator, or None when it can."""
+    config, experts = layer.config, layer.experts
+    if config.router == RouterKind.EXPERT_CHOICE:
+        return "expert-choice routing (the operator routes tokens to experts)"
+    if (experts.activation, experts.gated) not in _ACTIVATION_TYPES:
+        if experts.activation == Activation.GELU and not experts.gated:
+            return "exact (erf) GELU experts: the operator's gelu is the tanh approximation"
+        kind = f"gated {experts.activation.value}" if experts.gated else experts.activation.value
+        return f"{kind} experts: the operator's only gated form is SwiGLU (gated SiLU)"
+    tokens = layer.tokens_per_group
+    if config.top_k == 2 and config.capacity(tokens, training=False) < tokens:
+        return (f"top-2 routing with capacity {config.capacity(tokens, training=False)} < "
+                f"{tokens} tokens per group: one choice of a pair can drop without the "
+                "other, which the operator cannot express")
+    return None
+
+
+@torch.library.custom_op("moeify::ort_moe", mutates_args=())
+def ort_moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc1_bias: Optional[Tensor],
+            fc2: Tensor, fc2_bias: Optional[Tensor], k: int, activation: str,
+            normalize: bool) -> Tensor:
+    """``com.microsoft.MoE`` in PyTorch: x ``[N, d]``, router_logits ``[N, E]`` ->
+    ``[N, d]``, every token routed to its top-k experts by softmax probability.
+
+    The eager body is the operator's reference (the export replaces the call by the
+    node, see `_translate`); tests compare it with ONNX Runtime's kernel.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, index = probs.topk(k, dim=-1)  # [N, k]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    y = torch.zeros_like(x)
+    for j in range(k):
+        e = index[:, j]
+        h = torch.einsum("nd,nfd->nf", x, fc1[e])
+        if fc1_bias is not None:
+            h = h + fc1_bias[e]
+        if activation == "swiglu":
+            h = F.silu(h[:, 0::2]) * h[:, 1::2]
+        elif activation == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = {"relu": F.relu, "silu": F.silu}[activation](h)
+        out = torch.einsum("nf,ndf->nd", h, fc2[e])
+        if fc2_bias is not None:
+            out = out + fc2_bias[e]
+        y = y + weights[:, j:j + 1].to(x.dtype) * out
+    return y
+
+
+@ort_moe.register_fake
+def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, activation, normalize):
+    return torch.empty_like(x)
+
+
+def _schema():
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attribute = OpSchema.Attribute
+    return OpSchema(
+        "MoE", DOMAIN, 1,
+        inputs=[param("input", "T"), param("router_probs", "T"),
+                param("fc1_experts_weights", "T"),
+                param("fc1_experts_bias", "T", param_option=optional),
+                param("fc2_experts_weights", "T"),
+                param("fc2_experts_bias", "T", param_option=optional)],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float types")],
+        attributes=[attribute("k", OpSchema.AttrType.INT, ""),
+                    attribute("activation_type", OpSchema.AttrType.STRING, ""),
+                    attribute("normalize_routing_weights", OpSchema.AttrType.INT, ""),
+                    attribute("swiglu_fusion", OpSchema.AttrType.INT, ""),
+                    attribute("activation_alpha", OpSchema.AttrType.FLOAT, ""),
+                    attribute("activation_beta", OpSchema.AttrType.FLOAT, "")],
+    )
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: `ort_moe` -> the node."""
+    import onnxscript
+
+    moe = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "MoE", _schema())
+
+    def translate(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, activation: str,
+                  normalize: bool):
+        extra = {}
+        if activation == "swiglu":  # interleaved gate/linear rows, silu(g) * l
+            extra = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+        return moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k=k,
+                   activation_type=activation, normalize_routing_weights=int(normalize),
+                   **extra)
+
+    return {torch.ops.moeify.ort_moe.default: translate}
+
+
+class OrtExperts(nn.Module):
+    """A layer's experts in the operator's layout, attached to the layer for an export:
+    ``forward(x [N, d], router_logits [N, E])`` is the gated sum of the routed experts'
+    outputs (no capacity; the layer applies it)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        experts, config = layer.experts, layer.config
+        self.activation = _ACTIVATION_TYPES[(experts.activation, experts.gated)]
+        self.k = config.top_k
+        self.normalize = config.top_k == 2 or config.gate == Gate.NORMALIZED
+        with torch.no_grad():
+            w_in, b_in = experts.w_in.detach(), experts.b_in
+            if experts.gated:  # rows 2i, 2i+1 = gate column i, linear column i
+                w_in = torch.stack([experts.w_gate.detach(), w_in], dim=-1).flatten(-2)
+                if b_in is not None:
+                    b_in = torch.stack([experts.b_gate.detach(), b_in.detach()], -1).flatten(-2)
+            self.register_buffer("fc1", w_in.transpose(1, 2).contiguous())  # [E, f, d]
+            self.register_buffer("fc2", experts.w_out.detach().transpose(1, 2).contiguous())
+            self.register_buffer("fc1_bias", None if b_in is None else b_in.detach().clone())
+            b_out = experts.b_out
+            self.register_buffer("fc2_bias", None if b_out is None else b_out.detach().clone())
+
+    def forward(self, x: Tensor, router_logits: Tensor) -> Tensor:
+        return torch.ops.moeify.ort_moe(x, router_logits.to(x.dtype), self.fc1, self.fc1_bias,
+                                        self.fc2, self.fc2_bias, self.k, self.activation,
+                                        self.normalize)
+
+
+@contextlib.contextmanager
+def ort_experts(layers: list[tuple[str, nn.Module]], moe_op: str, *,
+                refuse_none: bool = True) -> Iterator[dict[str, str]]:
+    """Inside the block, each layer of ``layers`` (name, SwitchFFN; declared for the
+    graph's group length) that the operator can express computes its experts with it
+    when exported. Yields ``{layer name: reason}`` for the layers that keep the static
+    form (all of them for ``moe_op="static"``). With ``refuse_none``, ``"ort"`` is
+    refused (`MoEError`, naming the reasons) when no layer can take the operator."""
+    check_moe_op(moe_op)
+    static = {name: "--moe-op static" for name, _ in layers}
+    attached = []
+    try:
+        if moe_op == "ort":
+            static = {}
+            for name, layer in layers:
+                reason = unsupported(layer)
+                if reason is not None:
+                    static[name] = reason
+                    continue
+                layer.ort_experts = OrtExperts(layer)
+                attached.append(layer)
+            if refuse_none and layers and not attached:
+                refuse_static(static.values())
+        yield static
+    finally:
+        for layer in attached:
+            del layer.ort_experts
+
+
+def refuse_static(reasons) -> None:
+    """The `MoEError` of ``--moe-op ort`` where no expert layer can take the operator."""
+    raise MoEError(f"--moe-op ort: no expert layer can be written as {OP} "
+                   f"({'; '.join(sorted(set(reasons)))}): export with --moe-op static")
+
+
+def describe(layers: list[tuple[str, nn.Module]], static: dict[str, str]) -> str:
+    """The ``moe_op`` metadata line: which layers use the operator, and why others not."""
+    fused = len(layers) - len(static)
+    reasons = "; ".join(sorted(set(static.values()) - {"--moe-op static"}))
+    if not fused:
+        return f"static: {reasons}" if reasons else "static"
+    line = f"{OP} in {fused} of {len(layers)} expert layers"
+    return line + (f"; static elsewhere: {reasons}" if reasons else "")
