@@ -339,8 +339,13 @@ def test_bench_onnx_variants_report_latency_bytes_and_similarity():
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "seq 32, 8 experts, eval capacity factor 2.0; medians of 1 interleaved" in out
-    (main,) = table_rows(out, r"\d+")
+    main, bound = table_rows(out, r"\d+")  # the main table's row, the dense bound's row
     base_ms = float(main[2])  # ORT MoE ms: the float32 MoE graph every variant is timed against
+    # the optimized dense graph, timed in the same loop: its ratios as printed
+    eager, dense, optimized = float(bound[1]), float(bound[2]), float(bound[3])
+    assert eager == float(main[1]) and dense == float(main[3]) and optimized > 0
+    assert ratio_printed(float(bound[4]), optimized, dense, inputs=1)
+    assert ratio_printed(float(bound[5]), optimized, eager, inputs=1)
     labels = {"optimized", "int4 experts", "int8 experts", "optimized + int4 experts",
               "optimized + int8 experts"}
     rows = table_rows(out, r"ORT MoE|optimized|(optimized \+ )?int[48] experts")
