@@ -9,7 +9,8 @@ form, interleaved, on the same threads; reported: median tokens/s (batch x new t
 wall time) and the ratio ORT / HF, plus whether the greedy tokens agree. Target: ORT >=
 1.5x HF. ``--moe-op``: the graphs' expert layers, ``static`` (fixed-capacity buffers)
 and/or ``ort`` (ONNX Runtime's ``com.microsoft.MoE``, see `moeify.onnx.moe_op`); both
-by default, each exported and timed.
+by default, each exported and timed. ``--dropless``: the model converted with dropless
+routing, where the static prefill graph gives every expert a slot for every token.
 
     python benchmarks/bench_generation.py [--batches 1 4] [--prompt 64] [--new 64]
                                           [--moe-op static ort] [--quantize int4 int8]
@@ -50,6 +51,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=None,
                         help="override the preset's layer count (smoke runs)")
+    parser.add_argument("--dropless", action="store_true",
+                        help="convert with dropless routing (the static graphs then give "
+                             "every expert a slot per token of a group)")
     parser.add_argument("--moe-op", nargs="+", choices=["static", "ort"],
                         default=["static", "ort"],
                         help="expert layers of the graphs timed: static capacity buffers, "
@@ -69,13 +73,14 @@ def main() -> int:
     if args.layers is not None:
         config.num_hidden_layers = args.layers
     model = build_hf(model_class, config)
-    moeify.convert(model, moeify.MoEConfig(num_experts=args.experts))
+    moeify.convert(model, moeify.MoEConfig(num_experts=args.experts, dropless=args.dropless))
     model.generation_config.eos_token_id = None  # every run makes --new tokens
     model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {THREADS} threads; {args.preset} "
-          f"({config.num_hidden_layers} layers) -> {args.experts} experts, {params / 1e6:.0f}M "
+          f"({config.num_hidden_layers} layers) -> {args.experts} experts"
+          f"{' (dropless)' if args.dropless else ''}, {params / 1e6:.0f}M "
           f"parameters; prompt {args.prompt}, {args.new} new tokens, greedy; {args.repeats} "
           f"interleaved repeats; load average {load[0]:.2f}")
     rows = []
