@@ -57,7 +57,9 @@ from moeify.onnx.moe_op import (
 )
 from moeify.onnx.export import (
     DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
     _check_written,
+    _graph_bytes,
     _quiet,
     _save_ir,
     _widened,
@@ -178,11 +180,13 @@ def _declare(layers: list[tuple[str, nn.Module]], tokens: int) -> None:
 
 def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs: list[str],
                   dynamic: dict[str, Any], path: Path, opset: int, tokens: int,
-                  layers: list[tuple[str, nn.Module]], moe_op: str) -> str:
+                  layers: list[tuple[str, nn.Module]], moe_op: str,
+                  external_data: bool | None) -> str:
     """Export one graph to ``path`` with its ``metadata_props`` (as `export_onnx` writes
     them, for the group length ``tokens`` this graph routes) and check it. ``layers``:
     the Switch layers this graph runs, declared for ``tokens``. Returns the graph's
-    ``moe_op`` line (`moeify.onnx.moe_op.describe`)."""
+    ``moe_op`` line (`moeify.onnx.moe_op.describe`). Weights go to ``<file>.data`` beside
+    it when ``external_data`` is true, or by default when the graph is over 2 GB."""
     import onnx
 
     with torch.no_grad(), ort_experts(layers, moe_op, refuse_none=False) as static:
@@ -191,8 +195,10 @@ def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs
                                     dynamic_shapes=dynamic, verbose=False, optimize=True,
                                     custom_translation_table=translation_table())
     kind = describe(layers, static)
-    _save_ir(program.model, path, None)
-    proto = onnx.load(str(path))
+    large = (_graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None
+             else external_data)
+    _save_ir(program.model, path, f"{path.name}.data" if large else None)
+    proto = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
     conversion = conversion_of(wrapper.model)
     metadata = {"moeify_version": __version__, "inputs": ",".join(inputs),
                 "moeify_converted": "true" if conversion is not None else "false",
@@ -226,6 +232,7 @@ def export_generation(
     quantize: str | None = None,
     quantize_all: bool = False,
     moe_op: str = "static",
+    external_data: bool | None = None,
 ) -> dict[str, Any]:
     """Export a (converted) generator to the directory ``out``; returns the manifest.
 
@@ -241,7 +248,9 @@ def export_generation(
     manifest's ``postprocess`` says what each did. ``moe_op="ort"``: the expert layers
     that `moeify.onnx.moe_op` can express become ONNX Runtime's ``com.microsoft.MoE``
     node, in every graph (a decode step then reads only its tokens' experts); each
-    graph's ``moe_op`` entry in the manifest says which layers.
+    graph's ``moe_op`` entry in the manifest says which layers. ``external_data``: each
+    graph's weights in ``<file>.data`` beside it (ONNX external data); by default only
+    for a graph over 2 GB, which protobuf cannot hold in one file.
     """
     from moeify.checkpoint import load
     from moeify.onnx.postprocess import check_postprocess_args
@@ -277,11 +286,13 @@ def export_generation(
     with declarations_restored(model), _widened(model), _quiet():
         with atomic_directory(out, force=force, what="--onnx") as tmp:
             if own == "text-generation":
-                graphs = _export_causal(model, layers, tmp, seq_len, opset, moe_op)
+                graphs = _export_causal(model, layers, tmp, seq_len, opset,
+                                        (moe_op, external_data))
             else:
                 encoder = [(n, l) for n, l in layers if n.startswith("encoder.")]
                 decoder = [(n, l) for n, l in layers if not n.startswith("encoder.")]
-                graphs = _export_seq2seq(model, encoder, decoder, tmp, seq_len, opset, moe_op)
+                graphs = _export_seq2seq(model, encoder, decoder, tmp, seq_len, opset,
+                                         (moe_op, external_data))
             if moe_op == "ort" and all(g["moe_op"].startswith("static")
                                        for g in graphs["graphs"].values()):
                 refuse_static(filter(None, (unsupported(layer) for _, layer in layers)))
@@ -322,7 +333,8 @@ def _prompt(model: nn.Module, batch: int, seq_len: int, left: bool):
 
 
 def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int,
-                   moe_op: str) -> dict[str, Any]:
+                   options: tuple[str, bool | None]) -> dict[str, Any]:
+    """``options``: (moe_op, external_data) for `_export_graph`."""
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     past_len = torch.export.Dim("past", min=1, max=2**16)
@@ -334,7 +346,7 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int,
     axes = {name: {0: batch} for name in inputs}
     prefill_op = _export_graph(_CausalLM(model, False), (ids, mask, positions), inputs,
                                outputs, _dims(inputs, axes), tmp / "prefill.onnx", opset,
-                               seq_len, layers, moe_op)
+                               seq_len, layers, *options)
     with torch.no_grad():
         first = _CausalLM(model, False)(ids, mask, positions)
     past = first[1:]
@@ -347,7 +359,7 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int,
     axes["attention_mask"] = {0: batch, 1: past_len + 1}
     decode_op = _export_graph(_CausalLM(model, True), (step, step_mask, step_positions, *past),
                               inputs + past_names, outputs, _dims(inputs + past_names, axes),
-                              tmp / "decode.onnx", opset, 1, layers, moe_op)
+                              tmp / "decode.onnx", opset, 1, layers, *options)
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
     return {
         "layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -361,7 +373,8 @@ def _export_causal(model, layers, tmp: Path, seq_len: int, opset: int,
 
 
 def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: int,
-                    opset: int, moe_op: str) -> dict[str, Any]:
+                    opset: int, options: tuple[str, bool | None]) -> dict[str, Any]:
+    """``options``: (moe_op, external_data) for `_export_graph`."""
     num_layers = model.config.num_decoder_layers
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     past_len = torch.export.Dim("past", min=1, max=2**16)
@@ -371,7 +384,7 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     encoder_op = _export_graph(_Encoder(model), (ids, mask), encoder_inputs,
                                ["encoder_hidden_states"],
                                {name: {0: batch} for name in encoder_inputs},
-                               tmp / "encoder.onnx", opset, seq_len, encoder_layers, moe_op)
+                               tmp / "encoder.onnx", opset, seq_len, encoder_layers, *options)
     with torch.no_grad():
         states = _Encoder(model)(ids, mask)
     start = torch.full((2, 1), model.config.decoder_start_token_id, dtype=torch.long)
@@ -381,7 +394,7 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
     axes: dict[str, dict[int, Any]] = {name: {0: batch} for name in inputs}
     init_op = _export_graph(_Seq2SeqDecoder(model, False), (start, states, mask), inputs,
                             ["logits", *present, *cross], _dims(inputs, axes),
-                            tmp / "decoder_init.onnx", opset, 1, decoder_layers, moe_op)
+                            tmp / "decoder_init.onnx", opset, 1, decoder_layers, *options)
     with torch.no_grad():
         first = _Seq2SeqDecoder(model, False)(start, states, mask)
     own, cross_kv = first[1: 1 + 2 * num_layers], first[1 + 2 * num_layers:]
@@ -392,7 +405,7 @@ def _export_seq2seq(model, encoder_layers, decoder_layers, tmp: Path, seq_len: i
                                                               *cross_kv),
                                inputs + past + cross, ["logits", *present],
                                _dims(inputs + past + cross, axes), tmp / "decoder.onnx", opset,
-                               1, decoder_layers, moe_op)
+                               1, decoder_layers, *options)
     return {
         "layers": num_layers, "kv_heads": own[0].shape[1], "head_dim": own[0].shape[3],
         "graphs": {

@@ -213,3 +213,26 @@ def test_bench_generation_reports_tokens_per_second_and_agreement():
     assert 0 < float(cells[2]) < 1  # the quantized graphs are smaller
     assert float(cells[3]) > 0
     assert 0 <= float(cells[5].rstrip("%")) <= 100
+
+
+def test_graphs_with_external_data_generate_and_stay_external(tmp_path):
+    # what a graph over 2 GB gets by default (protobuf's limit), forced on a tiny model;
+    # --optimize rewrites each graph and keeps its weights beside it
+    import onnx
+
+    torch.manual_seed(0)
+    model = models.gpt2(layers=2).eval()
+    moeify.convert(model, DROPPING)
+    out = tmp_path / "g"
+    export_generation(model, out, seq_len=SEQ, external_data=True, optimize=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decode.onnx", "decode.onnx.data", "generation.json", "prefill.onnx", "prefill.onnx.data"]
+    for graph in ("prefill.onnx", "decode.onnx"):
+        header = onnx.load(str(out / graph), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    ids, mask = padded(PROMPTS, left=True)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                  do_sample=False).numpy()
+    np.testing.assert_array_equal(OnnxGenerator(out).generate(PROMPTS, max_new_tokens=8),
+                                  expected)
