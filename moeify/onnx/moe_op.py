@@ -2,10 +2,10 @@
 
 The default export (``moe_op="static"``) writes each Switch layer in standard ONNX ops
 over static ``[E, G*C, d]`` expert buffers: every expert runs on all its C slots, used
-or not. ONNX Runtime's contrib operator ``com.microsoft.MoE`` (CPU kernel since 1.22;
-checked against 1.32) instead groups the tokens by expert and runs each expert on the
-rows routed to it only, so a decode step with one token per sequence reads one
-expert's weights per token, not E.
+or not. ONNX Runtime's contrib operator ``com.microsoft.MoE`` (its CPU kernel, checked
+with onnxruntime 1.32) instead groups the tokens by expert and runs each expert on the
+rows routed to it only, so a decode step with one token per sequence reads one expert's
+weights per token, not E.
 
 The operator has no capacity: it routes every token. moeify keeps its function exact
 around it:
