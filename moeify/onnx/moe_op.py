@@ -74,6 +74,9 @@ def unsupported(layer: nn.Module) -> str | None:
     """Why ``layer`` (a SwitchFFN declared for its group length) cannot be exported as
     the operator, or None when it can."""
     config, experts = layer.config, layer.experts
+    if experts.w_in.dtype != torch.float32:  # bf16 / fp16 are widened for the export
+        return (f"{str(experts.w_in.dtype).removeprefix('torch.')} experts: the operator "
+                "computes in float32 (or float16)")
     if config.router == RouterKind.EXPERT_CHOICE:
         return "expert-choice routing (the operator routes tokens to experts)"
     if (experts.activation, experts.gated) not in _ACTIVATION_TYPES:

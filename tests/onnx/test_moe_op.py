@@ -160,6 +160,8 @@ def test_refusals_name_the_reason_and_write_nothing(tmp_path):
     with pytest.raises(moeify.MoEError, match="--moe-op static to shard"):
         moeify.export_onnx(gpt2, tmp_path / "g.onnx", seq_len=SEQ, moe_op="ort",
                            shard_experts=2)
+    with pytest.raises(moeify.MoEError, match="float64 experts: the operator computes in float32"):
+        moeify.export_onnx(gpt2.double(), tmp_path / "g.onnx", seq_len=SEQ, moe_op="ort")
     ec = models.t5(layers=2)
     moeify.convert(ec, MoEConfig(num_experts=4, router="expert-choice"), seq_len=SEQ)
     metadata = moeify.export_onnx(ec, tmp_path / "ec.onnx", seq_len=SEQ, moe_op="ort")
