@@ -174,6 +174,14 @@ def _graph_bytes(program) -> int:
                if v.const_value is not None)
 
 
+def external_data_name(program, path: Path, external_data: bool | None) -> str | None:
+    """The external data file for the graph ``program`` saved at ``path``
+    (``<name>.data``), or None: when ``external_data`` says so, by default when the graph
+    is over the 2 GB protobuf can hold."""
+    large = _graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    return f"{path.name}.data" if large else None
+
+
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -460,7 +468,7 @@ def export_onnx(
         with _quiet():
             program.optimize()
     c = conversion.config if conversion is not None else None
-    large = _graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    data = external_data_name(program, path, external_data)
     metadata = {
         "moeify_version": __version__,
         "moeify_converted": "true" if c is not None else "false",
@@ -468,7 +476,7 @@ def export_onnx(
         "batch_size": "dynamic" if batch_size is None else str(batch_size),
         "exporter": exporter_name(opset),
         "inputs": ",".join(wrapper.inputs),
-        "external_data": f"{path.name}.data" if large else "none",
+        "external_data": data or "none",
         "dtype": graph_dtype,
     }
     if c is not None:
@@ -478,8 +486,7 @@ def export_onnx(
     # (external data first, the graph last) when the block succeeds (`moeify.fs`)
     with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:
         staged = Path(tmp) / path.name
-        data = f"{path.name}.data"
-        _save_ir(program.model, staged, data if large else None)
+        _save_ir(program.model, staged, data)
         metadata["source_dtype"] = _source_dtype(model, stored)  # stored: read while saved
         # metadata and sharding go onto the graph proto; external weights stay on disk
         proto = onnx.load(str(staged), load_external_data=False)

@@ -57,9 +57,7 @@ from moeify.onnx.moe_op import (
 )
 from moeify.onnx.export import (
     DEFAULT_OPSET,
-    EXTERNAL_DATA_BYTES,
     _check_written,
-    _graph_bytes,
     _quiet,
     _save_ir,
     _widened,
@@ -67,6 +65,7 @@ from moeify.onnx.export import (
     check_moe_op_args,
     declarations_restored,
     exporter_name,
+    external_data_name,
     is_causal_lm,
     max_positions,
     routing_metadata,
@@ -195,9 +194,7 @@ def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs
                                     dynamic_shapes=dynamic, verbose=False, optimize=True,
                                     custom_translation_table=translation_table())
     kind = describe(layers, static)
-    large = (_graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None
-             else external_data)
-    _save_ir(program.model, path, f"{path.name}.data" if large else None)
+    _save_ir(program.model, path, external_data_name(program, path, external_data))
     proto = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
     conversion = conversion_of(wrapper.model)
     metadata = {"moeify_version": __version__, "inputs": ",".join(inputs),

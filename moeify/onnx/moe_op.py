@@ -41,6 +41,7 @@ break differently from PyTorch's argmax.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Optional
 
@@ -153,6 +154,7 @@ def _schema():
     )
 
 
+@functools.cache
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: `ort_moe` -> the node."""
     import onnxscript

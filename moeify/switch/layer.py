@@ -284,7 +284,7 @@ class SwitchFFN(nn.Module):
                                     record=not _is_exporting(hidden_states))
             return y.reshape_as(hidden_states).to(hidden_states.dtype)
         routing = self.route(x, capacity, valid=valid)
-        ort_experts = getattr(self, "ort_experts", None)
+        ort_experts = self._modules.get("ort_experts")  # attached by an export only
         if ort_experts is not None and _is_exporting(hidden_states):
             y = self._ort_experts(ort_experts, x, routing, sizes)
             return y.reshape_as(hidden_states).to(hidden_states.dtype)
