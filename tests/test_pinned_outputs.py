@@ -1,0 +1,125 @@
+"""The bytes moeify writes for a few fixed conversions, pinned by digest.
+
+Refactors must not change what a user gets on disk: checkpoints, HF-native outputs and ONNX
+graphs of these seeded tiny models hash to the values below. A change that alters an output
+on purpose updates the digest here in the same commit and says why.
+
+``MOEIFY_PRINT_DIGESTS=1 pytest tests/test_pinned_outputs.py -s`` prints the current digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from moeify.cli import main
+from tests import models
+
+SEQ = "8"
+
+# name: (source factory, the CLI commands run on it; "{src}", "{out}" filled in)
+CASES = {
+    "t5-torch": (models.t5, [["convert", "{src}", "--experts", "4", "--noise", "0.1",
+                              "--out", "{out}/ckpt"]]),
+    "t5-switch-transformers": (models.t5, [[
+        "convert", "{src}", "--experts", "4", "--noise", "0.1", "--seq-len", SEQ,
+        "--format", "hf", "--hf-arch", "switch_transformers", "--out", "{out}/hf"]]),
+    "llama-mixtral-top2": (models.llama, [[
+        "convert", "{src}", "--experts", "4", "--top-k", "2", "--noise", "0.1",
+        "--format", "hf", "--hf-arch", "mixtral", "--out", "{out}/hf"]]),
+    "qwen2-qwen2-moe": (models.qwen2, [[
+        "convert", "{src}", "--experts", "4", "--every", "1", "--noise", "0.1",
+        "--format", "hf", "--hf-arch", "qwen2_moe", "--out", "{out}/hf"]]),
+    "llama-granular-torch": (models.llama, [[
+        "convert", "{src}", "--experts", "8", "--top-k", "2", "--granularity", "2",
+        "--out", "{out}/ckpt"]]),
+    "gpt2-onnx": (models.gpt2, [
+        ["convert", "{src}", "--experts", "4", "--noise", "0.1", "--out", "{out}/ckpt"],
+        ["export", "{out}/ckpt", "--onnx", "{out}/static.onnx", "--seq-len", SEQ],
+        ["export", "{out}/ckpt", "--onnx", "{out}/ort.onnx", "--seq-len", SEQ,
+         "--moe-op", "ort"],
+    ]),
+    "bert-onnx": (models.bert, [[
+        "convert", "{src}", "--experts", "4", "--noise", "0.1", "--seq-len", SEQ,
+        "--format", "onnx", "--out", "{out}/model.onnx"]]),
+}
+
+PINNED = {
+    'bert-onnx': {
+        'model.onnx': '924407e8e3525da5',
+    },
+    'gpt2-onnx': {
+        'ckpt/model-00001-of-00001.safetensors': '6084c94be2933dcb',
+        'ckpt/model.safetensors.index.json': '13e1b248a5375acc',
+        'ckpt/moeify.json': '819e97a2c5a63429',
+        'ort.onnx': '8c1b56f9d7cd47c5',
+        'static.onnx': 'bab7362145ed0a05',
+    },
+    'llama-granular-torch': {
+        'ckpt/model-00001-of-00001.safetensors': 'dc17f89e8540641d',
+        'ckpt/model.safetensors.index.json': 'a35191505703f09a',
+        'ckpt/moeify.json': 'c86d831c9c38d464',
+    },
+    'llama-mixtral-top2': {
+        'hf/config.json': '8cb9a84ea0aac870',
+        'hf/generation_config.json': 'f2d764a3f6046977',
+        'hf/model-00001-of-00001.safetensors': 'c8c243460bb76ee9',
+        'hf/model.safetensors.index.json': '9e36f57a32f97706',
+    },
+    'qwen2-qwen2-moe': {
+        'hf/config.json': '70282802daf0a769',
+        'hf/generation_config.json': 'f2d764a3f6046977',
+        'hf/model-00001-of-00001.safetensors': 'aba08329c3808c15',
+        'hf/model.safetensors.index.json': 'fefbe5ae194f0ad7',
+    },
+    't5-switch-transformers': {
+        'hf/config.json': 'bc61ac70c4911b6a',
+        'hf/generation_config.json': '4d2d3dea684681a4',
+        'hf/model.safetensors': 'c5e133c49e0835c0',
+    },
+    't5-torch': {
+        'ckpt/model-00001-of-00001.safetensors': 'a164e5fafdc272a3',
+        'ckpt/model.safetensors.index.json': '45c320e959c6e721',
+        'ckpt/moeify.json': '9be31230b4cb0957',
+    },
+}
+
+
+def _run(args: list[str]) -> None:
+    with mock.patch.object(sys, "argv", ["moeify", *args]):
+        with pytest.raises(SystemExit) as stop:
+            main()
+    assert stop.value.code in (0, None), f"moeify {' '.join(args)} exited {stop.value.code}"
+
+
+def _digests(out: Path, src: Path) -> dict[str, str]:
+    """sha256 of every file under ``out``; text files with the source path replaced, so
+    the digest does not depend on where the test ran."""
+    digests = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix in (".json", ".txt"):
+            data = data.replace(str(src).encode(), b"<SRC>")
+        digests[str(path.relative_to(out))] = hashlib.sha256(data).hexdigest()[:16]
+    return digests
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_bytes_are_pinned(case, tmp_path):
+    factory, commands = CASES[case]
+    torch.manual_seed(0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    factory(layers=2).save_pretrained(src)
+    out.mkdir()
+    for command in commands:
+        _run([arg.format(src=src, out=out) for arg in command])
+    digests = _digests(out, src)
+    if os.environ.get("MOEIFY_PRINT_DIGESTS"):
+        print(f"\n    {case!r}: {digests!r},")
+    assert digests == PINNED[case]
