@@ -122,7 +122,7 @@ def train(args: argparse.Namespace, backend: str) -> None:
         dist.all_reduce(loss)
         if rank == 0:
             stats = moeify.routing_stats(model)[0]
-            sent = layers[0][1].last_exchange.remote_bytes_sent
+            sent = layers[0][1].dispatcher.last_exchange.remote_bytes_sent
             print(f"step {step:3d}  loss {loss.item() / world:.3f}  aux {aux.item():.4f}  "
                   f"tokens/expert {list(stats.tokens_per_expert)}  dropped "
                   f"{stats.dropped_fraction:.2f}  sent {sent / 1024:.0f} KiB", flush=True)

@@ -120,7 +120,6 @@ def set_expert_dropout(model: nn.Module, rate: float) -> None:
     if not layers:
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
     for _, layer in layers:
-        layer.experts.dropout = rate
         layer.config = layer.config.replace(expert_dropout=rate)
     plan = conversion_of(model)
     if plan is not None:

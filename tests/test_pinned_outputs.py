@@ -59,7 +59,7 @@ PINNED = {
         'ckpt/model-00001-of-00001.safetensors': '6084c94be2933dcb',
         'ckpt/model.safetensors.index.json': '13e1b248a5375acc',
         'ckpt/moeify.json': '819e97a2c5a63429',
-        'ort.onnx': 'da08a8eaba8521ed',
+        'ort.onnx': '36a68ee83fbd4459',
         'static.onnx': '79b92a413d19847e',
     },
     'llama-granular-torch': {

@@ -22,7 +22,7 @@ def declared_gpt2(config: MoEConfig = MoEConfig(num_experts=4)):
 def test_a_declared_model_refuses_generate_until_switched_to_per_call_capacity():
     model = declared_gpt2()
     prompt = torch.randint(2, models.VOCAB, (1, 4))
-    with pytest.raises(ValueError, match="built for sequences of 12 tokens"):
+    with pytest.raises(moeify.MoEError, match="built for sequences of 12 tokens"):
         model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False)
     moeify.set_seq_len(model, None)
     assert all(layer.tokens_per_group is None and layer.expert_capacity is None
@@ -43,7 +43,7 @@ def test_declaring_another_length_updates_layers_plan_and_checkpoint(tmp_path):
     x = torch.randint(2, models.VOCAB, (2, 8))
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    with pytest.raises(ValueError, match="built for sequences of 8 tokens"):
+    with pytest.raises(moeify.MoEError, match="built for sequences of 8 tokens"):
         model(input_ids=torch.randint(2, models.VOCAB, (2, SEQ)))
     plan = moeify.conversion_of(model)
     assert plan.seq_len == 8 and plan.capacity(training=False) == config.capacity(8, training=False)

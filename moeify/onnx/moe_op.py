@@ -50,9 +50,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.config import Activation, Gate, RouterKind
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
+from moeify.switch.dispatch import Sizes
+from moeify.switch.dispatchers import Dispatcher
+from moeify.switch.layer import is_exporting
+from moeify.switch.routing import Routing
 
 MOE_OPS = ("static", "ort")
+MOE_OP = Param("moe_op")  # ``moe_op='ort'`` in Python, ``--moe-op ort`` on the command line
+# the reason of every layer when the static form is asked for (not shown in the metadata)
+_ASKED = "the static form was asked for"
 DOMAIN = "com.microsoft"
 OP = f"{DOMAIN}.MoE"
 
@@ -66,9 +73,10 @@ _ACTIVATION_TYPES = {
 
 
 def check_moe_op(moe_op: str) -> None:
-    """Refuse an unknown ``--moe-op`` before any work."""
+    """Refuse an unknown ``moe_op`` before any work."""
     if moe_op not in MOE_OPS:
-        raise MoEError(f"--moe-op {moe_op!r} is not one of {', '.join(MOE_OPS)}")
+        raise MoEError("{moe_op!r} is not one of {ops}", moe_op=MOE_OP.given(moe_op),
+                       ops=", ".join(MOE_OPS))
 
 
 def unsupported(layer: nn.Module) -> str | None:
@@ -101,7 +109,7 @@ def ort_moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc1_bias: Optional[Te
     ``[N, d]``, every token routed to its top-k experts by softmax probability.
 
     The eager body is the operator's reference (the export replaces the call by the
-    node, see `_translate`); tests compare it with ONNX Runtime's kernel.
+    node, see `translation_table`); tests compare it with ONNX Runtime's kernel.
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, index = probs.topk(k, dim=-1)  # [N, k]
@@ -173,14 +181,19 @@ def translation_table() -> dict:
     return {torch.ops.moeify.ort_moe.default: translate}
 
 
-class OrtExperts(nn.Module):
-    """A layer's experts in the operator's layout, attached to the layer for an export:
-    ``forward(x [N, d], router_logits [N, E])`` is the gated sum of the routed experts'
-    outputs (no capacity; the layer applies it)."""
+class OrtDispatcher(Dispatcher):
+    """The dispatcher of a layer exported with ``moe_op="ort"``: every token through its
+    routed experts with the operator (the layer's expert weights copied into its layout,
+    no capacity), then the capacity and padding applied as the ``kept`` mask.
+
+    Outside an export (an eager forward inside `ort_experts`) it runs the layer's own
+    dispatcher, ``fallback``.
+    """
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         experts, config = layer.experts, layer.config
+        self.fallback = layer.dispatcher
         self.activation = _ACTIVATION_TYPES[(experts.activation, experts.gated)]
         self.k = config.top_k
         self.normalize = config.top_k == 2 or config.gate == Gate.NORMALIZED
@@ -196,23 +209,33 @@ class OrtExperts(nn.Module):
             b_out = experts.b_out
             self.register_buffer("fc2_bias", None if b_out is None else b_out.detach().clone())
 
-    def forward(self, x: Tensor, router_logits: Tensor) -> Tensor:
-        return torch.ops.moeify.ort_moe(x, router_logits.to(x.dtype), self.fc1, self.fc1_bias,
-                                        self.fc2, self.fc2_bias, self.k, self.activation,
-                                        self.normalize)
+    def forward(self, x: Tensor, routing: Routing, sizes: Sizes, experts: nn.Module, *,
+                tracing: bool) -> tuple[Tensor, None]:
+        if not is_exporting(x):
+            return self.fallback(x, routing, sizes, experts, tracing=tracing)
+        x_flat = x.flatten(0, 1)  # [G*T, d]
+        router_logits = routing.router_logits.flatten(0, 1).to(x.dtype)  # [G*T, E]
+        y = torch.ops.moeify.ort_moe(x_flat, router_logits, self.fc1, self.fc1_bias, self.fc2,
+                                     self.fc2_bias, self.k, self.activation, self.normalize)
+        y = y.unflatten(0, x.shape[:2])  # [G, T, d]
+        if routing.valid is not None or sizes.expert_capacity < sizes.tokens_per_group:
+            # top-1: the one choice; top-2 reaches here only where nothing can drop
+            y = y * routing.kept.any(dim=-1, keepdim=True).to(y.dtype)
+        return y, None
 
 
 @contextlib.contextmanager
 def ort_experts(layers: list[tuple[str, nn.Module]], moe_op: str, *,
                 refuse_none: bool = True) -> Iterator[dict[str, str]]:
     """Inside the block, each layer of ``layers`` (name, SwitchFFN; declared for the
-    graph's group length) that the operator can express computes its experts with it
-    when exported. Yields ``{layer name: reason}`` for the layers that keep the static
-    form (all of them for ``moe_op="static"``). With ``refuse_none``, ``"ort"`` is
+    graph's group length) that the operator can express dispatches with an
+    `OrtDispatcher`, so an export writes its experts as the operator; its own dispatcher
+    is back afterwards. Yields ``{layer name: reason}`` for the layers that keep the
+    static form (all of them for ``moe_op="static"``). With ``refuse_none``, ``"ort"`` is
     refused (`MoEError`, naming the reasons) when no layer can take the operator."""
     check_moe_op(moe_op)
-    static = {name: "--moe-op static" for name, _ in layers}
-    attached = []
+    static = {name: _ASKED for name, _ in layers}
+    swapped = []
     try:
         if moe_op == "ort":
             static = {}
@@ -221,26 +244,27 @@ def ort_experts(layers: list[tuple[str, nn.Module]], moe_op: str, *,
                 if reason is not None:
                     static[name] = reason
                     continue
-                layer.ort_experts = OrtExperts(layer)
-                attached.append(layer)
-            if refuse_none and layers and not attached:
+                layer.dispatcher = OrtDispatcher(layer)
+                swapped.append(layer)
+            if refuse_none and layers and not swapped:
                 refuse_static(static.values())
         yield static
     finally:
-        for layer in attached:
-            del layer.ort_experts
+        for layer in swapped:
+            layer.dispatcher = layer.dispatcher.fallback
 
 
 def refuse_static(reasons) -> None:
-    """The `MoEError` of ``--moe-op ort`` where no expert layer can take the operator."""
-    raise MoEError(f"--moe-op ort: no expert layer can be written as {OP} "
-                   f"({'; '.join(sorted(set(reasons)))}): export with --moe-op static")
+    """The `MoEError` of ``moe_op="ort"`` where no expert layer can take the operator."""
+    raise MoEError("{ort}: no expert layer can be written as {op} ({reasons}): export with "
+                   "{static}", ort=MOE_OP.given("ort"), op=OP,
+                   reasons="; ".join(sorted(set(reasons))), static=MOE_OP.given("static"))
 
 
 def describe(layers: list[tuple[str, nn.Module]], static: dict[str, str]) -> str:
     """The ``moe_op`` metadata line: which layers use the operator, and why others not."""
     fused = len(layers) - len(static)
-    reasons = "; ".join(sorted(set(static.values()) - {"--moe-op static"}))
+    reasons = "; ".join(sorted(set(static.values()) - {_ASKED}))
     if not fused:
         return f"static: {reasons}" if reasons else "static"
     line = f"{OP} in {fused} of {len(layers)} expert layers"

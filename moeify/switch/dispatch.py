@@ -11,6 +11,8 @@ Two implementations of one function (a test proves they agree):
   experts compute only the occupied slots. Sizes depend on the routing, so this path is
   for eager execution only.
 
+`moeify.switch.dispatchers.LocalDispatcher` runs one of them per forward (`DispatchPath`).
+
 Memory and time are linear in tokens: no ``[T, E, C]`` one-hot tensor is ever built.
 Sizes (E, C, T, k) arrive as Python ints; the number of groups G is never read from a
 shape, only carried by the tensors (so a batch axis can stay dynamic in an export).

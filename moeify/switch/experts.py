@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.config import Activation, Init
+from moeify.errors import MoEError
 
 _ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
     Activation.RELU: F.relu,
@@ -146,7 +147,7 @@ class Experts(nn.Module):
             target = getattr(self, name)
             if (target is None) != (source is None):
                 have = "has" if target is not None else "has no"
-                raise ValueError(f"Experts {have} {name} but the dense FFN does not match")
+                raise MoEError(f"Experts {have} {name} but the dense FFN does not match")
         if init == Init.RANDOM:
             self.reset_parameters(generator)
             return
@@ -161,7 +162,7 @@ class Experts(nn.Module):
             else:
                 source = source.unsqueeze(0).expand(self.num_experts, *source.shape)
             if tuple(source.shape) != tuple(target.shape):
-                raise ValueError(
+                raise MoEError(
                     f"dense {name} gives expert shape {tuple(source.shape)}, "
                     f"expected {tuple(target.shape)}"
                 )
@@ -267,7 +268,7 @@ def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
         return source.unsqueeze(0).expand(num_experts, *source.shape)
     f = source.shape[f_axis]
     if f % num_experts:
-        raise ValueError(
+        raise MoEError(
             f"init='partition' needs the hidden width {f} to divide by num_experts={num_experts}"
         )
     return torch.stack(source.chunk(num_experts, dim=f_axis))

@@ -1,111 +1,48 @@
-"""The Switch layer: thin modules that hold parameters and call the pure functions.
+"""The Switch layer: a router, a dispatcher and the experts, composed.
 
-`Router` holds the router weight, `Experts` the batched expert weights, and `SwitchFFN`
-puts them together as a drop-in replacement for a dense FFN: ``[..., d] -> [..., d]``,
+`SwitchFFN` is a drop-in replacement for a dense FFN: ``[..., d] -> [..., d]``,
 returning 0 for tokens that no expert processed so the surrounding residual carries
-them unchanged.
+them unchanged. It composes three parts, as TorchTitan's and Megatron-Core's MoE layers
+do:
+
+* ``router`` (`moeify.switch.router`): scores, selection, losses and the routing
+  record; a `TokenChoiceRouter` or an `ExpertChoiceRouter` (``MoEConfig.router``);
+* ``dispatcher`` (`moeify.switch.dispatchers`): how the selected tokens reach the
+  experts and come back: capacity-padded or sorted in one process, expert choice's
+  gather and scatter-add, the all-to-all of expert parallelism
+  (`moeify.distributed.AllToAllDispatcher`), ONNX Runtime's MoE operator at export
+  (`moeify.onnx.moe_op.OrtDispatcher`);
+* ``experts`` (`moeify.switch.experts.Experts`): the weights and their grouped compute.
+
+The layer itself owns what is common to every combination: the declared group length
+and the capacity fixed for it, the input checks, the real-token mask, and the record of
+the last forward.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.config import Activation, MoEConfig, RouterKind
-from moeify.switch.dispatch import (
-    Sizes,
-    SortedAssignments,
-    combine_padded,
-    combine_sorted,
-    dispatch_padded,
-    dispatch_sorted,
-    sort_by_expert,
+from moeify.errors import MoEError
+from moeify.switch.dispatch import Sizes
+from moeify.switch.dispatchers import (
+    DispatchPath,
+    Dispatcher,
+    ExpertChoiceDispatcher,
+    LocalDispatcher,
 )
-from moeify.switch.experts import DenseFFNWeights, Experts, matmul_dtype
-from moeify.switch.expert_choice import (
-    ExpertChoiceRouting,
-    combine_expert_choice,
-    dispatch_expert_choice,
-    route_expert_choice,
-    times_chosen,
-)
-from moeify.switch.losses import load_balancing_loss, router_z_loss
-from moeify.switch.router import Router
-from moeify.switch.routing import Routing, group_capacities, route
+from moeify.switch.experts import DenseFFNWeights, Experts
+from moeify.switch.router import ExpertChoiceRouter, Router, RoutingRecord, TokenChoiceRouter
+from moeify.switch.routing import group_capacities
 from moeify.switch.upcycle import upcycled_tensors
 
 
-class DispatchPath(enum.Enum):
-    """How `SwitchFFN` hands tokens to its experts (see `moeify.switch.dispatch`).
-
-    PADDED: static ``[E, G, C, d]`` buffers, empty slots included. Traced, compiled and
-        exported graphs always take it (their shapes must not depend on the routing). In
-        eager mode the expert matmuls are one ``bmm`` per weight where the weights are
-        already in the matmul dtype, else one matmul per expert (see `Experts.forward`).
-    SORTED: only the occupied slots, sorted by expert, one matmul per expert (eager).
-    AUTO: PADDED when traced; in eager mode, after routing, whichever costs less for the
-        rows at hand: PADDED's batched matmul computes every slot, so it is chosen only
-        where ``bmm`` over the padded rows is predicted to beat per-expert matmuls over
-        the occupied rows (`BATCHED_COST`, measured per device type and dtype by
-        ``benchmarks/bench_dispatch.py``).
-    """
-
-    AUTO = "auto"
-    PADDED = "padded"
-    SORTED = "sorted"
-
-
-# Time of one batched matmul (bmm) over R rows per expert relative to E per-expert
-# matmuls over the same rows, per device type and matmul dtype (forward and backward
-# together). AUTO takes PADDED when ``cost * padded_rows < occupied_rows``; a device type
-# or dtype not listed takes the sorted path. Measured with ``benchmarks/bench_dispatch.py``
-# (BENCHMARKS.md, "Dispatch cost"):
-# - this project's 2-core CPU machines: in float32 the two are within the machine's noise
-#   of each other (0.88-1.33 over E 8/64 and 16-256 rows per expert), so padding never
-#   pays; with bfloat16 weights oneDNN's batched matmul runs at 0.76-1.19 of the
-#   per-expert calls (median 0.92), so padding pays only for nearly full buffers.
-# - an NVIDIA H200: one bmm replaces E kernel launches, 0.15-0.8 of the per-expert calls in
-#   float32 (rising with rows per expert) and 0.04-0.26 in bfloat16.
-BATCHED_COST: dict[tuple[str, torch.dtype], float] = {
-    ("cpu", torch.float32): 1.0,
-    ("cpu", torch.float64): 1.0,
-    ("cpu", torch.bfloat16): 0.75,
-    ("cpu", torch.float16): 0.75,
-    ("cuda", torch.float32): 0.7,
-    ("cuda", torch.bfloat16): 0.25,
-    ("cuda", torch.float16): 0.25,
-}
-
-
-class RoutingRecord(NamedTuple):
-    """What one forward of a Switch layer leaves behind for losses and statistics.
-
-    load_balancing_loss: scalar float32 with gradient, unweighted; a constant 0 for an
-                         expert-choice layer (balanced by construction).
-    z_loss:              scalar float32 with gradient, unweighted.
-    tokens_per_expert:   [E] int64, assignments each expert processed (all groups);
-                         expert choice: C per group, fewer in groups with padding.
-    dropped_fraction:    scalar float32, fraction of the real tokens no expert
-                         processed (expert choice: that no expert chose).
-    expert_capacity:     slots per expert and group in that forward.
-    num_tokens:          real tokens in that forward.
-    """
-
-    load_balancing_loss: Tensor
-    z_loss: Tensor
-    tokens_per_expert: Tensor
-    dropped_fraction: Tensor
-    expert_capacity: int
-    num_tokens: int
-
-
 class SwitchFFN(nn.Module):
-    """A Switch Transformer FFN layer: router, E experts, static expert capacity.
+    """A Switch Transformer FFN layer: router, dispatcher, E experts, static capacity.
 
     Built for a declared group length (``config.group_size``, else ``seq_len``: one
     sequence per group), the capacity is a Python int fixed here, never computed from
@@ -121,8 +58,9 @@ class SwitchFFN(nn.Module):
     declared length and refuse an undeclared layer.
 
     With ``config.router == "expert-choice"`` the experts choose their tokens
-    (`moeify.switch.expert_choice`): each expert takes C tokens of every group, computed
-    in the static ``[E, G*C, d]`` buffers (``dispatch_path`` does not apply).
+    (`ExpertChoiceRouter`, `ExpertChoiceDispatcher`): each expert takes C tokens of every
+    group, computed in the static ``[E, G*C, d]`` buffers (``dispatch_path`` does not
+    apply).
 
     After each forward (outside tracing and export), `last_routing` holds the unweighted
     losses and the routing statistics that `moeify.aux_loss` and `moeify.routing_stats`
@@ -143,39 +81,50 @@ class SwitchFFN(nn.Module):
         dtype: torch.dtype | None = None,
         router: Router | None = None,
         experts: Experts | None = None,
+        dispatcher: Dispatcher | None = None,
         source_dropout: float = 0.0,
     ) -> None:
-        """``router`` / ``experts``: modules built elsewhere (the conversion passes) to
-        use instead of allocating fresh ones; their shapes must match.
+        """``router`` / ``experts``: modules built elsewhere to use instead of allocating
+        fresh ones; their shapes must match (``experts`` holds the experts
+        ``dispatcher.local_experts`` names: all E but under expert parallelism).
+        ``dispatcher``: how tokens reach the experts; by default `LocalDispatcher`
+        (token choice) or `ExpertChoiceDispatcher`.
         ``source_dropout``: the dropout rate inside the dense FFN this layer replaces;
         fresh experts use it unless ``config.expert_dropout`` overrides it."""
         super().__init__()
-        self.config = config
+        self._config = config
         self.d_model, self.d_ff = d_model, d_ff
-        self.dispatch_path = DispatchPath.AUTO
+        expert_choice = config.router == RouterKind.EXPERT_CHOICE
+        if dispatcher is None:
+            dispatcher = ExpertChoiceDispatcher() if expert_choice else LocalDispatcher()
+        local = dispatcher.local_experts(config.num_experts)
+        router_class = ExpertChoiceRouter if expert_choice else TokenChoiceRouter
         if router is None:
-            router = Router(
-                d_model,
-                config.num_experts,
-                jitter_eps=config.jitter_eps,
+            options = {} if expert_choice else {"top_k": config.top_k, "gate": config.gate}
+            router = router_class(
+                d_model, config.num_experts, jitter_eps=config.jitter_eps,
                 router_dtype="float64" if dtype == torch.float64 else config.router_dtype,
-                device=device,
+                device=device, **options,
             )
         if experts is None:
             experts = Experts(
-                config.num_experts, d_model, d_ff, activation=activation, gated=gated,
+                len(local), d_model, d_ff, activation=activation, gated=gated,
                 bias=bias, dropout=config.resolve_expert_dropout(source_dropout),
                 device=device, dtype=dtype,
             )
+        if not isinstance(router, router_class):
+            raise MoEError(f"a {config.router.value} layer routes with "
+                           f"{router_class.__name__}, got {type(router).__name__}")
         expected = (config.num_experts, d_model)
         if tuple(router.weight.shape) != expected:
-            raise ValueError(f"router weight {tuple(router.weight.shape)} != {expected}")
-        if (experts.num_experts, experts.d_model, experts.d_ff) != (*expected, d_ff):
-            raise ValueError(
+            raise MoEError(f"router weight {tuple(router.weight.shape)} != {expected}")
+        if (experts.num_experts, experts.d_model, experts.d_ff) != (len(local), d_model, d_ff):
+            raise MoEError(
                 f"experts ({experts.num_experts}, {experts.d_model}, {experts.d_ff}) != "
-                f"{(*expected, d_ff)}"
+                f"{(len(local), d_model, d_ff)}"
             )
         self.router = router
+        self.dispatcher = dispatcher
         self.experts = experts
         self.set_tokens_per_group(config.group_size if config.group_size is not None else seq_len)
         self.last_routing: RoutingRecord | None = None
@@ -209,7 +158,7 @@ class SwitchFFN(nn.Module):
         d, f = dense.w_in.shape
         split = config.hidden_split
         if f % split.parts:
-            raise ValueError(f"{split.who} splits the hidden width {f} into {split.parts} "
+            raise MoEError(f"{split.who} splits the hidden width {f} into {split.parts} "
                              f"{split.unit}, which does not divide it: {split.fix}")
         f = config.expert_width(f)
         layer = cls(  # on meta first: every parameter is written below, none drawn twice
@@ -233,11 +182,11 @@ class SwitchFFN(nn.Module):
         any sequence length, capacity computed per call (see the class docs).
         """
         if tokens_per_group is None and self.config.group_size is not None:
-            raise ValueError("MoEConfig.group_size is set: the group length is always declared")
+            raise MoEError("MoEConfig.group_size is set: the group length is always declared")
         if tokens_per_group is not None and (
             not isinstance(tokens_per_group, int) or tokens_per_group < 1
         ):
-            raise ValueError(f"tokens_per_group must be an int >= 1, got {tokens_per_group!r}")
+            raise MoEError(f"tokens_per_group must be an int >= 1, got {tokens_per_group!r}")
         self.tokens_per_group = tokens_per_group
         capacity = lambda training: (  # noqa: E731
             None if tokens_per_group is None
@@ -245,6 +194,27 @@ class SwitchFFN(nn.Module):
         )
         self.train_capacity = capacity(True)
         self.eval_capacity = capacity(False)
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's options. Assigning a new config (``layer.config =
+        layer.config.replace(gate="normalized")``) reconfigures the router, and the experts'
+        dropout where ``expert_dropout`` is set; the sizes it fixes at construction (the
+        number of experts, the router kind) cannot change. Capacities follow at the next
+        `set_tokens_per_group`."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MoEConfig) -> None:
+        fixed = ("num_experts", "router", "granularity")
+        changed = [f for f in fixed if getattr(config, f) != getattr(self._config, f)]
+        if changed:
+            raise MoEError(f"a built Switch layer keeps its {', '.join(changed)}: convert the "
+                           "dense model again for other values")
+        self._config = config
+        self.router.configure(config)
+        if config.expert_dropout is not None:
+            self.experts.dropout = config.expert_dropout
 
     @property
     def expert_capacity(self) -> int | None:
@@ -255,7 +225,7 @@ class SwitchFFN(nn.Module):
     def sizes(self) -> Sizes:
         """Routing sizes for the declared group length."""
         if self.tokens_per_group is None:
-            raise ValueError(
+            raise MoEError(
                 "this SwitchFFN has no declared sequence length, so no fixed capacity: "
                 "call set_tokens_per_group(n) (moeify.convert(..., seq_len=n))"
             )
@@ -266,8 +236,30 @@ class SwitchFFN(nn.Module):
         capacity = c.capacity(tokens_per_group, training=self.training)
         return Sizes(c.num_experts, capacity, tokens_per_group, c.top_k)
 
+    @property
+    def dispatch_path(self) -> DispatchPath:
+        """The `DispatchPath` of a token-choice layer in one process; setting it swaps
+        in the `LocalDispatcher` for that path."""
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            raise MoEError(f"this layer dispatches with {type(self.dispatcher).__name__}, "
+                           "which has no dispatch_path")
+        return self.dispatcher.path
+
+    @dispatch_path.setter
+    def dispatch_path(self, path: DispatchPath) -> None:
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            raise MoEError(f"this layer dispatches with {type(self.dispatcher).__name__}: "
+                           "dispatch_path applies to one process's token-choice layers")
+        self.dispatcher = LocalDispatcher(path)
+
+    @property
+    def local_experts(self) -> range:
+        """The experts of the layer that ``self.experts`` holds (all of them unless
+        they are spread over processes)."""
+        return self.dispatcher.local_experts(self.config.num_experts)
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        tracing = _is_tracing(hidden_states)
+        tracing = is_tracing(hidden_states)
         if tracing:
             sizes = self.sizes  # a traced graph keeps its capacity: it must be declared
         else:
@@ -276,87 +268,14 @@ class SwitchFFN(nn.Module):
             sizes = self._sizes(tokens)
         x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
         valid = self._valid_tokens(hidden_states, x)  # [G, T] bool or None
-        capacity: int | Tensor = sizes.expert_capacity
-        if valid is not None:  # each group's capacity from its real tokens
-            capacity = self._group_capacities(valid)
-        if self.config.router == RouterKind.EXPERT_CHOICE:
-            y = self._expert_choice(x, sizes, capacity, valid, tracing=tracing,
-                                    record=not _is_exporting(hidden_states))
-            return y.reshape_as(hidden_states).to(hidden_states.dtype)
-        routing = self.route(x, capacity, valid=valid)
-        ort_experts = self._modules.get("ort_experts")  # attached by an export only
-        if ort_experts is not None and _is_exporting(hidden_states):
-            y = self._ort_experts(ort_experts, x, routing, sizes)
-            return y.reshape_as(hidden_states).to(hidden_states.dtype)
-        assignments = None if tracing else sort_by_expert(routing, sizes)
-        if assignments is None or self._use_padded(x, assignments, sizes):
-            dispatched = dispatch_padded(x, routing, sizes)  # [E, G, C, d]
-            batched = tracing or self.experts.batched_matmul_ok()
-            expert_out = self.experts(dispatched.flatten(1, 2), batched=batched)  # [E, G*C, d]
-            expert_out = expert_out.unflatten(1, (-1, sizes.expert_capacity))  # [E, G, C, d]
-            y = combine_padded(expert_out, routing, sizes)  # [G, T, d]
-        else:
-            x_flat = x.flatten(0, 1)  # [G*T, d]
-            rows = dispatch_sorted(x_flat, assignments, sizes.top_k)  # [n, d], by expert
-            expert_out = self.experts.forward_sorted(rows, assignments.counts)
-            y = combine_sorted(expert_out, routing, assignments, x_flat)
-        if not _is_exporting(hidden_states):
-            counts = None if assignments is None else assignments.counts
-            self.last_routing = self._record(routing, counts, sizes.expert_capacity)
+        group_capacity = None if valid is None else self._group_capacities(valid)
+        routing = self.router.route(x, sizes, group_capacity=group_capacity, valid=valid)
+        y, tokens_per_expert = self.dispatcher(x, routing, sizes, self.experts,
+                                               tracing=tracing)  # [G, T, d]
+        if not is_exporting(hidden_states):
+            record = self.router.record(routing, tokens_per_expert, sizes.expert_capacity)
+            self.last_routing = self.dispatcher.batch_record(record, routing)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
-
-    def _ort_experts(self, ort_experts: nn.Module, x: Tensor, routing: Routing,
-                     sizes: Sizes) -> Tensor:
-        """The experts as ONNX Runtime's MoE operator, for an export with
-        ``moe_op="ort"`` (`moeify.onnx.moe_op`): every token through its routed experts,
-        then the capacity and padding applied as the ``kept`` mask."""
-        y = ort_experts(x.flatten(0, 1), routing.router_logits.flatten(0, 1))  # [G*T, d]
-        y = y.unflatten(0, x.shape[:2])
-        if routing.valid is not None or sizes.expert_capacity < sizes.tokens_per_group:
-            # top-1: the one choice; top-2 reaches here only where nothing can drop
-            y = y * routing.kept.any(dim=-1, keepdim=True).to(y.dtype)
-        return y
-
-    def _expert_choice(self, x: Tensor, sizes: Sizes, capacity: int | Tensor,
-                       valid: Tensor | None, *, tracing: bool, record: bool) -> Tensor:
-        """Expert choice over grouped tokens x: [G, T, d] -> [G, T, d]. ``capacity``: the
-        static C, or each group's capacity for its real tokens ([G, 1, 1])."""
-        routing = route_expert_choice(
-            self.router(x), expert_capacity=sizes.expert_capacity, valid=valid,
-            group_capacity=None if isinstance(capacity, int) else capacity,
-        )
-        dispatched = dispatch_expert_choice(x, routing, sizes)  # [E, G*C, d]
-        batched = tracing or self.experts.batched_matmul_ok()
-        expert_out = self.experts(dispatched, batched=batched)  # [E, G*C, d]
-        if record:
-            self.last_routing = self._record_expert_choice(routing, sizes.expert_capacity)
-        return combine_expert_choice(expert_out, routing, sizes, x)
-
-    def _record_expert_choice(self, routing: ExpertChoiceRouting,
-                              expert_capacity: int) -> RoutingRecord:
-        valid = routing.valid
-        chosen = times_chosen(routing) > 0  # [G, T]; padding is never chosen
-        real = chosen.numel() if valid is None else int(valid.sum())
-        return RoutingRecord(
-            load_balancing_loss=torch.zeros((), device=chosen.device),
-            z_loss=router_z_loss(routing.router_logits, valid),
-            tokens_per_expert=routing.kept.sum(dim=(0, 2)).detach(),
-            dropped_fraction=(1.0 - chosen.sum().float() / max(real, 1)).detach(),
-            expert_capacity=expert_capacity,
-            num_tokens=real,
-        )
-
-    def _use_padded(self, x: Tensor, assignments: SortedAssignments, sizes: Sizes) -> bool:
-        """Eager-mode choice of dispatch path for grouped tokens x: [G, T, d] (see
-        `DispatchPath`)."""
-        if self.dispatch_path != DispatchPath.AUTO:
-            return self.dispatch_path == DispatchPath.PADDED
-        if not self.experts.batched_matmul_ok():
-            return False  # padded rows would run the same per-expert matmuls, on more rows
-        padded_rows = x.shape[0] * sizes.expert_capacity * sizes.num_experts
-        w = self.experts.w_in
-        cost = BATCHED_COST.get((w.device.type, matmul_dtype(w)), 1.0)
-        return cost * padded_rows < sum(assignments.counts)
 
     def _valid_tokens(self, hidden_states: Tensor, x: Tensor) -> Tensor | None:
         """The real tokens of this forward as [G, T] bool, from ``token_mask`` (set around
@@ -382,68 +301,25 @@ class SwitchFFN(nn.Module):
                                 capacity_factor=factor, top_k=c.top_k,
                                 min_capacity=c.min_capacity, dropless=c.dropless)
 
-    def route(self, x: Tensor, expert_capacity: int | Tensor | None = None, *,
-              valid: Tensor | None = None) -> Routing:
-        """Router logits and routing decisions for grouped tokens x: [G, T, d].
-
-        ``expert_capacity`` defaults to the capacity of the declared length; ``valid``
-        ([G, T] bool) marks the real tokens (padding chooses no expert).
-        """
-        if expert_capacity is None:
-            expert_capacity = self.sizes.expert_capacity
-        c = self.config
-        router_logits = self.router(x)  # [G, T, E] float32
-        uniform = None
-        if self.training and c.top_k == 2:
-            uniform = torch.rand_like(router_logits[..., 0])  # GShard random routing
-        return route(
-            router_logits, num_experts=c.num_experts, top_k=c.top_k,
-            expert_capacity=expert_capacity, gate=c.gate, second_uniform=uniform,
-            valid=valid,
-        )
-
-    def _record(
-        self, routing: Routing, counts: list[int] | None, expert_capacity: int
-    ) -> RoutingRecord:
-        E = self.config.num_experts
-        if counts is None:
-            assigned = F.one_hot(routing.expert_index, E) * routing.kept.unsqueeze(-1)
-            tokens_per_expert = assigned.sum(dim=(0, 1, 2)).detach()
-        else:
-            tokens_per_expert = torch.tensor(counts, dtype=torch.int64)
-        reached = routing.kept.any(dim=-1)  # [G, T]
-        valid = routing.valid
-        real = reached.numel() if valid is None else int(valid.sum())
-        return RoutingRecord(
-            load_balancing_loss=load_balancing_loss(
-                routing.router_probs, routing.expert_index[..., 0], num_experts=E, valid=valid
-            ),
-            z_loss=router_z_loss(routing.router_logits, valid),
-            tokens_per_expert=tokens_per_expert,
-            dropped_fraction=(1.0 - reached.sum().float() / max(real, 1)).detach(),
-            expert_capacity=expert_capacity,
-            num_tokens=real,
-        )
-
     def _check_input(self, hidden_states: Tensor) -> None:
         shape = tuple(hidden_states.shape)
         if not shape or shape[-1] != self.d_model:
-            raise ValueError(f"SwitchFFN expects inputs [..., {self.d_model}], got {shape}")
+            raise MoEError(f"SwitchFFN expects inputs [..., {self.d_model}], got {shape}")
         if len(shape) < 2 and self.config.group_size is None:
-            raise ValueError(
+            raise MoEError(
                 f"SwitchFFN expects inputs [..., seq_len, {self.d_model}] (one sequence per "
                 f"group), got {shape}"
             )
         if self.config.group_size is None:
             if self.tokens_per_group is not None and shape[-2] != self.tokens_per_group:
-                raise ValueError(
+                raise MoEError(
                     f"SwitchFFN was built for sequences of {self.tokens_per_group} tokens "
                     f"(its capacity is fixed for that length), got input {shape}; call "
                     f"set_tokens_per_group({shape[-2]}) to re-declare it, or "
                     "set_tokens_per_group(None) for a per-call capacity in eager mode"
                 )
         elif math.prod(shape[:-1]) % self.tokens_per_group:
-            raise ValueError(
+            raise MoEError(
                 f"SwitchFFN routes groups of {self.tokens_per_group} tokens; input {shape} "
                 f"has {math.prod(shape[:-1])} tokens, not a multiple of it"
             )
@@ -461,18 +337,18 @@ class SwitchFFN(nn.Module):
         )
 
 
-def _captured(x: Tensor) -> bool:
+def captured(x: Tensor) -> bool:
     """Whether this forward is being recorded by fx, the jit tracer or ONNX export."""
     return (
         isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     )
 
 
-def _is_tracing(x: Tensor) -> bool:
+def is_tracing(x: Tensor) -> bool:
     """Whether this forward is traced or compiled rather than run eagerly (static path)."""
-    return _captured(x) or torch.compiler.is_compiling()
+    return captured(x) or torch.compiler.is_compiling()
 
 
-def _is_exporting(x: Tensor) -> bool:
+def is_exporting(x: Tensor) -> bool:
     """Whether this forward produces a graph that cannot hold module state writes."""
-    return _captured(x) or torch.compiler.is_exporting()
+    return captured(x) or torch.compiler.is_exporting()

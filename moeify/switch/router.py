@@ -1,13 +1,55 @@
-"""The router: ``Linear(d_model, E, bias=False)`` computed in float32 (selective precision)."""
+"""The router part of a Switch layer: scores, selection, losses and the routing record.
+
+`Router` holds the weight of ``Linear(d_model, E, bias=False)`` and computes the router
+logits in float32 (selective precision); its two kinds select differently:
+
+* `TokenChoiceRouter`: every token picks its top-k experts, earlier tokens claim the
+  capacity first (`moeify.switch.routing.route`); GShard's random second choice in
+  training. Selection: a `Routing`.
+* `ExpertChoiceRouter`: every expert picks its top-C tokens of each group
+  (`moeify.switch.expert_choice`). Selection: an `ExpertChoiceRouting`.
+
+Both turn their selection into one `RoutingRecord` (losses and statistics of a forward)
+with `Router.record`; the layer keeps the last one for `moeify.aux_loss` and
+`moeify.routing_stats`.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.switch.routing import compute_router_logits
+from moeify.config import Gate, MoEConfig
+from moeify.switch.dispatch import Sizes
+from moeify.switch.expert_choice import ExpertChoiceRouting, route_expert_choice, times_chosen
+from moeify.switch.losses import load_balancing_loss, router_z_loss
+from moeify.switch.routing import Routing, compute_router_logits, route
+
+
+class RoutingRecord(NamedTuple):
+    """What one forward of a Switch layer leaves behind for losses and statistics.
+
+    load_balancing_loss: scalar float32 with gradient, unweighted; a constant 0 for an
+                         expert-choice layer (balanced by construction).
+    z_loss:              scalar float32 with gradient, unweighted.
+    tokens_per_expert:   [E] int64, assignments each expert processed (all groups);
+                         expert choice: C per group, fewer in groups with padding.
+    dropped_fraction:    scalar float32, fraction of the real tokens no expert
+                         processed (expert choice: that no expert chose).
+    expert_capacity:     slots per expert and group in that forward.
+    num_tokens:          real tokens in that forward.
+    """
+
+    load_balancing_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    expert_capacity: int
+    num_tokens: int
 
 
 class Router(nn.Module):
@@ -16,6 +58,9 @@ class Router(nn.Module):
     Training adds the Switch recipe's multiplicative jitter to the router *input*
     (a new tensor; the caller's activations are never touched). New weights: truncated
     normal, std ``sqrt(0.1 / d_model)``, cut at 2 std (the paper's reduced scale).
+
+    ``forward`` gives the router logits; the two kinds add the selection (`route`) and
+    the record of a forward (`record`).
     """
 
     def __init__(
@@ -28,6 +73,7 @@ class Router(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self.num_experts = num_experts
         self.jitter_eps = jitter_eps
         self.router_dtype = getattr(torch, router_dtype)
         self.weight = nn.Parameter(
@@ -51,6 +97,11 @@ class Router(nn.Module):
             self.weight.data = before.to(device=self.weight.device, dtype=self.router_dtype)
         return self
 
+    def configure(self, config: MoEConfig) -> None:
+        """Take the routing options of ``config``: what a layer's config holds for its
+        router (see `SwitchFFN.config`)."""
+        self.jitter_eps = config.jitter_eps
+
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., d] -> router_logits [..., E] in the router dtype."""
         dtype = self.router_dtype
@@ -59,3 +110,96 @@ class Router(nn.Module):
             eps = self.jitter_eps
             jitter = torch.rand_like(x, dtype=dtype) * (2 * eps) + (1 - eps)
         return compute_router_logits(x, self.weight, dtype=dtype, jitter=jitter)
+
+    def route(self, x: Tensor, sizes: Sizes, *, group_capacity: Tensor | None = None,
+              valid: Tensor | None = None) -> Routing | ExpertChoiceRouting:
+        """The selection for grouped tokens x: [G, T, d].
+
+        sizes: the static sizes (C is the capacity of the buffers); group_capacity:
+        [G, 1, 1] int64, each group's capacity for its real tokens, or None (C for every
+        group); valid: [G, T] bool, the real tokens (None: all).
+        """
+        raise NotImplementedError(f"{type(self).__name__} computes logits only: a Switch "
+                                  "layer routes with a TokenChoiceRouter or ExpertChoiceRouter")
+
+    def record(self, routing: Routing | ExpertChoiceRouting, tokens_per_expert: list[int] | None,
+               expert_capacity: int) -> RoutingRecord:
+        """The losses and statistics of one forward's selection. ``tokens_per_expert``:
+        the counts a dispatcher already took (None: counted here)."""
+        raise NotImplementedError(f"{type(self).__name__} computes logits only")
+
+
+class TokenChoiceRouter(Router):
+    """Tokens choose their top-``top_k`` experts (Switch top-1, GShard top-2)."""
+
+    def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1,
+                 gate: Gate = Gate.SOFTMAX, jitter_eps: float = 0.0,
+                 router_dtype: str = "float32",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(d_model, num_experts, jitter_eps=jitter_eps,
+                         router_dtype=router_dtype, device=device)
+        self.top_k, self.gate = top_k, Gate(gate)
+
+    def configure(self, config: MoEConfig) -> None:
+        super().configure(config)
+        self.top_k, self.gate = config.top_k, config.gate
+
+    def route(self, x: Tensor, sizes: Sizes, *, group_capacity: Tensor | None = None,
+              valid: Tensor | None = None) -> Routing:
+        router_logits = self(x)  # [G, T, E] float32
+        uniform = None
+        if self.training and self.top_k == 2:
+            uniform = torch.rand_like(router_logits[..., 0])  # GShard random routing
+        capacity = sizes.expert_capacity if group_capacity is None else group_capacity
+        return route(
+            router_logits, num_experts=self.num_experts, top_k=self.top_k,
+            expert_capacity=capacity, gate=self.gate, second_uniform=uniform, valid=valid,
+        )
+
+    def record(self, routing: Routing, tokens_per_expert: list[int] | None,
+               expert_capacity: int) -> RoutingRecord:
+        E = self.num_experts
+        if tokens_per_expert is None:
+            assigned = F.one_hot(routing.expert_index, E) * routing.kept.unsqueeze(-1)
+            counts = assigned.sum(dim=(0, 1, 2)).detach()
+        else:
+            counts = torch.tensor(tokens_per_expert, dtype=torch.int64)
+        reached = routing.kept.any(dim=-1)  # [G, T]
+        valid = routing.valid
+        real = reached.numel() if valid is None else int(valid.sum())
+        return RoutingRecord(
+            load_balancing_loss=load_balancing_loss(
+                routing.router_probs, routing.expert_index[..., 0], num_experts=E, valid=valid
+            ),
+            z_loss=router_z_loss(routing.router_logits, valid),
+            tokens_per_expert=counts,
+            dropped_fraction=(1.0 - reached.sum().float() / max(real, 1)).detach(),
+            expert_capacity=expert_capacity,
+            num_tokens=real,
+        )
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, gate={self.gate.value}"
+
+
+class ExpertChoiceRouter(Router):
+    """Experts choose their top-C tokens of each group (Zhou et al. 2022)."""
+
+    def route(self, x: Tensor, sizes: Sizes, *, group_capacity: Tensor | None = None,
+              valid: Tensor | None = None) -> ExpertChoiceRouting:
+        return route_expert_choice(self(x), expert_capacity=sizes.expert_capacity,
+                                   valid=valid, group_capacity=group_capacity)
+
+    def record(self, routing: ExpertChoiceRouting, tokens_per_expert: list[int] | None,
+               expert_capacity: int) -> RoutingRecord:
+        valid = routing.valid
+        chosen = times_chosen(routing) > 0  # [G, T]; padding is never chosen
+        real = chosen.numel() if valid is None else int(valid.sum())
+        return RoutingRecord(
+            load_balancing_loss=torch.zeros((), device=chosen.device),
+            z_loss=router_z_loss(routing.router_logits, valid),
+            tokens_per_expert=routing.kept.sum(dim=(0, 2)).detach(),
+            dropped_fraction=(1.0 - chosen.sum().float() / max(real, 1)).detach(),
+            expert_capacity=expert_capacity,
+            num_tokens=real,
+        )

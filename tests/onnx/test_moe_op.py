@@ -19,11 +19,7 @@ from moeify import MoEConfig
 from moeify.onnx import OnnxGenerator, OnnxRunner, export_generation
 from moeify.onnx.moe_op import ort_moe
 from tests import models
-from tests.onnx.test_export_postprocess import run
-from tests.onnx.test_generation import PROMPTS, padded
-
-SEQ = 12
-DROPPING = MoEConfig(num_experts=4, eval_capacity_factor=1.0, min_capacity=1)
+from tests.onnx._cases import DROPPING, PROMPTS, SEQ, padded
 
 
 def ops(path):
@@ -125,6 +121,30 @@ def test_optimized_operator_graphs_keep_generate_tokens(tmp_path):
     assert_generates_like_hf(model, tmp_path / "g", 16)
 
 
+def test_the_export_swaps_the_dispatcher_and_puts_the_layers_own_back():
+    """Inside `ort_experts` a layer the operator can express dispatches with an
+    `OrtDispatcher` (an eager forward there still runs the layer's own dispatcher);
+    afterwards the layer has its own dispatcher and state_dict again."""
+    from moeify.onnx.moe_op import OrtDispatcher, ort_experts
+
+    torch.manual_seed(0)
+    model = models.gpt2(layers=2).eval()
+    moeify.convert(model, DROPPING, seq_len=SEQ)
+    layers = moeify.switch_layers(model)
+    own = {name: layer.dispatcher for name, layer in layers}
+    keys = list(model.state_dict())
+    ids = torch.randint(2, models.VOCAB, (2, SEQ))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with ort_experts(layers, "ort") as static:
+            assert static == {}
+            assert all(isinstance(layer.dispatcher, OrtDispatcher)
+                       and layer.dispatcher.fallback is own[name] for name, layer in layers)
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    assert all(layer.dispatcher is own[name] for name, layer in layers)
+    assert list(model.state_dict()) == keys
+
+
 def test_layers_the_operator_cannot_express_keep_the_static_form(tmp_path):
     # top-2 with capacity below the group length: the prefill keeps the static form, the
     # decode step (one token per group: nothing can drop) takes the operator
@@ -140,7 +160,7 @@ def test_layers_the_operator_cannot_express_keep_the_static_form(tmp_path):
     # T5 v1.1's gated GELU: nothing to write as the operator, refused with the reason
     t5 = models.t5(gated=True, layers=2)
     moeify.convert(t5, DROPPING)
-    with pytest.raises(moeify.MoEError, match="gated gelu_tanh experts.*--moe-op static"):
+    with pytest.raises(moeify.MoEError, match="gated gelu_tanh experts.*moe_op='static'"):
         export_generation(t5, tmp_path / "t5", seq_len=SEQ, moe_op="ort")
     assert not (tmp_path / "t5").exists()
 
@@ -152,12 +172,12 @@ def test_refusals_name_the_reason_and_write_nothing(tmp_path):
         moeify.export_onnx(bert, tmp_path / "b.onnx", seq_len=SEQ, moe_op="ort")
     gpt2 = models.gpt2(layers=2)
     moeify.convert(gpt2, DROPPING, seq_len=SEQ)
-    with pytest.raises(moeify.MoEError, match="--moe-op 'fused' is not one of static, ort"):
+    with pytest.raises(moeify.MoEError, match="^moe_op='fused' is not one of static, ort$"):
         moeify.export_onnx(gpt2, tmp_path / "g.onnx", seq_len=SEQ, moe_op="fused")
-    with pytest.raises(moeify.MoEError, match="--moe-op static to quantize"):
+    with pytest.raises(moeify.MoEError, match="moe_op='static' to quantize"):
         moeify.export_onnx(gpt2, tmp_path / "g.onnx", seq_len=SEQ, moe_op="ort",
                            quantize="int8")
-    with pytest.raises(moeify.MoEError, match="--moe-op static to shard"):
+    with pytest.raises(moeify.MoEError, match="moe_op='static' to shard"):
         moeify.export_onnx(gpt2, tmp_path / "g.onnx", seq_len=SEQ, moe_op="ort",
                            shard_experts=2)
     with pytest.raises(moeify.MoEError, match="float64 experts: the operator computes in float32"):
@@ -171,22 +191,22 @@ def test_refusals_name_the_reason_and_write_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ec.onnx"]
 
 
-def test_cli_exports_a_checkpoint_with_the_operator(tmp_path):
+def test_cli_exports_a_checkpoint_with_the_operator(tmp_path, moeify_cli):
     torch.manual_seed(0)
     model = models.llama(layers=2).eval()
     moeify.convert(model, DROPPING, seq_len=SEQ)
     moeify.save(model, tmp_path / "ckpt")
     out = tmp_path / "m.onnx"
-    result = run("export", tmp_path / "ckpt", "--onnx", out, "--seq-len", SEQ, "--moe-op", "ort",
-                 "--json")
+    result = moeify_cli("export", tmp_path / "ckpt", "--onnx", out, "--seq-len", SEQ,
+                        "--moe-op", "ort", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["metadata"]["moe_op"].startswith("com.microsoft.MoE in 1")
     ids = torch.randint(2, models.VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits.numpy()
     assert np.abs(OnnxRunner(out).run(input_ids=ids) - expected).max() <= 1e-4
-    bad = run("export", tmp_path / "ckpt", "--onnx", tmp_path / "q.onnx", "--seq-len", SEQ,
-              "--moe-op", "ort", "--quantize", "int4")
+    bad = moeify_cli("export", tmp_path / "ckpt", "--onnx", tmp_path / "q.onnx", "--seq-len", SEQ,
+                     "--moe-op", "ort", "--quantize", "int4")
     assert bad.returncode != 0 and "--moe-op static to quantize" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q.onnx").exists()
 

@@ -21,5 +21,5 @@ def test_plan_shards_expert_weights_and_replicates_the_rest():
     again = ShardingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
     assert list(plan.experts_of_rank(1, 2)) == [2, 3]
-    with pytest.raises(ValueError, match="4 experts do not divide over 3 processes"):
+    with pytest.raises(moeify.MoEError, match="4 experts, which do not divide over 3 processes"):
         plan.experts_of_rank(0, 3)

@@ -23,7 +23,7 @@ def test_declares_the_length_on_every_layer(seq_len, group_size, tokens, train, 
         assert layer.tokens_per_group == tokens
         assert (layer.train_capacity, layer.eval_capacity) == (train, eval_)
     if seq_len is not None:
-        with pytest.raises(ValueError, match="built for sequences of 32 tokens"):
+        with pytest.raises(moeify.MoEError, match="built for sequences of 32 tokens"):
             model(torch.randint(2, models.VOCAB, (1, 8)))
 
 

@@ -55,3 +55,22 @@ def test_sorted_and_padded_paths_agree_with_gradients_for_top1_and_top2():
         g_padded, = torch.autograd.grad(padded(x).square().sum(), x)
         torch.testing.assert_close(g_sorted, g_padded)
         assert torch.autograd.gradcheck(sorted_, (x,))
+
+
+def test_expert_block_is_the_one_experts_per_rank_rule():
+    import pytest
+
+    from moeify.conversion import ShardingPlan
+    from moeify.errors import MoEError
+    from moeify.switch import expert_block
+
+    assert [list(expert_block(8, r, 4)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_block(4, 0, 1) == range(4)
+    with pytest.raises(MoEError, match="layer.x has 6 experts, which do not divide over "
+                                       "ep=4: use an ep size that divides num_experts"):
+        expert_block(6, 0, 4, who="layer.x", over="ep=4", fix="an ep size")
+    with pytest.raises(MoEError, match="rank 2 is not in a group of 2"):
+        expert_block(4, 2, 2)
+    plan = ShardingPlan(num_experts=8, params=())
+    assert [plan.experts_of_rank(r, 2) for r in range(2)] == [expert_block(8, r, 2)
+                                                              for r in range(2)]

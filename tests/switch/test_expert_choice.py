@@ -4,10 +4,6 @@ the causal refusals, T5's mixed layers, save/load, exports and the command line.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +16,6 @@ from moeify.switch import route_expert_choice
 from tests import models
 from _reference import expert_ffn
 
-ROOT = Path(__file__).resolve().parents[2]
 SEQ = 12
 EC = dict(router="expert-choice", jitter_eps=0.0, expert_dropout=0.0)
 
@@ -267,7 +262,7 @@ def test_hf_formats_refuse_expert_choice(tmp_path):
     from moeify.hf_switch import save_hf_switch
 
     model = models.t5(layers=2).eval()
-    with pytest.raises(moeify.MoEError, match="--format hf is not possible.*token choice"):
+    with pytest.raises(moeify.MoEError, match="format='hf' is not possible.*token choice"):
         hf_moe.target_config(hf_moe.SWITCH_TRANSFORMERS, model, CONVERT)
     moeify.convert(model, CONVERT, seq_len=SEQ)
     with pytest.raises(moeify.MoEError, match="expert choice.*token choice"):
@@ -301,7 +296,7 @@ def test_expert_parallelism_refuses_expert_choice_layers():
                                          ("t5", lambda: models.t5(layers=2))])
 def test_converted_models_export_to_onnx_and_match_onnx_runtime(name, build, tmp_path):
     from moeify.onnx import OnnxRunner
-    from tests.onnx.test_export_models import expert_shapes, random_inputs, reference
+    from tests.onnx._cases import expert_shapes, random_inputs, reference
 
     torch.manual_seed(0)
     model = build().eval()
@@ -328,29 +323,24 @@ def test_converted_models_export_to_onnx_and_match_onnx_runtime(name, build, tmp
 # --- command line -------------------------------------------------------------------------
 
 
-def run(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-
-
-def test_cli_inspect_shows_the_router_and_refuses_top_k_2():
-    result = run("inspect", "t5-small", "--router", "expert-choice", "--experts", "4")
+def test_cli_inspect_shows_the_router_and_refuses_top_k_2(moeify_cli):
+    result = moeify_cli("inspect", "t5-small", "--router", "expert-choice", "--experts", "4")
     assert result.returncode == 0, result.stderr
     assert "router: expert choice in encoder.block.*.layer.*.DenseReluDense (3 layers)" in (
         " ".join(result.stderr.split()))
-    result = run("inspect", "t5-small", "--router", "expert-choice", "--top-k", "2")
+    result = moeify_cli("inspect", "t5-small", "--router", "expert-choice", "--top-k", "2")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert "--top-k 2 has no role with --router 'expert-choice'" in result.stderr
 
 
-def test_cli_convert_writes_an_expert_choice_checkpoint_and_refuses_hf_and_gpt2(tmp_path):
+def test_cli_convert_writes_an_expert_choice_checkpoint_and_refuses_hf_and_gpt2(tmp_path,
+                                                                                moeify_cli):
     torch.manual_seed(0)
     models.t5(layers=2).save_pretrained(tmp_path / "t5")
     out = tmp_path / "moe"
-    result = run("convert", tmp_path / "t5", "--experts", "4", "--router", "expert-choice",
-                 "--seq-len", SEQ, "--out", out, "--json")
+    result = moeify_cli("convert", tmp_path / "t5", "--experts", "4", "--router", "expert-choice",
+                        "--seq-len", SEQ, "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["config"]["router"] == "expert-choice"
@@ -360,12 +350,12 @@ def test_cli_convert_writes_an_expert_choice_checkpoint_and_refuses_hf_and_gpt2(
     loaded = moeify.load(out)
     assert [l.config.router.value for _, l in moeify.switch_layers(loaded)] == [
         "expert-choice", "token-choice"]
-    result = run("convert", tmp_path / "t5", "--router", "expert-choice", "--seq-len", SEQ,
-                 "--format", "hf", "--out", tmp_path / "hf")
+    result = moeify_cli("convert", tmp_path / "t5", "--router", "expert-choice", "--seq-len", SEQ,
+                        "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "--router expert-choice has no HF counterpart" in result.stderr
     models.gpt2(layers=2).save_pretrained(tmp_path / "gpt2")
-    result = run("convert", tmp_path / "gpt2", "--router", "expert-choice",
-                 "--out", tmp_path / "g")
+    result = moeify_cli("convert", tmp_path / "gpt2", "--router", "expert-choice",
+                        "--out", tmp_path / "g")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "causal" in result.stderr and "future tokens" in result.stderr

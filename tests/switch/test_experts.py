@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from _devices import DEVICES
+from _op_recorder import record_ops
 from moeify.switch.experts import segment_linear
 
 
@@ -35,26 +36,6 @@ def test_segment_linear_follows_autocast():
     assert w.grad.dtype == torch.float32
 
 
-def _record_ops(fn):
-    """Run fn under a dispatch mode; (op name, input dtypes, output shape, dtype) per call."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    calls = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if isinstance(out, torch.Tensor):
-                calls.append((func.overloadpacket.__name__, [t.dtype for t in tensors],
-                              tuple(out.shape), out.dtype))
-            return out
-
-    with Record():
-        result = fn()
-    return result, calls
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_segment_linear_under_autocast_is_nn_linear_per_expert(bias, device):
@@ -74,7 +55,7 @@ def test_segment_linear_under_autocast_is_nn_linear_per_expert(bias, device):
         y.backward(grad)
         return y
 
-    y, calls = _record_ops(run)
+    y, calls = record_ops(run)
     assert y.dtype == torch.bfloat16
     matmuls = [c for c in calls if c[0] in ("mm", "addmm", "bmm")]
     assert matmuls and all(set(dtypes) == {torch.bfloat16} for _, dtypes, _, _ in matmuls)
@@ -164,7 +145,7 @@ def test_expert_ffn_under_autocast_is_nn_linear_per_expert():
         y.backward(grad)
         return y
 
-    y, calls = _record_ops(run)
+    y, calls = record_ops(run)
     matmuls = [c for c in calls if c[0] in ("mm", "addmm", "bmm")]
     assert matmuls and all(set(dtypes) == {torch.bfloat16} for _, dtypes, _, _ in matmuls)
     assert not [c for c in calls if c[2] in ((E, d, f), (E, f, d)) and c[3] == torch.bfloat16]

@@ -88,7 +88,7 @@ def test_training_moves_the_slices_apart():
 @pytest.mark.parametrize("changes, fragment", [
     (dict(granularity=2, top_k=1), "needs top_k a multiple of it"),
     (dict(granularity=3, top_k=2), "needs top_k a multiple of it"),
-    (dict(granularity=2, top_k=2, init="partition"), "needs init='copy'"),
+    (dict(granularity=2, top_k=2, init="partition"), "needs MoEConfig.init='copy'"),
     (dict(granularity=2, top_k=2, num_experts=7), "must be a multiple of"),
     (dict(granularity=0), "granularity=0 must be an integer >= 1"),
 ])

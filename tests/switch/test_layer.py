@@ -12,6 +12,7 @@ from moeify import DenseFFNWeights, MoEConfig, SwitchFFN
 from moeify.switch import DispatchPath
 
 from _devices import DEVICES
+from _op_recorder import record_ops
 
 NO_NOISE = dict(jitter_eps=0.0, expert_dropout=0.0)
 
@@ -92,7 +93,7 @@ def test_from_dense_init_modes():
         torch.testing.assert_close(parts + dense.down.bias, dense(x), rtol=1e-5, atol=1e-6)
     rand = SwitchFFN.from_dense(dense.weights(), MoEConfig(init="random", **base), seq_len=4)
     assert not torch.allclose(rand.experts.w_in[0], dense.up.weight.T)
-    with pytest.raises(ValueError, match="hidden width 10 into 4 experts, which does not divide"):
+    with pytest.raises(moeify.MoEError, match="hidden width 10 into 4 experts, which does not divide"):
         SwitchFFN.from_dense(
             DenseFFN(8, 10).weights(), MoEConfig(init="partition", **base), seq_len=4
         )
@@ -230,14 +231,14 @@ def test_capacity_does_not_depend_on_batch_size():
 
 def test_bad_inputs_name_the_problem():
     layer = SwitchFFN(8, 16, MoEConfig(), seq_len=10)
-    with pytest.raises(ValueError, match="built for sequences of 10 tokens"):
+    with pytest.raises(moeify.MoEError, match="built for sequences of 10 tokens"):
         layer(torch.randn(2, 12, 8))
-    with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 8\]"):
+    with pytest.raises(moeify.MoEError, match=r"expects inputs \[\.\.\., 8\]"):
         layer(torch.randn(2, 10, 4))
     grouped = SwitchFFN(8, 16, MoEConfig(group_size=4), seq_len=None)
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(moeify.MoEError, match="not a multiple"):
         grouped(torch.randn(2, 3, 8))
-    with pytest.raises(ValueError, match="one sequence per group"):
+    with pytest.raises(moeify.MoEError, match="one sequence per group"):
         SwitchFFN(8, 16, MoEConfig())(torch.randn(8))
 
 
@@ -252,7 +253,7 @@ def test_undeclared_length_takes_each_inputs_capacity_in_eager_mode():
         x = torch.randn(2, seq_len, 8)
         torch.testing.assert_close(free(x), fixed(x))  # same function as a declared length
         assert free.last_routing.expert_capacity == fixed.eval_capacity
-    with pytest.raises(ValueError, match="no declared sequence length"):
+    with pytest.raises(moeify.MoEError, match="no declared sequence length"):
         torch.fx.symbolic_trace(free)
 
 
@@ -306,8 +307,8 @@ def test_expert_dropout_acts_between_the_matmuls_in_training_only():
 
 
 def test_auto_dispatch_follows_the_measured_cost_table():
+    from moeify.switch import BATCHED_COST, LocalDispatcher
     from moeify.switch.dispatch import SortedAssignments
-    from moeify.switch.layer import BATCHED_COST
 
     layer = SwitchFFN(8, 16, MoEConfig(num_experts=4, capacity_factor=1.0, **NO_NOISE),
                       seq_len=256).train()
@@ -317,19 +318,25 @@ def test_auto_dispatch_follows_the_measured_cost_table():
     high = SortedAssignments(None, None, None, [120] * 4)  # 94% of the slots
     low = SortedAssignments(None, None, None, [40] * 4)  # 31%
 
+    def padded(assignments):
+        return layer.dispatcher.use_padded(x, assignments, sizes, layer.experts)
+
+    assert isinstance(layer.dispatcher, LocalDispatcher)
+    assert layer.dispatch_path == DispatchPath.AUTO
     assert BATCHED_COST["cpu", torch.float32] >= 1.0  # float32: bmm never beats per-expert calls
     for assignments in (full, high, low):
-        assert not layer._use_padded(x, assignments, sizes)
+        assert not padded(assignments)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # would cast every expert's weights
         assert not layer.experts.batched_matmul_ok()
-        assert not layer._use_padded(x, full, sizes)
+        assert not padded(full)
     layer.to(torch.bfloat16)  # bf16 weights: padded where occupancy beats bmm's cost
     assert layer.experts.batched_matmul_ok() and BATCHED_COST["cpu", torch.bfloat16] < 0.94
-    assert layer._use_padded(x, high, sizes) and not layer._use_padded(x, low, sizes)
+    assert padded(high) and not padded(low)
     layer.dispatch_path = DispatchPath.SORTED
-    assert not layer._use_padded(x, full, sizes)
+    assert layer.dispatcher.path == DispatchPath.SORTED and not padded(full)
     layer.dispatch_path = DispatchPath.PADDED
-    assert layer._use_padded(x, low, sizes)
+    assert padded(low)
+    assert set(layer.state_dict()) == {"router.weight", "experts.w_in", "experts.w_out"}
 
 
 @pytest.mark.parametrize("device", [p for p in DEVICES if p != "cpu"])
@@ -344,9 +351,13 @@ def test_auto_dispatch_on_a_gpu_pads_where_one_bmm_beats_the_launches(device):
     sizes = layer._sizes(256)
     high = SortedAssignments(None, None, None, [120] * 4)  # 94% of the 128 slots
     low = SortedAssignments(None, None, None, [40] * 4)  # 31%
-    assert layer._use_padded(x, high, sizes) and not layer._use_padded(x, low, sizes)
+
+    def padded(assignments):
+        return layer.dispatcher.use_padded(x, assignments, sizes, layer.experts)
+
+    assert padded(high) and not padded(low)
     layer.to(torch.bfloat16)
-    assert layer._use_padded(x, low, sizes)
+    assert padded(low)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -356,8 +367,6 @@ def test_autocast_runs_experts_like_nn_linear_per_expert(path, device):
     full-size bf16 copy of the expert weights is made, and output and gradients match
     an nn.Linear-per-expert reference under the same autocast, tokens dropping; on the
     CPU and on a GPU."""
-    from tests.switch.test_experts import _record_ops
-
     torch.manual_seed(5)
     d, f, E, T = 16, 40, 5, 24
     config = MoEConfig(num_experts=E, capacity_factor=1.0, min_capacity=1, **NO_NOISE)
@@ -374,7 +383,7 @@ def test_autocast_runs_experts_like_nn_linear_per_expert(path, device):
         y.backward(grad)
         return y
 
-    y, calls = _record_ops(run)
+    y, calls = record_ops(run)
     assert 0 < layer.last_routing.dropped_fraction < 1
     matmuls = [c for c in calls if c[0] in ("mm", "addmm", "bmm", "baddbmm")]
     expert = [c for c in matmuls if f in c[2]]  # every matmul with the hidden width
@@ -429,3 +438,56 @@ def test_casting_the_model_keeps_the_router_weight_exact():
     assert torch.equal(layer.router.weight, before)  # not rounded through bfloat16
     layer.half().float()
     assert torch.equal(layer.router.weight, before)
+
+
+def test_the_layer_composes_a_router_a_dispatcher_and_experts():
+    """Token choice and expert choice differ in their router and dispatcher only; the
+    parameters (and state_dict keys) are the same, and a mismatched part is refused."""
+    from moeify.switch import (
+        ExpertChoiceDispatcher,
+        ExpertChoiceRouter,
+        LocalDispatcher,
+        Router,
+        TokenChoiceRouter,
+    )
+
+    token = SwitchFFN(8, 16, MoEConfig(num_experts=4, top_k=2), seq_len=6)
+    expert = SwitchFFN(8, 16, MoEConfig(num_experts=4, router="expert-choice"), seq_len=6)
+    assert isinstance(token.router, TokenChoiceRouter) and token.router.top_k == 2
+    assert isinstance(token.dispatcher, LocalDispatcher)
+    assert isinstance(expert.router, ExpertChoiceRouter)
+    assert isinstance(expert.dispatcher, ExpertChoiceDispatcher)
+    assert list(token.state_dict()) == list(expert.state_dict()) == [
+        "router.weight", "experts.w_in", "experts.w_out"]
+    assert token.local_experts == expert.local_experts == range(4)
+    with pytest.raises(moeify.MoEError, match="expert-choice layer routes with "
+                                              "ExpertChoiceRouter, got TokenChoiceRouter"):
+        SwitchFFN(8, 16, expert.config, seq_len=6, router=token.router)
+    with pytest.raises(moeify.MoEError, match="routes with TokenChoiceRouter, got Router"):
+        SwitchFFN(8, 16, token.config, seq_len=6, router=Router(8, 4))
+    with pytest.raises(moeify.MoEError, match=r"experts \(4, 8, 16\) != \(4, 8, 32\)"):
+        SwitchFFN(8, 32, token.config, seq_len=6, experts=token.experts)
+    with pytest.raises(moeify.MoEError, match="ExpertChoiceDispatcher, which has no dispatch_path"):
+        expert.dispatch_path  # noqa: B018
+    with pytest.raises(moeify.MoEError, match="dispatch_path applies to one process's"):
+        expert.dispatch_path = DispatchPath.SORTED
+
+
+def test_a_new_config_reconfigures_the_router_and_keeps_the_sizes():
+    """The layer's config is the one statement of its options: assigning one reaches the
+    router (the normalized gate gives an upcycled layer the dense output) and the experts'
+    dropout; the number of experts and the router kind stay those it was built with."""
+    torch.manual_seed(0)
+    dense = DenseFFNWeights(w_in=torch.randn(8, 16), w_out=torch.randn(16, 8))
+    layer = SwitchFFN.from_dense(dense, MoEConfig(num_experts=4, eval_capacity_factor=4.0),
+                                 seq_len=6).eval()
+    x = torch.randn(2, 6, 8)
+    expected = torch.relu(x @ dense.w_in) @ dense.w_out
+    assert not torch.allclose(layer(x), expected, atol=1e-5)  # softmax gate: p * FFN(x)
+    layer.config = layer.config.replace(gate="normalized", top_k=2, expert_dropout=0.3)
+    assert (layer.router.gate.value, layer.router.top_k, layer.experts.dropout) == (
+        "normalized", 2, 0.3)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(moeify.MoEError, match="keeps its num_experts, router"):
+        layer.config = layer.config.replace(num_experts=8, top_k=1, gate="softmax",
+                                            router="expert-choice")
