@@ -1,9 +1,10 @@
 """Expert parallelism over torch.distributed: the sharding plan, executed.
 
-`expert_parallel(model, group)` turns every Switch layer of a converted model into an
-`ExpertParallelSwitchFFN`: each of the group's W ranks keeps the ``E / W`` experts the
-sharding plan gives it (contiguous blocks: rank r holds experts ``r*E/W .. (r+1)*E/W - 1``)
-and every other parameter stays replicated. A forward then runs, on every rank:
+`expert_parallel(model, group)` gives every Switch layer of a converted model an
+`AllToAllDispatcher`: each of the group's W ranks keeps the ``E / W`` experts
+`moeify.switch.expert_block` gives it (contiguous blocks: rank r holds experts
+``r*E/W .. (r+1)*E/W - 1``) and every other parameter stays replicated. A forward then
+runs, on every rank:
 
 1. route its own tokens with the replicated float32 router: groups are sequences, so
    capacities and drops are exactly those of a single process seeing the whole batch;
@@ -38,7 +39,7 @@ Data x expert parallelism (`parallelize`, TorchTitan's layout on PyTorch's own e
     dense parameters (attention, embeddings, norms, routers): FSDP2 over all N ranks
     (the mesh flattened), or replicated with ``shard_dense=False``
 
-- the same `ExpertParallelSwitchFFN`, its exchange group the rank's ``ep`` row and its
+- the same `AllToAllDispatcher`, its exchange group the rank's ``ep`` row and its
   statistics group the whole job (aux losses and `routing_stats` stay global);
 - expert gradients: each rank's all-to-all backward sums its ep group's contributions; a
   tensor hook on each expert weight all-reduces them over ``dp`` and divides by N;
@@ -53,10 +54,9 @@ Data x expert parallelism (`parallelize`, TorchTitan's layout on PyTorch's own e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,19 +69,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeify.api import switch_layers
 from moeify.checkpoint import (
-    _HEADER_BASE,
-    _SAFETENSORS_DTYPES,
-    DEFAULT_SHARD_BYTES,
-    DIGEST_PREFIX,
-    INDEX_FILE,
-    PART_SEPARATOR,
-    CheckpointWeights,
-    _checkpoint_meta,
-    _entry_header_bytes,
-    _nbytes,
-    _shard_entries,
-    _TensorBytes,
     atomic_directory,
+    checkpoint_meta,
     hf_source_of,
     load_skeleton,
     read_meta,
@@ -89,24 +78,44 @@ from moeify.checkpoint import (
 from moeify.config import RouterKind
 from moeify.errors import MoEError
 from moeify.conversion import conversion_of
+from moeify.io.shards import (
+    DEFAULT_SHARD_BYTES,
+    PART_SEPARATOR,
+    Entry,
+    ShardPlan,
+    ShardReader,
+    group_entries,
+    nbytes,
+    part_entries,
+    row_blocks,
+    split_entries,
+    stored_digest,
+    stored_entries,
+    write_files,
+    write_index,
+)
 from moeify.sources import CHECKPOINT_FILE, Source
 from moeify.switch.dispatch import (
+    Sizes,
     combine_sorted,
     dispatch_sorted,
     gather_rows,
     sort_by_expert,
 )
+from moeify.switch.dispatchers import Dispatcher, expert_block
 from moeify.switch.experts import Experts
-from moeify.switch.layer import RoutingRecord, SwitchFFN, _is_tracing
-from moeify.switch.losses import load_balancing_loss, router_z_loss
+from moeify.switch.layer import SwitchFFN
+from moeify.switch.router import RoutingRecord
+from moeify.switch.routing import Routing
 
 __all__ = [
     "ExchangeRecord",
+    "AllToAllDispatcher",
     "ExpertParallelError",
-    "ExpertParallelSwitchFFN",
     "ParallelLayout",
     "average_gradients",
     "expert_parallel",
+    "is_expert_parallel",
     "load",
     "load_expert_parallel",
     "load_optimizer",
@@ -213,55 +222,43 @@ def _local_experts(experts: Experts, experts_range: range) -> Experts:
     return local
 
 
-class ExpertParallelSwitchFFN(SwitchFFN):
-    """A `SwitchFFN` whose experts are spread over the ranks of a process group.
+class AllToAllDispatcher(Dispatcher):
+    """Token choice with the layer's experts spread over the ranks of a process group.
 
-    Holds the replicated router and this rank's ``E / W`` experts (``self.experts`` has
-    ``E / W`` of them; ``self.local_experts`` says which). Eager execution only: tracing,
-    compiling and ONNX export need the single-process layer.
+    Each rank keeps the block of experts `moeify.switch.expert_block` gives it
+    (``local_experts``); the layer's ``experts`` hold only those. A forward sorts this
+    rank's kept assignments by expert, exchanges per-expert row counts and then the rows
+    (all-to-all), computes the local experts on the rows received and sends the results
+    back (see the module docs). Eager execution only: tracing, compiling and ONNX export
+    need the single-process layer.
+
+    ``last_exchange`` describes what crossed processes in the last forward.
     """
 
-    def __init__(self, layer: SwitchFFN, group=None, *, name: str = "",
-                 experts_range: range | None = None, stats_group=None) -> None:
+    def __init__(self, group=None, *, num_experts: int, name: str = "",
+                 stats_group=None) -> None:
         """``group``: the ranks that split the experts and exchange tokens;
         ``stats_group``: the ranks whose routing statistics and auxiliary losses are
-        combined (default: ``group``; `parallelize` passes the whole job)."""
-        nn.Module.__init__(self)
+        combined (default: ``group``; `parallelize` passes the whole job); ``name``: the
+        layer's path in its model, for error messages."""
+        super().__init__()
         rank, world = _check(group)
-        E = layer.config.num_experts
-        if E % world:
-            raise MoEError(f"{E} experts do not divide over {world} processes: use a world size "
-                           "that divides num_experts")
-        if experts_range is None:
-            per_rank = E // world
-            experts_range = range(rank * per_rank, (rank + 1) * per_rank)
-        self.config = layer.config
-        self.d_model, self.d_ff = layer.d_model, layer.d_ff
-        self.dispatch_path = layer.dispatch_path
-        self.router = layer.router
-        self.experts = _local_experts(layer.experts, experts_range)
-        self.set_tokens_per_group(layer.tokens_per_group)
-        self.last_routing: RoutingRecord | None = None
-        self.token_mask: Tensor | None = None
-        self.last_exchange: ExchangeRecord | None = None
+        self.experts_range = expert_block(num_experts, rank, world)
         self.group, self.rank, self.world_size = group, rank, world
         self.stats_group = group if stats_group is None else stats_group
         self.stats_world_size = dist.get_world_size(self.stats_group)
-        self.local_experts = experts_range
         self.layer_name = name
-        self.train(layer.training)
+        self.last_exchange: ExchangeRecord | None = None
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        if _is_tracing(hidden_states):
+    def local_experts(self, num_experts: int) -> range:
+        return self.experts_range
+
+    def forward(self, x: Tensor, routing: Routing, sizes: Sizes, experts: Experts, *,
+                tracing: bool) -> tuple[Tensor, list[int]]:
+        if tracing:
             raise MoEError("an expert-parallel Switch layer runs eagerly only: trace, compile "
                            "or export the single-process model")
-        self._check_input(hidden_states)
-        sizes = self._sizes(self.tokens_per_group or hidden_states.shape[-2])
-        E, W, n_local = sizes.num_experts, self.world_size, len(self.local_experts)
-        x = hidden_states.reshape(-1, sizes.tokens_per_group, self.d_model)  # [G, T, d]
-        valid = self._valid_tokens(hidden_states, x)
-        capacity = sizes.expert_capacity if valid is None else self._group_capacities(valid)
-        routing = self.route(x, capacity, valid=valid)
+        W, n_local = self.world_size, len(self.experts_range)
         x_flat = x.flatten(0, 1)
         assignments = sort_by_expert(routing, sizes)
         dtype = _exchange_dtype(x_flat)
@@ -282,37 +279,33 @@ class ExpertParallelSwitchFFN(SwitchFFN):
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
         # permutations both ways; gather_rows makes each one's gradient a gather too
-        with _local_parameters(self.experts):
-            out = self.experts.forward_sorted(gather_rows(received, order, back.unsqueeze(1)),
-                                              incoming.sum(0).tolist())
+        with _local_parameters(experts):
+            out = experts.forward_sorted(gather_rows(received, order, back.unsqueeze(1)),
+                                         incoming.sum(0).tolist())
         out = gather_rows(out.to(dtype), back, order.unsqueeze(1))  # source order again
         # 3. results back to the ranks that own the tokens
         expert_out = _AllToAll.apply(out, recv, send, self.group,
                                      ("combine", self.layer_name, self.rank))
         y = combine_sorted(expert_out, routing, assignments, x_flat)
         self.last_exchange = ExchangeRecord(dtype, tuple(send), tuple(recv),
-                                            self.d_model * rows.element_size(), self.rank)
-        self.last_routing = self._global_record(routing, assignments.counts,
-                                                sizes.expert_capacity)
-        return y.reshape_as(hidden_states).to(hidden_states.dtype)
+                                            x.shape[-1] * rows.element_size(), self.rank)
+        return y, assignments.counts
 
-    def _global_record(self, routing, counts: Sequence[int], capacity: int) -> RoutingRecord:
-        """Losses and statistics over the whole group's batch (one all_reduce)."""
-        E = self.config.num_experts
+    def batch_record(self, record: RoutingRecord, routing: Routing) -> RoutingRecord:
+        """Losses and statistics over the whole statistics group's batch (one all_reduce)."""
         valid = routing.valid
         if valid is None:
             groups, tokens = routing.router_probs.shape[0], routing.router_probs[..., 0].numel()
         else:  # groups with real tokens, real tokens
             groups, tokens = int(valid.any(dim=1).sum()), int(valid.sum())
         # local sums: the per-group loss summed over groups, z summed over tokens
-        lb_sum = load_balancing_loss(routing.router_probs, routing.expert_index[..., 0],
-                                     num_experts=E, valid=valid) * groups
-        z_sum = router_z_loss(routing.router_logits, valid) * tokens
+        lb_sum = record.load_balancing_loss * groups
+        z_sum = record.z_loss * tokens
         reached = routing.kept.any(dim=-1).sum()
         stats = torch.cat([
             torch.stack([lb_sum.detach().double(), z_sum.detach().double()]),
             torch.tensor([groups, tokens], dtype=torch.float64), reached.double().view(1),
-            torch.tensor(list(counts), dtype=torch.float64),
+            record.tokens_per_expert.to(torch.float64),
         ])
         _collective("statistics all_reduce", self.layer_name, self.rank, dist.all_reduce,
                     stats, group=self.stats_group)
@@ -329,14 +322,35 @@ class ExpertParallelSwitchFFN(SwitchFFN):
             z_loss=global_mean(z_sum, total_z, total_tokens),
             tokens_per_expert=stats[5:].round().long(),
             dropped_fraction=torch.tensor(1.0 - total_reached / max(total_tokens, 1)),
-            expert_capacity=capacity,
+            expert_capacity=record.expert_capacity,
             num_tokens=int(total_tokens),
         )
 
     def extra_repr(self) -> str:
-        r = self.local_experts
-        return (f"{super().extra_repr()}, experts {r.start}..{r.stop - 1} on rank "
-                f"{self.rank} of {self.world_size}")
+        r = self.experts_range
+        return f"experts {r.start}..{r.stop - 1} on rank {self.rank} of {self.world_size}"
+
+
+def is_expert_parallel(module: nn.Module) -> bool:
+    """Whether ``module`` is a Switch layer whose experts are spread over processes."""
+    return isinstance(module, SwitchFFN) and isinstance(module.dispatcher, AllToAllDispatcher)
+
+
+def _spread_experts(model: nn.Module, group, *, stats_group=None) -> None:
+    """Every Switch layer of ``model`` -> the same layer (router, configuration, mode)
+    holding only this rank's block of experts, with an `AllToAllDispatcher` over
+    ``group``; parameters may be on the meta device."""
+    for name, layer in switch_layers(model):
+        dispatcher = AllToAllDispatcher(group, num_experts=layer.config.num_experts, name=name,
+                                        stats_group=stats_group)
+        sharded = SwitchFFN(layer.d_model, layer.d_ff, layer.config,
+                            seq_len=layer.tokens_per_group, router=layer.router,
+                            experts=_local_experts(layer.experts, dispatcher.experts_range),
+                            dispatcher=dispatcher)
+        sharded.train(layer.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, sharded)
 
 
 def _exchange_dtype(x: Tensor) -> torch.dtype:
@@ -346,29 +360,19 @@ def _exchange_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _plan_ranges(model: nn.Module, rank: int, world: int) -> range | None:
-    plan = conversion_of(model)
-    sharding = None if plan is None else plan.sharding
-    return None if sharding is None else sharding.experts_of_rank(rank, world)
-
-
 def _check_experts_divide(layers: list[tuple[str, SwitchFFN]], parts: int, over: str,
                           fix: str) -> None:
     """Every layer not yet expert-parallel, routing by token choice, its experts dividing
-    into ``parts``. The exchange sends each token to the experts it chose; under expert
-    choice the experts choose, which it does not implement."""
+    into ``parts`` (`expert_block`). The exchange sends each token to the experts it
+    chose; under expert choice the experts choose, which it does not implement."""
     for name, layer in layers:
-        if isinstance(layer, ExpertParallelSwitchFFN):
+        if is_expert_parallel(layer):
             raise MoEError(f"{name} is already expert-parallel")
         if layer.config.router == RouterKind.EXPERT_CHOICE:
             raise MoEError(f"{name} routes by expert choice, which expert parallelism does not "
                            "run (its exchange sends each token to the experts the token "
                            "chose): train expert-choice models in one process")
-        if layer.config.num_experts % parts:
-            raise MoEError(
-                f"{name} has {layer.config.num_experts} experts, which do not divide over "
-                f"{over}: use {fix} that divides num_experts"
-            )
+        expert_block(layer.config.num_experts, 0, parts, who=name, over=over, fix=fix)
 
 
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:
@@ -380,22 +384,17 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     seed or checkpoint) and average gradients with `average_gradients` (or DDP over the
     replicated parameters).
     """
-    rank, world = _check(group)
+    _, world = _check(group)
     layers = switch_layers(model)
     if not layers:
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
     _check_experts_divide(layers, world, f"{world} processes", "a world size")
-    experts_range = _plan_ranges(model, rank, world)
-    for name, layer in layers:
-        sharded = ExpertParallelSwitchFFN(layer, group, name=name, experts_range=experts_range)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, sharded)
+    _spread_experts(model, group)
     return model
 
 
 def _is_expert_param(model: nn.Module) -> dict[int, bool]:
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallelSwitchFFN)
+    expert_ids = {id(p) for m in model.modules() if is_expert_parallel(m)
                   for p in m.experts.parameters()}
     return {id(p): id(p) in expert_ids for p in model.parameters()}
 
@@ -560,16 +559,9 @@ def _make_layout(mesh, shard_dense: bool, source: Source | None) -> ParallelLayo
 
 
 def _shard_experts(model: nn.Module, layout: ParallelLayout) -> None:
-    """Every Switch layer -> an `ExpertParallelSwitchFFN` over this rank's ``ep`` group
-    (statistics over the whole job); parameters may still be on the meta device."""
-    ep_group = layout.mesh.get_group(EP)
-    experts_range = _plan_ranges(model, layout.ep_rank, layout.ep)
-    for name, layer in switch_layers(model):
-        sharded = ExpertParallelSwitchFFN(layer, ep_group, name=name, experts_range=experts_range,
-                                          stats_group=layout.flat_group)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, sharded)
+    """Every Switch layer's experts spread over this rank's ``ep`` group (statistics
+    over the whole job); parameters may still be on the meta device."""
+    _spread_experts(model, layout.mesh.get_group(EP), stats_group=layout.flat_group)
 
 
 def _blocks(module: nn.Module) -> Iterator[nn.Module]:
@@ -679,166 +671,55 @@ OPTIMIZER_DIR = "optimizer"
 
 
 @dataclass(frozen=True)
-class _Entry:
-    """One safetensors entry: a whole tensor (``name == source``) or a block of its rows
-    (``source::partJ``)."""
-
-    name: str
-    source: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-
-
-def _header(entries: Sequence[_Entry]) -> bytes:
-    """A safetensors header as `moeify.checkpoint.write_shards` writes it."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": _SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    return encoded + b" " * (-len(encoded) % 8)
-
-
-def _group_files(entries: Sequence[_Entry], limit: int) -> list[list[_Entry]]:
-    groups: list[list[_Entry]] = [[]]
-    size = _HEADER_BASE
-    for e in entries:
-        cost = _entry_header_bytes(e.name, list(e.shape)) + e.nbytes
-        if groups[-1] and size + cost > limit:
-            groups.append([])
-            size = _HEADER_BASE
-        groups[-1].append(e)
-        size += cost
-    return groups if groups[-1] else []
-
-
-def _block_rows(name: str, shape: tuple[int, ...], dtype: torch.dtype, limit: int,
-                widest: str) -> list[int]:
-    """Row counts of the entries one block ``shape`` takes under the shard limit."""
-    rows = shape[0]
-    row_bytes = _nbytes(torch.empty(shape[1:], dtype=dtype, device="meta"))
-    if _HEADER_BASE + _entry_header_bytes(widest, list(shape)) + rows * row_bytes <= limit:
-        return [rows]
-    room = limit - _HEADER_BASE - _entry_header_bytes(widest, list(shape))
-    per_part = room // row_bytes if row_bytes and room > 0 else 0
-    if per_part < 1:
-        raise MoEError(f"{name}: one expert row takes {row_bytes:,} bytes, more than the shard "
-                       f"size limit of {limit:,} bytes allows: raise max_shard_bytes")
-    return [min(per_part, rows - s) for s in range(0, rows, per_part)]
-
-
-@dataclass
 class _SaveLayout:
-    """Which rank writes which entries into which file: computed identically on every
-    rank from shapes alone, so no file list needs exchanging."""
+    """Which rank writes which shard files: computed identically on every rank from shapes
+    alone, so no file list needs exchanging."""
 
-    files: list[tuple[str, int, list[_Entry]]]  # (file name, writer flat rank, entries)
-    parts: dict[str, list[list[Any]]]  # tensor -> [[entry, rows], ...] (split tensors)
+    shards: ShardPlan
+    writers: tuple[int, ...]  # flat rank writing each file of ``shards``
     whole_writer: dict[str, int]  # tensor -> flat rank that writes all of it (hashes it)
-
-    def index(self) -> dict[str, Any]:
-        weight_map = {e.name: f for f, _, entries in self.files for e in entries}
-        total = sum(e.nbytes for _, _, entries in self.files for e in entries)
-        metadata: dict[str, Any] = {"total_size": total}
-        if self.parts:
-            metadata["parts"] = self.parts
-        return {"metadata": metadata, "weight_map": weight_map}
 
 
 def _save_layout(dense: dict[str, Tensor], experts: dict[str, Tensor], layout: ParallelLayout,
                  limit: int) -> _SaveLayout:
-    writers: list[tuple[int, list[_Entry]]] = []
-    parts: dict[str, list[list[Any]]] = {}
-    whole_writer: dict[str, int] = {}
+    """Dense tensors in files of the writer of block 0; each expert weight as one row
+    block per ep rank (``E / ep`` experts, cut further to fit ``limit``), in files of the
+    rank writing that block."""
     dense_writer = layout.writer_of_block(0)
-    entries = []
-    for part, source, shape, nbytes in _shard_entries(dense, limit):
-        entries.append(_Entry(part, source, tuple(shape), dense[source].dtype, nbytes))
-        if part != source:
-            parts.setdefault(source, []).append([part, shape[0]])
-        whole_writer[source] = dense_writer
-    writers.append((dense_writer, entries))
+    writers: list[tuple[int, list[Entry]]] = [(dense_writer, split_entries(dense, limit))]
+    whole_writer = dict.fromkeys(dense, dense_writer)
     ep = layout.ep
     blocks: dict[str, list[int]] = {}
     for name, spec in experts.items():
         E = spec.shape[0]
-        block = (E // ep, *spec.shape[1:])
-        blocks[name] = _block_rows(name, block, spec.dtype, limit,
-                                   f"{name}{PART_SEPARATOR}{E}")
+        blocks[name] = row_blocks(name, (E // ep, *spec.shape[1:]), spec.dtype, limit,
+                                  widest=f"{name}{PART_SEPARATOR}{E}")
         if ep == 1:
             whole_writer[name] = layout.writer_of_block(0)
     for e in range(ep):
         entries = []
         for name, spec in experts.items():
             rows = blocks[name]
-            split = ep > 1 or len(rows) > 1
-            for j, count in enumerate(rows):
-                part = f"{name}{PART_SEPARATOR}{e * len(rows) + j}" if split else name
-                shape = (count, *spec.shape[1:])
-                nbytes = _nbytes(torch.empty(shape, dtype=spec.dtype, device="meta"))
-                entries.append(_Entry(part, name, shape, spec.dtype, nbytes))
-                if split:
-                    parts.setdefault(name, []).append([part, count])
+            if ep == 1 and len(rows) == 1:  # all of it, one entry
+                entries.append(Entry(name, name, tuple(spec.shape), spec.dtype, nbytes(spec)))
+            else:
+                entries += part_entries(name, spec.shape, spec.dtype, rows, first=e * len(rows))
         writers.append((layout.writer_of_block(e), entries))
     groups = [(writer, group) for writer, entries in writers
-              for group in _group_files(entries, limit)]
-    n = len(groups)
-    files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", writer, group)
-             for i, (writer, group) in enumerate(groups)]
-    return _SaveLayout(files, parts, whole_writer)
+              for group in group_entries(entries, limit)]
+    return _SaveLayout(ShardPlan.of([group for _, group in groups]),
+                       tuple(writer for writer, _ in groups), whole_writer)
 
 
-def _write_files(directory: Path, files: Sequence[tuple[str, list[_Entry]]],
-                 tensors: Iterator[tuple[str, Tensor]], digests: dict[str, str],
-                 hashed: set[str]) -> None:
-    """Write ``files`` in order, each tensor's bytes streamed from ``tensors`` (pulled in
-    the order the entries first need them); the digest of every tensor in ``hashed``
-    (whole tensors, all of whose entries are written here) goes into ``digests``."""
-    last = {e.source: e.name for _, entries in files for e in entries}
-    streams: dict[str, _TensorBytes] = {}
-    for filename, entries in files:
-        encoded = _header(entries)
-        with open(directory / filename, "wb") as handle:
-            handle.write(len(encoded).to_bytes(8, "little"))
-            handle.write(encoded)
-            for e in entries:
-                if e.source not in streams:
-                    name, tensor = next(tensors)
-                    if name != e.source:
-                        raise MoEError(f"internal: expected {e.source}, got {name}")
-                    streams[e.source] = _TensorBytes(name, [tensor], tensor)
-                streams[e.source].copy(handle, e.nbytes)
-                if last[e.source] == e.name:
-                    stream = streams.pop(e.source)
-                    stream.finish()
-                    if e.source in hashed:
-                        digests[e.source] = DIGEST_PREFIX + stream.hash.hexdigest()
-
-
-def _hash_from_files(directory: Path, save_layout: _SaveLayout, name: str,
-                     chunk: int = 64 * 2**20) -> str:
-    """sha256 of a split tensor's bytes, read back from its entries in order."""
-    where: dict[str, tuple[str, int, int]] = {}
-    for filename, _, entries in save_layout.files:
-        start = 8 + len(_header(entries))
-        for e in entries:
-            where[e.name] = (filename, start, e.nbytes)
-            start += e.nbytes
-    digest = hashlib.sha256()
-    for part, _ in save_layout.parts[name]:
-        filename, offset, nbytes = where[part]
-        with open(directory / filename, "rb") as handle:
-            handle.seek(offset)
-            while nbytes:
-                data = handle.read(min(chunk, nbytes))
-                if not data:
-                    raise MoEError(f"{directory / filename} is shorter than written")
-                digest.update(data)
-                nbytes -= len(data)
-    return DIGEST_PREFIX + digest.hexdigest()
+def _next_tensor(tensors: Iterator[tuple[str, Tensor]]) -> Callable[[str], list[Tensor]]:
+    """``write_files``' chunks from ``tensors``, pulled in the order the files first need
+    them (the order of the collectives that gather them)."""
+    def chunks(name: str) -> list[Tensor]:
+        got, tensor = next(tensors)
+        if got != name:
+            raise MoEError(f"internal: expected {name}, got {got}")
+        return [tensor]
+    return chunks
 
 
 def _all_ok(layout: ParallelLayout, error: BaseException | None, what: str) -> None:
@@ -910,7 +791,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None, force: bo
     save_layout = _save_layout({n: specs[n] for n in dense}, {n: specs[n] for n in experts},
                                layout, max_shard_bytes)
     rank, root = layout.rank, layout.global_rank(0)
-    need = sum(_nbytes(t) for t in specs.values())
+    need = sum(nbytes(t) for t in specs.values())
 
     # rank 0 takes the destination (lock, free space, temporary directory)
     target: list[Any] = [None]
@@ -934,32 +815,32 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None, force: bo
                     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
                 yield name, full.detach()
 
-        mine = [(f, entries) for f, writer, entries in save_layout.files if writer == rank]
-        digests: dict[str, str] = {}
-        hashed = {n for n, w in save_layout.whole_writer.items() if w == rank}
+        mine = [file for file, writer in zip(save_layout.shards.files, save_layout.writers)
+                if writer == rank]
+        written: dict[str, str] = {}
         error: BaseException | None = None
         stream = dense_tensors()
         try:
             local = {name: (t.to_local() if isinstance(t, DTensor) else t).detach()
                      for name, t in experts.items()}
-            dense_files = [(f, es) for f, es in mine if es[0].source in dense]
-            expert_files = [(f, es) for f, es in mine if es[0].source not in dense]
-            if dense_files:
-                _write_files(tmp, dense_files, stream, digests, hashed)
-            if expert_files:
-                _write_files(tmp, expert_files, iter(local.items()), digests, hashed)
+            dense_files = [f for f in mine if f.entries[0].tensor in dense]
+            expert_files = [f for f in mine if f.entries[0].tensor not in dense]
+            written.update(write_files(tmp, dense_files, _next_tensor(stream)))
+            written.update(write_files(tmp, expert_files, lambda name: [local[name]]))
         except BaseException as failure:  # noqa: BLE001 - every rank learns of it
             error = failure
         for _ in stream:  # the gathers the writer did not reach
             pass
         _all_ok(layout, error, "writing the checkpoint shards")
+        digests = {n: d for n, d in written.items() if save_layout.whole_writer.get(n) == rank}
         # 2. digests of tensors split over ranks, hashed back from the files
         split = [n for n in specs if n not in save_layout.whole_writer]
+        locations = stored_entries(save_layout.shards.index())
         error = None
         try:
             for i, name in enumerate(split):
                 if i % layout.world == rank:
-                    digests[name] = _hash_from_files(tmp, save_layout, name)
+                    digests[name], _ = stored_digest(tmp, locations[name])
         except BaseException as failure:  # noqa: BLE001
             error = failure
         _all_ok(layout, error, "hashing the checkpoint shards")
@@ -976,8 +857,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None, force: bo
                 for d in gathered:
                     all_digests.update(d)
                 ordered = {n: all_digests[n] for n in specs}
-                (tmp / INDEX_FILE).write_text(json.dumps(save_layout.index(), indent=1))
-                meta = _checkpoint_meta(plan, source, aliases, specs, ordered)
+                write_index(tmp, save_layout.shards)
+                meta = checkpoint_meta(plan, source, aliases, specs, ordered)
                 (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
                 closed = True
                 context.__exit__(None, None, None)
@@ -989,12 +870,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None, force: bo
             context.__exit__(type(error), error, error.__traceback__)
         raise
     return Path(path)
-
-
-def _expert_fqns(model: nn.Module, layout: ParallelLayout | None) -> set[str]:
-    if layout is None:
-        return set()
-    return {name for name, p in model.named_parameters() if id(p) in layout.expert_ids}
 
 
 def _optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
@@ -1060,11 +935,11 @@ def load(path: str | os.PathLike, model_or_builder: nn.Module | Callable[[], nn.
     return skeleton.eval()
 
 
-def _load_local(skeleton: nn.Module, weights: CheckpointWeights, path) -> None:
+def _load_local(skeleton: nn.Module, weights: ShardReader, path) -> None:
     """Assign the replicated tensors and this rank's expert rows to a sharded skeleton."""
     state: dict[str, Any] = {}
     for name, module in skeleton.named_modules():
-        if isinstance(module, ExpertParallelSwitchFFN):
+        if is_expert_parallel(module):
             r = module.local_experts
             for pname, _ in module.experts.named_parameters():
                 key = f"{name}.experts.{pname}"

@@ -26,8 +26,9 @@ from typing import Any
 
 from torch import nn
 
-from moeify.checkpoint import INDEX_FILE, save
+from moeify.checkpoint import save
 from moeify.errors import MoEError
+from moeify.io.shards import INDEX_FILE
 from moeify.sources import CHECKPOINT_FILE
 
 # what a previous save left in the directory and this one replaces

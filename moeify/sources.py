@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -367,10 +366,3 @@ def _required_parameters(function) -> list[str]:
         return []
     return [p.name for p in parameters if p.default is p.empty
             and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    meta_path = Path(path) / CHECKPOINT_FILE
-    if not meta_path.exists():
-        raise MoEError(f"{path} is not a moeify checkpoint (no {CHECKPOINT_FILE})")
-    return json.loads(meta_path.read_text())

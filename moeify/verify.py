@@ -2,7 +2,7 @@
 
 | check | what it proves |
 | --- | --- |
-| integrity | always runs: every tensor's bytes in the shards hash to the sha256 digest recorded when they were written (a flipped bit fails); checkpoints from before digests say "no digests recorded" |
+| integrity | always runs: every tensor's bytes in the shards hash to the sha256 digest recorded when they were written (a flipped bit fails) |
 | reload | the checkpoint rebuilds and loads (no parameter holds NaN / inf); saved again and reloaded, it gives bitwise the same outputs |
 | upcycled weights | (source available, ``init=copy``, no noise) every non-expert weight equals the source's and every expert equals the source FFN |
 | dense identity | (source available, experts that start as the dense FFN: ``init=copy`` without noise) with the normalized gate and room for every token, the converted model reproduces the source model's outputs, computed in float32; other inits (``drop``, ``random``, ``partition``, noise) change the function by design and say so |
@@ -22,8 +22,6 @@ and exits non-zero if any failed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -35,17 +33,11 @@ import torch
 from torch import nn
 
 from moeify.api import switch_layers
-from moeify.checkpoint import (
-    DIGEST_PREFIX,
-    CheckpointMeta,
-    load,
-    read_index,
-    read_meta,
-    save,
-)
+from moeify.checkpoint import CheckpointMeta, load, read_meta, save
 from moeify.config import Init, RouterKind
 from moeify.conversion import conversion_of
 from moeify.errors import MoEError
+from moeify.io.shards import read_index, stored_digest, stored_entries
 from moeify.sources import load_source
 from moeify.switch.experts import granular_slices
 from moeify.trace import default_example_inputs
@@ -139,69 +131,30 @@ def _as_dtype(inputs: Inputs, dtype: torch.dtype) -> Inputs:
 
 # --- integrity -----------------------------------------------------------------------------
 
-_BLOCK = 1 << 24
-
-
-def _shard_layout(file: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data, header) of a safetensors file."""
-    with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 2 <= size <= 100_000_000:
-            raise ValueError(f"header length {size}")
-        header = json.loads(handle.read(size))
-    return 8 + size, header
-
 
 def check_integrity(path: Path, meta: CheckpointMeta) -> Check:
-    """Hash every tensor's bytes straight from the shard files (16 MiB at a time) and
-    compare with the digests recorded when the checkpoint was written."""
-    if meta.digests is None:
-        return Check("integrity", "skip", "no digests recorded (written by a moeify that did "
-                     "not record them): the tensors cannot be checked; convert or save again "
-                     "to record them")
+    """Hash every tensor's bytes straight from the shard files and compare with the
+    digests recorded when the checkpoint was written."""
     index = read_index(path)
-    weight_map: dict[str, str] = index["weight_map"]
-    parts = index.get("metadata", {}).get("parts", {})
-    part_names = {part for entries in parts.values() for part, _ in entries}
-    tensors = {name: [(file, name)] for name, file in weight_map.items() if name not in part_names}
-    for name, entries in parts.items():
-        tensors[name] = [(weight_map.get(part, "?"), part) for part, _ in entries]
+    tensors = stored_entries(index)
     unrecorded = [n for n in tensors if n not in meta.digests]
     absent = [n for n in meta.digests if n not in tensors]
     if absent:
         return Check("integrity", "fail", f"{len(absent)} tensors with a recorded digest are "
                      f"not in the index, first {absent[0]}")
-    layouts: dict[str, tuple[int, dict[str, Any]]] = {}
+    headers: dict[str, tuple[int, dict[str, Any]]] = {}
     mismatched: list[tuple[str, str]] = []
     total = 0
     for name, entries in tensors.items():
         if name not in meta.digests:
             continue
-        digest = hashlib.sha256()
-        files = []
-        for file, entry in entries:
-            files.append(file)
-            shard = path / file
-            try:
-                if file not in layouts:
-                    layouts[file] = _shard_layout(shard)
-                start, header = layouts[file]
-                begin, end = header[entry]["data_offsets"]
-                with open(shard, "rb") as handle:
-                    handle.seek(start + begin)
-                    left = end - begin
-                    while left:
-                        block = handle.read(min(left, _BLOCK))
-                        if not block:
-                            raise ValueError("truncated")
-                        digest.update(block)
-                        left -= len(block)
-                        total += len(block)
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                return Check("integrity", "fail", f"shard {shard} is missing, damaged or "
-                             f"truncated ({type(error).__name__}: {error}) at tensor {name}")
-        if DIGEST_PREFIX + digest.hexdigest() != meta.digests[name]:
-            mismatched.append((name, ", ".join(sorted(set(files)))))
+        try:
+            digest, read = stored_digest(path, entries, headers)
+        except MoEError as error:
+            return Check("integrity", "fail", f"{error} at tensor {name}")
+        total += read
+        if digest != meta.digests[name]:
+            mismatched.append((name, ", ".join(sorted({file for file, _ in entries}))))
     if mismatched:
         name, files = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
@@ -210,7 +163,7 @@ def check_integrity(path: Path, meta: CheckpointMeta) -> Check:
     if unrecorded:
         return Check("integrity", "fail", f"{len(unrecorded)} tensors have no recorded digest, "
                      f"first {unrecorded[0]}")
-    shards = len(set(weight_map.values()))
+    shards = len(set(index["weight_map"].values()))
     return Check("integrity", "pass", f"{len(tensors)} tensors in {shards} shards match their "
                  f"recorded sha256 digests ({total:,} bytes read)")
 

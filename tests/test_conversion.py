@@ -15,7 +15,7 @@ import moeify
 from moeify import ConversionPlan, MoEConfig, SwitchFFN
 from moeify.conversion import PLAN_FORMAT_VERSION
 from tests import models
-from tests.test_convert import FAMILIES, NEEDS_INPUTS, build, run
+from tests.families import FAMILIES, NEEDS_INPUTS, build, run
 
 E = 4
 SEQ = 12
@@ -143,25 +143,6 @@ def test_load_applies_the_stored_plan_without_tracing(name, tmp_path, monkeypatc
     loaded = moeify.load(tmp_path / "ck")
     torch.testing.assert_close(run(loaded, inputs), expected, rtol=0, atol=0)
     assert moeify.conversion_of(loaded) == moeify.conversion_of(model)
-
-
-def test_format_1_checkpoints_still_load(tmp_path):
-    """A checkpoint written before the plan was stored: its plan is made again."""
-    model, inputs = build("t5")
-    moeify.convert(model, MoEConfig(num_experts=E), seq_len=SEQ)
-    moeify.save(model, tmp_path / "ck")
-    meta_file = tmp_path / "ck" / "moeify.json"
-    meta = json.loads(meta_file.read_text())
-    plan = meta.pop("plan")
-    meta.update(format_version=1, config=plan["config"], seq_len=plan["seq_len"],
-                sites=plan["selected"], sharding=plan["sharding"])
-    meta_file.write_text(json.dumps(meta))
-    loaded = moeify.load(tmp_path / "ck")
-    torch.testing.assert_close(run(loaded, inputs), run(model, inputs), rtol=0, atol=0)
-    meta["sites"] = meta["sites"][:1]
-    meta_file.write_text(json.dumps(meta))
-    with pytest.raises(moeify.MoEError, match="format 1 checkpoint .* holds"):
-        moeify.load(tmp_path / "ck")
 
 
 @pytest.mark.parametrize("entry", ["plan", "convert", "inspect"])

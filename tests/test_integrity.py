@@ -12,26 +12,17 @@ import pytest
 import torch
 
 import moeify
-from moeify.checkpoint import tensor_digest
+from moeify.io.shards import tensor_digest
 from moeify.sources import load_source, weights_fingerprint
 from tests import models
-from tests.test_cli_convert import one_line_error, run
 
 EXPERT = "encoder.block.1.layer.1.DenseReluDense.experts.w_in"
 
 
 @pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("t5") / "tiny-t5"
-    models.t5().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(t5_dir, tmp_path_factory):
+def converted(t5_dir, tmp_path_factory, moeify_cli):
     out = tmp_path_factory.mktemp("converted") / "moe"
-    result = run("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out)
+    result = moeify_cli("convert", t5_dir, "--experts", "4", "--seq-len", "8", "--out", out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -101,10 +92,11 @@ def test_split_tensors_are_digested_whole(tmp_path):
 
 
 def test_a_flipped_bit_in_an_expert_fails_verify_and_load_even_without_the_source(
-        t5_dir, tmp_path):
+        t5_dir, tmp_path, moeify_cli):
     source = Path(shutil.copytree(t5_dir, tmp_path / "source"))
     ck = tmp_path / "ck"
-    assert run("convert", source, "--experts", "4", "--seq-len", "8", "--out", ck).returncode == 0
+    assert moeify_cli("convert", source, "--experts", "4", "--seq-len", "8",
+                      "--out", ck).returncode == 0
     shutil.rmtree(source)  # the weight checks cannot run: integrity must still catch it
     shard = poke(ck, EXPERT, 5, flip_lowest_bit)
 
@@ -113,7 +105,7 @@ def test_a_flipped_bit_in_an_expert_fails_verify_and_load_even_without_the_sourc
         moeify.load(ck)
     moeify.load(ck, check_digests=False)  # explicitly unchecked: loads
 
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 1, result.stdout
     checks = checks_of(result)
     assert checks["integrity"]["status"] == "fail"
@@ -123,8 +115,8 @@ def test_a_flipped_bit_in_an_expert_fails_verify_and_load_even_without_the_sourc
     assert checks["dense identity"]["status"] == "skip"
 
 
-def test_verify_reports_integrity_first_and_passes_an_intact_checkpoint(converted):
-    result = run("verify", converted, "--json")
+def test_verify_reports_integrity_first_and_passes_an_intact_checkpoint(converted, moeify_cli):
+    result = moeify_cli("verify", converted, "--json")
     assert result.returncode == 0, result.stderr
     checks = json.loads(result.stdout)["checks"]
     assert checks[0]["name"] == "integrity" and checks[0]["status"] == "pass"
@@ -132,19 +124,46 @@ def test_verify_reports_integrity_first_and_passes_an_intact_checkpoint(converte
     assert {c["name"]: c["status"] for c in checks}["upcycled weights"] == "pass"
 
 
-def test_an_old_checkpoint_without_digests_loads_and_verify_says_so(converted, tmp_path):
+def _format_1(meta: dict) -> dict:
+    """``moeify.json`` as moeify wrote it before the plan was stored (format 1)."""
+    plan = meta.pop("plan")
+    meta.update(format_version=1, config=plan["config"], seq_len=plan["seq_len"],
+                sites=plan["selected"])
+    return meta
+
+
+def _without_digests(meta: dict) -> dict:
+    del meta["digests"]
+    return meta
+
+
+@pytest.mark.parametrize("written_by, problem", [
+    (_format_1, "format 1, without a stored conversion plan"),
+    (_without_digests, "no tensor digests recorded"),
+])
+def test_a_checkpoint_of_an_earlier_moeify_is_refused_with_the_fix(
+        written_by, problem, converted, tmp_path, moeify_cli, one_line_error):
+    ck = copy_of(converted, tmp_path)
+    file = ck / "moeify.json"
+    file.write_text(json.dumps(written_by(meta_of(ck))))
+    expected = (f"{file} was written by an earlier moeify ({problem}); this moeify reads only "
+                "checkpoints of format 2 with tensor digests: convert the source again")
+    with pytest.raises(moeify.MoEError) as raised:
+        moeify.load(ck)
+    assert str(raised.value) == expected
+    assert one_line_error(moeify_cli("verify", ck)) == f"error: {expected}"
+
+
+def test_a_source_without_a_fingerprint_is_used_and_verify_says_it_is_unproven(
+        converted, tmp_path, moeify_cli):
     ck = copy_of(converted, tmp_path)
     meta = meta_of(ck)
-    del meta["digests"]
-    for field in ("weights", "dtype", "random_init"):  # an old Source had none of these
-        del meta["source"][field]
+    meta["source"]["weights"] = None
     (ck / "moeify.json").write_text(json.dumps(meta))
-    moeify.load(ck)
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stderr
     checks = checks_of(result)
-    assert checks["integrity"]["status"] == "skip"
-    assert "no digests recorded" in checks["integrity"]["detail"]
+    assert checks["integrity"]["status"] == "pass"
     assert checks["upcycled weights"]["status"] == "pass"  # the source is still there
     assert "no source fingerprint recorded" in checks["upcycled weights"]["detail"]
 
@@ -153,12 +172,12 @@ def test_an_old_checkpoint_without_digests_loads_and_verify_says_so(converted, t
 
 
 def test_the_source_is_recorded_absolute_and_verify_runs_the_weight_checks_from_elsewhere(
-        t5_dir, tmp_path):
+        t5_dir, tmp_path, moeify_cli):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     shutil.copytree(t5_dir, work / "tiny-t5")
     elsewhere.mkdir()
-    result = run("convert", "tiny-t5", "--experts", "4", "--seq-len", "8", "--out",
-                 tmp_path / "ck", cwd=work)
+    result = moeify_cli("convert", "tiny-t5", "--experts", "4", "--seq-len", "8", "--out",
+                        tmp_path / "ck", cwd=work)
     assert result.returncode == 0, result.stderr
     source = meta_of(tmp_path / "ck")["source"]
     assert source["ref"] == str((work / "tiny-t5").resolve())
@@ -166,7 +185,7 @@ def test_the_source_is_recorded_absolute_and_verify_runs_the_weight_checks_from_
     dense, _ = load_source(str(work / "tiny-t5"), dtype=torch.float32)
     assert source["weights"] == weights_fingerprint(dense)
 
-    result = run("verify", tmp_path / "ck", "--json", cwd=elsewhere)
+    result = moeify_cli("verify", tmp_path / "ck", "--json", cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     checks = checks_of(result)
     assert checks["upcycled weights"]["status"] == "pass", checks["upcycled weights"]
@@ -174,13 +193,14 @@ def test_the_source_is_recorded_absolute_and_verify_runs_the_weight_checks_from_
     assert checks["dense identity"]["status"] == "pass"
 
 
-def test_a_source_changed_since_conversion_is_reported_not_compared(t5_dir, tmp_path):
+def test_a_source_changed_since_conversion_is_reported_not_compared(t5_dir, tmp_path, moeify_cli):
     source = Path(shutil.copytree(t5_dir, tmp_path / "source"))
     ck = tmp_path / "ck"
-    assert run("convert", source, "--experts", "4", "--seq-len", "8", "--out", ck).returncode == 0
+    assert moeify_cli("convert", source, "--experts", "4", "--seq-len", "8",
+                      "--out", ck).returncode == 0
     torch.manual_seed(7)
     models.t5().save_pretrained(source)  # same architecture, other weights
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stderr
     checks = checks_of(result)
     for name in ("upcycled weights", "dense identity"):
@@ -189,13 +209,13 @@ def test_a_source_changed_since_conversion_is_reported_not_compared(t5_dir, tmp_
     assert checks["integrity"]["status"] == "pass"
 
 
-def test_random_init_sources_are_rebuilt_with_the_conversion_seed(t5_dir, tmp_path):
+def test_random_init_sources_are_rebuilt_with_the_conversion_seed(t5_dir, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
-    result = run("convert", t5_dir, "--random-init", "--seed", "3", "--experts", "4",
-                 "--seq-len", "8", "--out", ck)
+    result = moeify_cli("convert", t5_dir, "--random-init", "--seed", "3", "--experts", "4",
+                        "--seq-len", "8", "--out", ck)
     assert result.returncode == 0, result.stderr
     assert meta_of(ck)["source"]["random_init"] is True
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stderr
     checks = checks_of(result)
     assert checks["upcycled weights"]["status"] == "pass", checks["upcycled weights"]
@@ -206,17 +226,19 @@ def test_random_init_sources_are_rebuilt_with_the_conversion_seed(t5_dir, tmp_pa
 
 
 @pytest.mark.parametrize("value, what", [(float("nan"), "1 NaN"), (float("-inf"), "1 inf")])
-def test_convert_refuses_non_finite_source_weights_naming_the_tensor(value, what, tmp_path):
+def test_convert_refuses_non_finite_source_weights_naming_the_tensor(
+        value, what, tmp_path, moeify_cli, one_line_error):
     model = models.t5()
     with torch.no_grad():
         model.decoder.block[2].layer[2].DenseReluDense.wi.weight[3, 1] = value
     model.save_pretrained(tmp_path / "src")
-    one_line_error(run("convert", tmp_path / "src", "--experts", "4", "--out", tmp_path / "o"),
+    one_line_error(moeify_cli("convert", tmp_path / "src", "--experts", "4",
+                              "--out", tmp_path / "o"),
                    "decoder.block.2.layer.2.DenseReluDense.wi.weight", what, "non-finite")
     assert not (tmp_path / "o").exists()
 
 
-def test_a_nan_written_into_a_shard_is_named_by_load_and_verify(converted, tmp_path):
+def test_a_nan_written_into_a_shard_is_named_by_load_and_verify(converted, tmp_path, moeify_cli):
     ck = copy_of(converted, tmp_path)
     shard = poke(ck, EXPERT, 2, lambda raw: struct.pack("<f", float("nan")))
     pattern = f"tensor {EXPERT} in shard .*{shard.name} holds non-finite values \\(1 NaN\\)"
@@ -224,7 +246,7 @@ def test_a_nan_written_into_a_shard_is_named_by_load_and_verify(converted, tmp_p
         moeify.load(ck)
     with pytest.raises(moeify.MoEError, match=pattern):
         moeify.load(ck, check_digests=False)
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 1
     checks = checks_of(result)
     assert checks["reload"]["status"] == "fail"
@@ -248,10 +270,10 @@ def test_a_nan_saved_with_the_model_is_refused_on_load(tmp_path):
 
 
 @pytest.mark.parametrize("factory", ["residual_ffns", "residual_ffns_with_buffer"])
-def test_factory_checkpoints_load_without_the_model(factory, tmp_path):
+def test_factory_checkpoints_load_without_the_model(factory, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
-    result = run("convert", f"tests.factories:{factory}", "--experts", "4", "--seq-len", "8",
-                 "--out", ck)
+    result = moeify_cli("convert", f"tests.factories:{factory}", "--experts", "4", "--seq-len", "8",
+                        "--out", ck)
     assert result.returncode == 0, result.stderr
     source = meta_of(ck)["source"]
     assert source["kind"] == "factory" and source["ref"] == f"tests.factories:{factory}"
@@ -308,7 +330,7 @@ def _drop(*path):
      "cannot rebuild the source's transformers config"),
 ])
 def test_a_damaged_moeify_json_is_one_line_naming_the_file(damage, fragment, converted,
-                                                          tmp_path):
+                                                          tmp_path, moeify_cli, one_line_error):
     ck = copy_of(converted, tmp_path)
     file = ck / "moeify.json"
     if isinstance(damage, bytes):
@@ -323,31 +345,33 @@ def test_a_damaged_moeify_json_is_one_line_naming_the_file(damage, fragment, con
     if "class" in fragment or "config" in fragment and "rebuild" in fragment:
         # the description reads, the model does not rebuild: verify still checks the
         # shards' integrity and fails its reload check with the reason
-        result = run("verify", ck, "--json")
+        result = moeify_cli("verify", ck, "--json")
         assert result.returncode == 1, result.stderr
         checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
         assert checks["integrity"]["status"] == "pass"
         assert checks["reload"]["status"] == "fail"
         assert str(file) in checks["reload"]["detail"] and fragment in checks["reload"]["detail"]
     else:
-        one_line_error(run("verify", ck), str(file), fragment)
-    one_line_error(run("export", ck, "--onnx", tmp_path / "m.onnx", "--seq-len", "8"),
+        one_line_error(moeify_cli("verify", ck), str(file), fragment)
+    one_line_error(moeify_cli("export", ck, "--onnx", tmp_path / "m.onnx", "--seq-len", "8"),
                    str(file), fragment)
 
 
-def test_a_damaged_index_is_one_line_naming_the_file(converted, tmp_path):
+def test_a_damaged_index_is_one_line_naming_the_file(
+        converted, tmp_path, moeify_cli, one_line_error):
     ck = copy_of(converted, tmp_path)
     index = ck / "model.safetensors.index.json"
     index.write_text("{")
     with pytest.raises(moeify.MoEError, match="index.json is not valid JSON"):
         moeify.load(ck)
     index.write_text("{}")
-    one_line_error(run("verify", ck), str(index), "no \"weight_map\"")
+    one_line_error(moeify_cli("verify", ck), str(index), "no \"weight_map\"")
 
 
 @pytest.mark.parametrize("model", ["./no/such/dir", "/no/such/model-dir", "~/no-such-model-xyz",
                                    "a/b/c", "models/"])
-def test_a_missing_local_path_is_not_taken_for_a_hub_id(model, tmp_path):
-    one_line_error(run("inspect", model, cwd=tmp_path), "no such directory")
-    one_line_error(run("convert", model, "--out", tmp_path / "o", cwd=tmp_path),
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(
+        model, tmp_path, moeify_cli, one_line_error):
+    one_line_error(moeify_cli("inspect", model, cwd=tmp_path), "no such directory")
+    one_line_error(moeify_cli("convert", model, "--out", tmp_path / "o", cwd=tmp_path),
                    "no such directory")

@@ -79,7 +79,6 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from moeify.verify import identity_tolerance  # noqa: E402
-from tests.test_cli_convert import one_line_error, run  # noqa: E402
 
 
 def checks_of(result) -> dict[str, dict]:
@@ -95,14 +94,6 @@ def test_tolerances_follow_the_dtype_and_the_output_scale():
     assert bf16 == 8 * 2**-7 and f32 == 64 * 2**-23
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
-    models.gpt2().save_pretrained(path)
-    return path
-
-
 def tamper_expert(ck: Path, name: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -116,12 +107,12 @@ def tamper_expert(ck: Path, name: str) -> None:
 @pytest.mark.parametrize("dtype, random_init", [("bf16", False), ("fp16", False),
                                                 ("bf16", True)])
 def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
-        dtype, random_init, gpt2_dir, tmp_path):
+        dtype, random_init, gpt2_dir, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
-    result = run("convert", gpt2_dir, *(["--random-init"] if random_init else []),
-                 "--dtype", dtype, "--experts", "4", "--seq-len", "8", "--out", ck)
+    result = moeify_cli("convert", gpt2_dir, *(["--random-init"] if random_init else []),
+                        "--dtype", dtype, "--experts", "4", "--seq-len", "8", "--out", ck)
     assert result.returncode == 0, result.stderr
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = checks_of(result)
     name = {"bf16": "bfloat16", "fp16": "float16"}[dtype]
@@ -134,7 +125,7 @@ def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
     assert checks["upcycled weights"]["status"] == "pass"
 
     tamper_expert(ck, "transformer.h.1.mlp.c_fc.experts.w_in")
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 1
     checks = checks_of(result)
     assert checks["integrity"]["status"] == "fail"
@@ -143,21 +134,21 @@ def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
 
 
 def test_onnx_parity_runs_on_a_graph_beside_or_given_and_catches_a_tampered_one(
-        gpt2_dir, tmp_path):
+        gpt2_dir, tmp_path, moeify_cli):
     import onnx
     from onnx import numpy_helper
 
     ck = tmp_path / "ck"
-    assert run("convert", gpt2_dir, "--experts", "4", "--seq-len", "8", "--out",
-               ck).returncode == 0
-    result = run("verify", ck, "--json")
+    assert moeify_cli("convert", gpt2_dir, "--experts", "4", "--seq-len", "8", "--out",
+                      ck).returncode == 0
+    result = moeify_cli("verify", ck, "--json")
     skipped = checks_of(result)["onnx parity"]
     assert skipped["status"] == "skip" and "--onnx" in skipped["detail"]
 
     graph = tmp_path / "ck.onnx"  # beside the checkpoint: found without --onnx
-    result = run("export", ck, "--onnx", graph, "--seq-len", "8")
+    result = moeify_cli("export", ck, "--onnx", graph, "--seq-len", "8")
     assert result.returncode == 0, result.stderr
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stderr
     parity = checks_of(result)["onnx parity"]
     assert parity["status"] == "pass", parity
@@ -173,43 +164,44 @@ def test_onnx_parity_runs_on_a_graph_beside_or_given_and_catches_a_tampered_one(
     initializer.CopyFrom(numpy_helper.from_array(values, initializer.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(proto, str(tampered))
-    result = run("verify", ck, "--onnx", tampered, "--json")
+    result = moeify_cli("verify", ck, "--onnx", tampered, "--json")
     assert result.returncode == 1
     parity = checks_of(result)["onnx parity"]
     assert parity["status"] == "fail" and "max |onnxruntime - torch|" in parity["detail"]
-    result = run("verify", ck, "--onnx", tmp_path / "missing.onnx", "--json")
+    result = moeify_cli("verify", ck, "--onnx", tmp_path / "missing.onnx", "--json")
     assert result.returncode == 1 and "no such ONNX file" in checks_of(result)["onnx parity"]["detail"]
 
 
-def test_a_bf16_checkpoint_and_its_float32_graph_agree(gpt2_dir, tmp_path):
+def test_a_bf16_checkpoint_and_its_float32_graph_agree(gpt2_dir, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
-    assert run("convert", gpt2_dir, "--dtype", "bf16", "--experts", "4", "--seq-len", "8",
-               "--out", ck).returncode == 0
-    assert run("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8").returncode == 0
-    result = run("verify", ck, "--json")
+    assert moeify_cli("convert", gpt2_dir, "--dtype", "bf16", "--experts", "4", "--seq-len", "8",
+                      "--out", ck).returncode == 0
+    assert moeify_cli("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8").returncode == 0
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert checks_of(result)["onnx parity"]["status"] == "pass"
 
 
-def test_factory_checkpoints_verify_export_and_refuse_distill_in_one_line(tmp_path):
+def test_factory_checkpoints_verify_export_and_refuse_distill_in_one_line(
+        tmp_path, moeify_cli, one_line_error):
     ck = tmp_path / "ck"
-    result = run("convert", "tests.factories:residual_ffns", "--experts", "4", "--seq-len", "8",
-                 "--out", ck)
+    result = moeify_cli("convert", "tests.factories:residual_ffns", "--experts", "4",
+                        "--seq-len", "8", "--out", ck)
     assert result.returncode == 0, result.stderr
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = checks_of(result)
     assert checks["reload"]["detail"] == "saved again and reloaded: outputs bitwise equal"
     assert checks["upcycled weights"]["status"] == "pass", checks["upcycled weights"]
     assert checks["dense identity"]["status"] == "pass", checks["dense identity"]
 
-    result = run("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8")
+    result = moeify_cli("export", ck, "--onnx", ck / "model.onnx", "--seq-len", "8")
     assert result.returncode == 0, result.stderr
-    result = run("verify", ck, "--json")
+    result = moeify_cli("verify", ck, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert checks_of(result)["onnx parity"]["status"] == "pass"
 
-    one_line_error(run("distill", ck, "--out", tmp_path / "student"), "factory")
+    one_line_error(moeify_cli("distill", ck, "--out", tmp_path / "student"), "factory")
 
 
 def test_verify_of_a_factory_that_builds_other_weights_says_so(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moeify
-from moeify.checkpoint import tensor_digest
 from moeify.distributed import load_optimizer
+from moeify.io.shards import tensor_digest
 from tests.distributed import harness, workers
 
 WORLD = 4

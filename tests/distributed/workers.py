@@ -8,8 +8,9 @@ import time
 import torch
 
 import moeify
-from moeify import MoEConfig
+from moeify import MoEConfig, SwitchFFN
 from moeify.distributed import (
+    AllToAllDispatcher,
     ExpertParallelError,
     average_gradients,
     expert_parallel,
@@ -56,6 +57,10 @@ def equivalence(rank: int, world: int) -> dict:
     loss.backward()
 
     expert_parallel(model)
+    # an ordinary SwitchFFN with the all-to-all dispatcher: the same parameter names
+    assert all(type(layer) is SwitchFFN and isinstance(layer.dispatcher, AllToAllDispatcher)
+               for _, layer in moeify.switch_layers(model))
+    assert list(model.state_dict()) == list(reference.state_dict())
     mine = slices[rank]
     out = model(input_ids=ids[mine]).logits
     aux = moeify.aux_loss(model)
@@ -81,7 +86,7 @@ def equivalence(rank: int, world: int) -> dict:
             expected = expected[r.start:r.stop]
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
         checked += 1
-    exchanges = [layer.last_exchange for _, layer in moeify.switch_layers(model)]
+    exchanges = [layer.dispatcher.last_exchange for _, layer in moeify.switch_layers(model)]
     return {"checked": checked, "rows_sent": [e.rows_sent for e in exchanges],
             "dtype": str(exchanges[0].dtype)}
 
@@ -93,7 +98,7 @@ def bfloat16(rank: int, world: int) -> dict:
     logits = model(input_ids=ids[slices[rank]]).logits
     (task_loss(logits) + moeify.aux_loss(model)).backward()
     layers = [layer for _, layer in moeify.switch_layers(model)]
-    assert all(layer.last_exchange.dtype == torch.bfloat16 for layer in layers)
+    assert all(layer.dispatcher.last_exchange.dtype == torch.bfloat16 for layer in layers)
     assert all(layer.router.weight.dtype == torch.float32 for layer in layers)
     assert all(layer.experts.w_in.grad.dtype == torch.bfloat16 for layer in layers)
     assert torch.isfinite(logits.float()).all()
@@ -101,7 +106,7 @@ def bfloat16(rank: int, world: int) -> dict:
     model32 = expert_parallel(tiny_gpt2())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model32(input_ids=ids[slices[rank]])
-    assert all(layer.last_exchange.dtype == torch.bfloat16
+    assert all(layer.dispatcher.last_exchange.dtype == torch.bfloat16
                for _, layer in moeify.switch_layers(model32))
     return {"dtype": "bfloat16"}
 
@@ -133,15 +138,15 @@ def dies(rank: int, world: int) -> dict:
 
 
 def sharded_checkpoint(rank: int, world: int, path: str) -> dict:
-    from moeify.checkpoint import CheckpointWeights
+    from moeify.io.shards import ShardReader
 
-    whole = CheckpointWeights.get
+    whole = ShardReader.get
 
     def no_whole_experts(self, name):
         assert ".experts." not in name, f"rank {rank} read all of {name}"
         return whole(self, name)
 
-    CheckpointWeights.get = no_whole_experts
+    ShardReader.get = no_whole_experts
     model = load_expert_parallel(path)
     reference = moeify.load(path)
     ids, slices = global_batch(world)
@@ -324,8 +329,8 @@ def mesh_training(rank: int, world: int, out: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from moeify.checkpoint import CheckpointWeights
     from moeify.distributed import load, load_optimizer, parallelize, save
+    from moeify.io.shards import ShardReader
 
     reference, ref_optimizer = reference_run(world)
     data = batches(world)
@@ -349,7 +354,7 @@ def mesh_training(rank: int, world: int, out: str) -> dict:
             saved = f"{out}/ckpt"
             save(model, saved, optimizer=optimizer)
     # resume under (1, 4): only this rank's expert rows are read
-    whole, part = CheckpointWeights.get, CheckpointWeights.get_slice
+    whole, part = ShardReader.get, ShardReader.get_slice
     reads = []
 
     def no_whole_experts(self, name):
@@ -360,11 +365,11 @@ def mesh_training(rank: int, world: int, out: str) -> dict:
         reads.append((name, start, stop))
         return part(self, name, start, stop)
 
-    CheckpointWeights.get, CheckpointWeights.get_slice = no_whole_experts, own_rows_only
+    ShardReader.get, ShardReader.get_slice = no_whole_experts, own_rows_only
     try:
         model = load(saved, dense_gpt2, meshes[(1, 4)])
     finally:
-        CheckpointWeights.get, CheckpointWeights.get_slice = whole, part
+        ShardReader.get, ShardReader.get_slice = whole, part
     assert reads and all((a, b) == (rank, rank + 1) for _, a, b in reads), reads
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     load_optimizer(saved, model, optimizer)
