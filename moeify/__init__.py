@@ -42,6 +42,8 @@ _EXPORTS = {
     "set_seq_len": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
+    "write": "moeify.io.write",
+    "Written": "moeify.io.write",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from moeify.checkpoint import load, save
     from moeify.distill import distill, distillation_loss
     from moeify.errors import MoEError
+    from moeify.io.write import Written, write
     from moeify.onnx.export import export_onnx
     from moeify.pipeline import default_pipeline
     from moeify.conversion import ConversionPlan, FFNSite, conversion_of

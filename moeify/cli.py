@@ -1,14 +1,13 @@
 """The ``moeify`` command line: thin commands that translate options into API calls.
 
 Heavy imports (torch, transformers) happen inside commands so ``moeify --help`` is
-instant. Library errors (`moeify.MoEError`, ``ValueError`` from a config) are printed
+instant. Library errors (`moeify.MoEError`, worded with the options' names) are printed
 as one line with exit code 1; set ``MOEIFY_DEBUG=1`` to see the traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import os
 import sys
@@ -17,7 +16,7 @@ from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
 
-from moeify.config import ConfigError, MoEConfig  # torch-free: --help stays instant
+from moeify.config import MoEConfig  # torch-free: --help stays instant
 
 app = typer.Typer(
     name="moeify",
@@ -53,8 +52,8 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     Each field's metadata names its option and help (see `moeify.config`); its default is
     the field's. The command is called with ``config=MoEConfig(...)`` built from them; a
-    value the config refuses is reported with the option's name (``--experts 0 must be an
-    integer >= 2``).
+    value the config refuses is a `ConfigError`, which `main` prints with the option's
+    name (``--experts 0 must be an integer >= 2``).
     """
     own = signature(command, eval_str=True)
     names = {f.name for f in dataclasses.fields(MoEConfig)}
@@ -75,10 +74,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(**options: Any) -> Any:
         values = {name: options.pop(name) for name in names}
         context = options.pop(_CONTEXT, None)
-        try:
-            config = MoEConfig(**values)
-        except ConfigError as error:
-            raise ValueError(error.render(_as_option)) from error
+        config = MoEConfig(**values)  # a ConfigError names the option (`main`)
         if "explicit" in own.parameters:  # the fields given on the command line
             options["explicit"] = _explicit_fields(context, names)
         return command(config=config, **options)
@@ -128,24 +124,23 @@ _PARSERS: dict[Any, tuple[Callable[[str], Any], str]] = {
 }
 
 
-def _as_option(name: str, value: Any) -> str:
-    """A config field and its value as written on the command line: ``--layers 1,1``."""
-    option = next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, tuple):
-        return f"{option} {','.join(map(str, value))}"
-    return f"{option} {value!r}" if isinstance(value, str) else f"{option} {value}"
+# --- other shared options: each declared once, used by every command that takes it --------
 
-
-# --- other shared options -------------------------------------------------------------------
-
+Model = Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")]
+Out = Annotated[str, typer.Option(
+    "--out", "-o", help="The output: a directory (the .onnx file with --format onnx).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 SeqLen = Annotated[Optional[int], typer.Option(
-    "--seq-len", help="Declared sequence length that fixes each layer's capacity.")]
+    "--seq-len", help="Declared sequence length that fixes each layer's capacity (and an "
+    "ONNX graph's sequence axis).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
 RandomInit = Annotated[bool, typer.Option(
     "--random-init", help="Build the architecture (preset or config.json) with fresh weights.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")]
+OnnxFile = Annotated[Optional[str], typer.Option(
+    "--onnx", help="An .onnx graph: the one export writes; for verify, one exported from "
+    "the checkpoint to compare with the PyTorch model (default: the .onnx files in DIR and "
+    "DIR.onnx beside it).")]
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -159,7 +154,7 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _console(json_out: bool):
+def _console():
     from rich.console import Console
 
     return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -200,8 +195,7 @@ def _print_report(report, console, *, title: str) -> None:
 @app.command()
 @config_options
 def inspect(
-    model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
-    config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
+    model: Model, config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
     json_out: JsonOut = False,
 ) -> None:
     """Plan a conversion on the meta device (no weights allocated) and report it."""
@@ -214,13 +208,13 @@ def inspect(
                                 dtype=_dtype(dtype), device="meta")
     report = moeify.inspect(dense, config, seq_len=seq_len)
     data = {**report.to_dict(), "source": source.ref,
-            "bytes": _bytes(report, _dtype(dtype)),
-            "bytes_per_dtype": {name: _bytes(report, _dtype(name))
+            "bytes": report.nbytes(_dtype(dtype)),
+            "bytes_per_dtype": {name: report.nbytes(_dtype(name))
                                 for name in ("float32", "bfloat16")}}
     if json_out:
         typer.echo(json.dumps(data))
         return
-    console = _console(json_out)
+    console = _console()
     _print_report(report, console, title=f"moeify inspect {model}")
     for name, sizes in data["bytes_per_dtype"].items():
         console.print(f"weights in {name}: {sizes['dense']:,} bytes dense -> "
@@ -235,20 +229,11 @@ def _is_preset(ref: str) -> bool:
     return ref in PRESETS and not Path(ref).exists()
 
 
-def _bytes(report, dtype) -> dict[str, int]:
-    import torch
-
-    size = torch.empty((), dtype=dtype).element_size()
-    return {"dense": report.params_dense * size, "moe": report.params_moe * size}
-
-
 @app.command()
 @config_options
 def convert(
-    model: Annotated[str, typer.Argument(help="HF directory, hub id, preset id or module:factory.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.")],
-    config: MoEConfig, seq_len: SeqLen = None, dtype: Dtype = "float32",
-    random_init: RandomInit = False,
+    model: Model, out: Out, config: MoEConfig, seq_len: SeqLen = None,
+    dtype: Dtype = "float32", random_init: RandomInit = False,
     format: Annotated[str, typer.Option(
         "--format", help="torch (moeify checkpoint), hf (Hugging Face's MoE classes, see "
         "--hf-arch) or onnx (--out is the .onnx file).")] = "torch",
@@ -256,9 +241,7 @@ def convert(
         "--hf-arch", help="With --format hf: switch_transformers (T5 v1.0; the default for "
         "T5), mixtral (Llama/Mistral; their default) or qwen2_moe (Llama/Mistral/Qwen2).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
-    json_out: JsonOut = False,
-    explicit: frozenset = frozenset(),
+    force: Force = False, json_out: JsonOut = False, explicit: frozenset = frozenset(),
 ) -> None:
     """Convert MODEL into a Switch Transformer and write a moeify checkpoint to --out."""
     import json
@@ -266,74 +249,40 @@ def convert(
     import torch
 
     import moeify
-    from moeify.errors import MoEError
-    from moeify.sources import load_source
+    from moeify import hf_moe
+    from moeify.io.write import Writer, check_format
+    from moeify.sources import check_finite, load_source
 
-    if format not in ("torch", "hf", "onnx"):
-        raise MoEError(f"--format {format!r} is not available; use --format torch, hf or onnx")
-    if hf_arch is not None and format != "hf":
-        raise MoEError("--hf-arch chooses the class --format hf writes: add --format hf")
-    if format == "onnx" and seq_len is None:
-        raise MoEError("--format onnx fixes the sequence axis and the capacity: pass --seq-len")
-    from moeify.fs import check_free_space, check_output, hold_output_lock
-
-    check_output(out, inputs=[model], force=force)  # "", ".", the source itself: refused now
-    hold_output_lock(out)  # the only writer of --out until this command ends
-    console = _console(json_out)
+    check_format(format, hf_arch, seq_len=seq_len)  # before loading anything
+    console = _console()
     with console.status(f"planning {model}"):  # on the meta device: no weights yet
         skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
                                   dtype=_dtype(dtype), device="meta")
         if format == "hf":  # the target fills its defaults and refuses what conflicts
-            from moeify import hf_moe
-
             hf_arch = hf_arch or hf_moe.default_arch(skeleton)
             config = hf_moe.target_config(hf_arch, skeleton, config, explicit)
-            if hf_arch == hf_moe.SWITCH_TRANSFORMERS and seq_len is None:
-                raise MoEError("--hf-arch switch_transformers writes HF's per-sequence "
-                               "expert_capacity: pass --seq-len")
         plan = moeify.plan(skeleton, config, seq_len=seq_len)
-        streamed = format == "torch" or (format == "hf" and hf_arch != "switch_transformers")
-        if streamed and format == "hf":
-            hf_moe.hf_layout(skeleton, plan, hf_arch)  # refused now, before any weight
-        _check_memory(model, plan, format=format, dtype=dtype, streamed=streamed)
-        check_free_space(out, plan.nbytes(_dtype(dtype))["moe"])
-    torch.manual_seed(config.seed)
-    with console.status(f"loading {model}"):
-        dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
-        from moeify.sources import check_finite
-
-        check_finite(dense, model)  # NaN / inf in the source: refused, naming the tensor
-    progress = _progress(console)
-    with progress:
-        if format == "hf" and streamed:  # Mixtral / Qwen2-MoE, one Switch layer at a time
-            report, export = hf_moe.convert_to_hf(dense, plan, out, arch=hf_arch,
-                                                  dtype=_dtype(dtype), force=force,
-                                                  progress=progress.callback)
-        elif format == "hf":
-            from moeify.hf_switch import save_hf_switch
-
-            report = moeify.apply(dense, plan, progress=progress.callback).report
-            save_hf_switch(dense, out, force=force)
-        elif format == "onnx":  # --out is the .onnx file
-            report = moeify.apply(dense, plan, progress=progress.callback).report
-            moeify.export_onnx(dense, out, seq_len=seq_len, force=force)
-        else:  # streamed: one Switch layer in memory at a time
-            from moeify.stream import convert_to_checkpoint
-
-            report = convert_to_checkpoint(dense, plan, out, source=source, force=force,
-                                           progress=progress.callback)
+        writer = Writer(skeleton, out, plan=plan, format=format, hf_arch=hf_arch, force=force,
+                        inputs=[model])
+    with writer:  # memory planned; --out checked and ours until written
+        torch.manual_seed(config.seed)
+        with console.status(f"loading {model}"):
+            dense, source = load_source(model, random_init=random_init, dtype=_dtype(dtype))
+            check_finite(dense, model)  # NaN / inf in the source: refused, naming the tensor
+        with _progress(console) as progress:
+            written = writer.write(dense, source=source, progress=progress.callback)
+    report = written.report
     data = {**report.to_dict(), "source": source.ref, "out": str(out), "format": format}
     if format == "hf":
-        data["hf"] = (export.to_dict() if streamed
-                      else {"arch": hf_arch, "model_class": "SwitchTransformersForConditionalGeneration"})
+        data["hf"] = written.hf_dict()
     if json_out:
         typer.echo(json.dumps(data))
         return
     _print_report(report, console, title=f"moeify convert {model}")
-    if format == "hf" and streamed:
-        for note in export.notes:
-            console.print(f"{hf_arch}: {note}", markup=False)
-        console.print(f"wrote {out} ({export.model_class})")
+    if written.hf is not None:
+        for note in written.hf.notes:
+            console.print(f"{written.hf_arch}: {note}", markup=False)
+        console.print(f"wrote {out} ({written.hf.model_class})")
         return
     console.print(f"wrote {out}")
 
@@ -341,10 +290,7 @@ def convert(
 @app.command()
 def verify(
     path: Annotated[str, typer.Argument(help="A moeify checkpoint directory.")],
-    onnx: Annotated[Optional[str], typer.Option(
-        "--onnx", help="An ONNX graph exported from it to compare with the PyTorch model "
-        "(default: the .onnx files in DIR and DIR.onnx beside it).")] = None,
-    json_out: JsonOut = False,
+    onnx: OnnxFile = None, json_out: JsonOut = False,
 ) -> None:
     """Run the verification checks that apply to a checkpoint; exit 1 if any fails.
 
@@ -357,7 +303,7 @@ def verify(
 
     from moeify.verify import checks_to_dict, verify as run_checks
 
-    console = _console(json_out)
+    console = _console()
     with console.status(f"verifying {path}"):
         checks = run_checks(path, onnx=onnx)
     failed = [c for c in checks if c.failed]
@@ -379,8 +325,8 @@ def verify(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A moeify checkpoint, or any MODEL source (dense).")],
-    onnx_path: Annotated[str, typer.Option("--onnx", help="Output .onnx file.")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="The static sequence length.")],
+    onnx_path: OnnxFile,
+    seq_len: SeqLen,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Static batch size (default: dynamic batch axis).")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
@@ -404,7 +350,7 @@ def export(
         "ort (ONNX Runtime's com.microsoft.MoE: each expert runs on its routed tokens only, "
         "the capacity applied as a mask; ONNX Runtime only; ReLU, tanh-GELU, SiLU and SwiGLU "
         "experts).")] = "static",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
     """Export a converted model to ONNX with fixed capacity tensors (ONNX Runtime ready)."""
@@ -431,11 +377,13 @@ def export(
         if shard_experts is not None or batch_size is not None:
             raise MoEError("--shard-experts and --batch-size apply to single-graph exports, "
                            "not to --task (its batch axis is dynamic)")
-    from moeify.fs import check_output, hold_output_lock
+    from moeify.errors import Param
+    from moeify.fs import hold_output
 
-    check_output(onnx_path, inputs=[model], force=force, what="--onnx", inside_ok=True)
-    hold_output_lock(onnx_path, what="--onnx")  # the only writer until this command ends
-    console = _console(json_out)
+    # never over the checkpoint it reads; the only writer until this command ends
+    hold_output(onnx_path, inputs=[model], force=force, what=Param("onnx_path", "--onnx"),
+                inside_ok=True)
+    console = _console()
     with console.status(f"loading {model}"):
         if (Path(model) / CHECKPOINT_FILE).exists():
             loaded = model  # exported from the shards, one weight in memory at a time
@@ -475,7 +423,7 @@ def export(
 @app.command()
 def distill(
     path: Annotated[str, typer.Argument(help="A moeify checkpoint (the Switch teacher).")],
-    out: Annotated[str, typer.Option("--out", help="Output directory for the dense student.")],
+    out: Out,
     rule: Annotated[str, typer.Option(
         "--rule", help="How each Switch layer's experts merge into one FFN: mean (plain "
         "mean) or usage (weighted by the tokens each expert processed on --data).")] = "mean",
@@ -483,7 +431,7 @@ def distill(
         "--data", help="For --rule usage: a text file of token ids, one sequence per line "
         "(whitespace-separated integers, all lines of one length), run through the teacher "
         "as one batch.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
     """Write the dense student of a converted checkpoint as a transformers model.
@@ -496,8 +444,8 @@ def distill(
     from pathlib import Path
 
     import moeify
-    from moeify.checkpoint import atomic_directory
     from moeify.errors import MoEError
+    from moeify.fs import atomic_directory
 
     if rule not in ("mean", "usage"):
         raise MoEError(f"--rule {rule!r} is not one of mean, usage")
@@ -506,12 +454,11 @@ def distill(
                        "--data FILE (token ids, one sequence per line)")
     if rule == "mean" and data is not None:
         raise MoEError("--data is read only by --rule usage (the mean needs no data)")
-    from moeify.fs import check_output, hold_output_lock
+    from moeify.fs import hold_output
 
-    check_output(out, inputs=[path], force=force)  # never over the checkpoint it reads
-    hold_output_lock(out)  # the only writer of --out until this command ends
+    hold_output(out, inputs=[path], force=force)  # never over the checkpoint it reads
     ids = _token_ids(data) if data is not None else None
-    console = _console(json_out)
+    console = _console()
     with console.status(f"loading {path}"):
         teacher = moeify.load(path)
     if not hasattr(teacher, "save_pretrained"):
@@ -591,50 +538,6 @@ def _run_teacher(teacher, ids, data: str) -> None:
             teacher(input_ids=ids)
 
 
-PROCESS_OVERHEAD = 1 << 30  # interpreter, torch and transformers themselves
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can get (MemAvailable), if known."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _check_memory(model: str, plan, *, format: str, dtype: str, streamed: bool = False) -> None:
-    """Refuse a conversion the plan predicts will not fit, before loading any weight."""
-    from moeify.errors import MoEError
-
-    available = available_memory()
-    if available is None:
-        return
-    size = _dtype(dtype).itemsize
-    dense = plan.params_dense * size
-    if format == "torch" or streamed:  # the dense model plus the largest Switch layer
-        need = dense + plan.largest_layer_params() * size
-    else:  # built in memory (then copied into HF's layout or traced for ONNX)
-        need = dense + 2 * plan.params_moe * size
-    need += PROCESS_OVERHEAD
-    if need > available:
-        gib = 2**30
-        options = []
-        if size > 2:
-            options.append(f"--dtype bfloat16 (about {(need - PROCESS_OVERHEAD) / 2 / gib + 1:.1f} GiB)")
-        if format != "torch" and not streamed:
-            options.append("--format torch (streams one layer at a time)")
-        options.append("moeify inspect to plan without weights")
-        raise MoEError(
-            f"converting {model} needs about {need / gib:.1f} GiB of memory ({dtype}, "
-            f"--format {format}), but {available / gib:.1f} GiB are available; try "
-            + ", ".join(options)
-        )
-
-
 class _progress:
     """Rich progress bars on stderr driven by the library's (stage, done, total) callback."""
 
@@ -679,7 +582,8 @@ def _os_error_text(error: OSError) -> str:
 def main() -> None:
     """Console entry point: run the app, turning library errors into one-line messages.
 
-    `MoEError`, ``ValueError`` and ``OSError`` become one ``error:`` line and exit 1.
+    `MoEError` (spelled with options, not Python parameters: `MoEError.render`),
+    ``ValueError`` and ``OSError`` become one ``error:`` line and exit 1.
     SIGTERM is handled like Ctrl-C: the command unwinds (outputs in progress are
     discarded, previous ones stay) and exits 143.
     """
@@ -704,7 +608,10 @@ def main() -> None:
         if os.environ.get("MOEIFY_DEBUG") or not isinstance(error, (MoEError, ValueError,
                                                                      OSError)):
             raise
-        text = _os_error_text(error) if isinstance(error, OSError) else str(error)
+        if isinstance(error, MoEError):
+            text = error.render(cli=True)
+        else:
+            text = _os_error_text(error) if isinstance(error, OSError) else str(error)
         typer.echo(f"error: {text}", err=True)
         sys.exit(1)
     finally:

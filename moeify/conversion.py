@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.config import Activation, MoEConfig, RouterKind
+from moeify.config import Activation, MoEConfig, RouterKind, config_param
 from moeify.errors import MoEError
+from moeify.switch.dispatchers import expert_block
 from moeify.switch.experts import DenseFFNWeights
 
 PLAN_FORMAT_VERSION = 1
@@ -230,16 +231,16 @@ def layer_config(site: FFNSite, config: MoEConfig) -> MoEConfig:
     return config
 
 
-def expert_choice_refusal(sites: tuple[FFNSite, ...], config: MoEConfig) -> str | None:
+def expert_choice_refusal(sites: tuple[FFNSite, ...], config: MoEConfig) -> MoEError | None:
     """Why ``config`` cannot convert ``sites`` (the selected ones), or None: expert
     choice with every site causal (a decoder-only model) would leave no layer to use it."""
     if config.router != RouterKind.EXPERT_CHOICE or not sites or not all(s.causal for s in sites):
         return None
-    stacks = ", ".join(dict.fromkeys(s.stack or s.path for s in sites))
-    return (f"expert-choice routing needs a non-causal FFN, but every selected site is causal "
-            f"({stacks}): an expert would choose among future tokens, which causal decoding "
-            "cannot know; use token-choice routing (router='token-choice', --router "
-            "token-choice)")
+    return MoEError("expert-choice routing needs a non-causal FFN, but every selected site is "
+                    "causal ({stacks}): an expert would choose among future tokens, which causal "
+                    "decoding cannot know; use token-choice routing ({token_choice})",
+                    stacks=", ".join(dict.fromkeys(s.stack or s.path for s in sites)),
+                    token_choice=config_param("router").given(RouterKind.TOKEN_CHOICE))
 
 
 def expert_params(site: FFNSite, config: MoEConfig) -> int:
@@ -290,16 +291,8 @@ class ShardingPlan:
         return [p for p in self.params if p.sharded]
 
     def experts_of_rank(self, rank: int, world_size: int) -> range:
-        """The experts rank ``rank`` of ``world_size`` holds (contiguous blocks)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of {world_size}")
-        if self.num_experts % world_size:
-            raise ValueError(
-                f"{self.num_experts} experts do not divide over {world_size} processes; "
-                "use a world size that divides num_experts"
-            )
-        per_rank = self.num_experts // world_size
-        return range(rank * per_rank, (rank + 1) * per_rank)
+        """The experts rank ``rank`` of ``world_size`` holds (`expert_block`'s rule)."""
+        return expert_block(self.num_experts, rank, world_size, who="the plan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -370,6 +363,14 @@ def plan_sharding(model: nn.Module, sites: tuple[FFNSite, ...], config: MoEConfi
 # --- the plan -----------------------------------------------------------------------------
 
 
+def weight_bytes(params_dense: int, params_moe: int, dtype: torch.dtype) -> dict[str, int]:
+    """Weight bytes before (``dense``) and after (``moe``) conversion with every parameter
+    in ``dtype`` (routers counted in it too: a float32 router is at most E x d_model values
+    per site)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return {"dense": params_dense * size, "moe": params_moe * size}
+
+
 @dataclass(frozen=True)
 class ConversionPlan:
     """Everything a conversion decides, before anything is changed.
@@ -405,7 +406,7 @@ class ConversionPlan:
             raise MoEError(f"the plan selects {unknown[0]!r}, which is not one of its sites")
         refusal = expert_choice_refusal(self.selected_sites, self.config)
         if refusal is not None:
-            raise MoEError(refusal)
+            raise refusal
 
     @property
     def selected_sites(self) -> tuple[FFNSite, ...]:
@@ -443,10 +444,8 @@ class ConversionPlan:
         return self._params_with(self.config.top_k)
 
     def nbytes(self, dtype: torch.dtype) -> dict[str, int]:
-        """Weight bytes before and after conversion in ``dtype`` (routers counted in it
-        too: a float32 router is at most E x d_model values per site)."""
-        size = torch.empty((), dtype=dtype).element_size()
-        return {"dense": self.params_dense * size, "moe": self.params_moe * size}
+        """Weight bytes before and after conversion in ``dtype`` (`weight_bytes`)."""
+        return weight_bytes(self.params_dense, self.params_moe, dtype)
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest Switch layer (what streaming holds at once)."""

@@ -3,23 +3,32 @@
 Every moeify writer (checkpoint directories, ``--format hf``, ``distill``, ONNX files)
 goes through this module:
 
+- `claim_output(out, ...)`: the one check of a destination (`check_output`, then,
+  under its lock, that it still does not exist and that the predicted bytes fit),
+  holding `output_lock` until released. A claim inside a claim of the same destination
+  by this process checks nothing again (the space of its own ``need`` aside), so a
+  caller can claim before any work and the writer again around the write.
 - `output_lock(out)`: an exclusive ``fcntl.flock`` on ``.NAME.lock`` beside ``out``,
   held for the whole write (a second writer to the same destination fails at once:
-  "``out`` is being written by moeify (pid N)"). Re-entrant within a process, so the
-  CLI can take it before any work and the writer again around the write. The lock file
-  holds the owner's pid and is removed on release.
+  "``out`` is being written by moeify (pid N)"). Re-entrant within a process. The lock
+  file holds the owner's pid and is removed on release.
 - `atomic_directory` / `atomic_file`: the output is assembled under
   ``.NAME.tmp-PID-xxxx`` beside the destination and renamed into place only when
   complete; on any failure the temporary is removed and the previous output stays.
   Temporaries left by a process that no longer runs (SIGKILL, power loss) are removed
   by the next write to that destination, with one line on stderr; live ones are left.
 - Outputs get the user's umask (``tempfile.mkdtemp`` creates 0700 directories).
-- `check_output`: an empty ``--out``, ``.``, the current directory or one of its
+- `check_output`: an empty destination, ``.``, the current directory or one of its
   parents, and an output equal to, inside or containing an input are refused before any
   work; so is a destination whose parent is a file or is not writable.
 - `check_free_space`: predicted bytes against the free space where the output goes.
 - `output_error`: an ``OSError`` met while writing (no space, read-only file system,
   permission denied) as one `MoEError` line naming the path and the fix.
+
+A refusal names the destination as the caller named it: each function takes ``what``,
+the `Param` of the destination (``path`` in ``moeify.save(model, path)``, ``--out`` on
+the command line; `DESTINATION` by default), and a refused existing output suggests
+``force=True`` in Python and ``--force`` on the command line (`moeify.errors`).
 """
 
 from __future__ import annotations
@@ -33,12 +42,18 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 
 GiB = 2**30
+# the destination a writer is given: ``path`` in Python (``moeify.save(model, path)``), ``--out``
+# on the command line; writers whose destination is named otherwise pass their own
+DESTINATION = Param("path", "--out")
+FORCE = Param("force").given(True)
 
 
 def size_text(n: int | float) -> str:
@@ -109,60 +124,71 @@ def check_output(
     *,
     inputs: Iterable[str | os.PathLike | None] = (),
     force: bool = False,
-    what: str = "--out",
+    what: Param = DESTINATION,
     inside_ok: bool = False,
 ) -> Path:
     """Refuse an output path before any work (see the module docs); returns it resolved.
 
-    ``inputs``: local paths the command reads (a source directory, a checkpoint); names
+    ``what``: the parameter that names ``out``, as messages spell it. ``inputs``: local paths the command reads (a source directory, a checkpoint); names
     that are not local paths (hub ids, presets, factories) are ignored. ``inside_ok``:
     an output inside an input is allowed (an ONNX file beside a checkpoint's shards)
     unless it would replace one of the input's files.
     """
     text = os.fspath(out)
+    given = what.given(text)
     if not text.strip():
-        raise MoEError(f"{what} is empty: name the output, e.g. {what} ./moe")
+        raise MoEError("{what} is empty: name the output, e.g. {example}", what=what,
+                       example=what.given("./moe"))
     if Path(text).name in ("", ".", ".."):
-        raise MoEError(f"{what} {text!r} names a directory by '.' or '..', not a new output: "
-                       f"name the output itself, e.g. {what} {os.path.join(text, 'moe')}")
+        raise MoEError("{given!r} names a directory by '.' or '..', not a new output: name the "
+                       "output itself, e.g. {example}", given=given,
+                       example=what.given(os.path.join(text, "moe")))
     target = _resolved(text)
     try:
         cwd = _resolved(os.getcwd())
     except OSError:  # the current directory is gone: nothing to protect there
         cwd = None
     if cwd is not None and (target == cwd or _inside(cwd, target)):
-        raise MoEError(f"{what} {text} is the current directory or contains it: writing it "
-                       "would replace the directory you are in; choose another " + what)
+        raise MoEError("{given} is the current directory or contains it: writing it would "
+                       "replace the directory you are in; choose another {what}", given=given,
+                       what=what)
     for ref in inputs:
         if ref is None or not os.fspath(ref) or not os.path.lexists(os.fspath(ref)):
             continue
-        source = _resolved(ref)
+        source, names = _resolved(ref), {"given": given, "what": what, "input": os.fspath(ref)}
         if target == source:
-            raise MoEError(f"{what} {text} is the input {os.fspath(ref)} itself: writing it "
-                           f"would destroy what is being read; choose another {what}")
+            raise MoEError("{given} is the input {input} itself: writing it would destroy what "
+                           "is being read; choose another {what}", **names)
         if _inside(source, target):
-            raise MoEError(f"{what} {text} contains the input {os.fspath(ref)}: replacing it "
-                           f"would destroy what is being read; choose another {what}")
+            raise MoEError("{given} contains the input {input}: replacing it would destroy "
+                           "what is being read; choose another {what}", **names)
         if _inside(target, source):
             if not inside_ok:
-                raise MoEError(f"{what} {text} is inside the input {os.fspath(ref)}: choose "
-                               f"a {what} outside it")
+                raise MoEError("{given} is inside the input {input}: choose a {what} outside "
+                               "it", **names)
             if target.exists() and not target.suffix == ".onnx" and not target.name.endswith(".onnx.data"):
-                raise MoEError(f"{what} {text} would replace {target.name}, a file of the "
-                               f"input {os.fspath(ref)}; choose another {what}")
+                raise MoEError("{given} would replace {name}, a file of the input {input}; "
+                               "choose another {what}", name=target.name, **names)
     if os.path.lexists(target) and not force:
-        raise MoEError(f"{text} already exists: choose another {what} or pass --force")
+        raise _exists(text, what)
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise MoEError(f"cannot create {text}: {parent} is a file, not a directory; choose "
-                       f"another {what}")
+        raise MoEError("cannot create {text}: {parent} is a file, not a directory; choose "
+                       "another {what}", text=text, parent=parent, what=what)
     if not os.access(parent, os.W_OK | os.X_OK):
         read_only = _read_only(parent)
         reason = "is on a read-only file system" if read_only else "is not writable (permission denied)"
-        raise MoEError(f"cannot write {text}: {parent} {reason}; choose another {what}")
+        raise MoEError("cannot write {text}: {parent} {reason}; choose another {what}", text=text,
+                       parent=parent, reason=reason, what=what)
     return target
+
+
+def _exists(out: str | os.PathLike, what: Param) -> MoEError:
+    """The refusal of an output that exists: choose another, or force its replacement."""
+    return MoEError("{out} already exists: choose another {what} or pass {force}",
+                    out=os.fspath(out), what=what, force=FORCE)
 
 
 def _read_only(path: Path) -> bool:
@@ -172,7 +198,7 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def check_free_space(out: str | os.PathLike, need: int, *, what: str = "--out") -> None:
+def check_free_space(out: str | os.PathLike, need: int, *, what: Param = DESTINATION) -> None:
     """Refuse to write ``need`` bytes at ``out`` when its file system has less free."""
     if not need:
         return
@@ -182,9 +208,10 @@ def check_free_space(out: str | os.PathLike, need: int, *, what: str = "--out") 
     except OSError:  # pragma: no cover - nothing to compare with
         return
     if need > free:
-        raise MoEError(f"writing {os.fspath(out)} needs about {size_text(need)} ({need:,} bytes), "
-                       f"but {where} has {size_text(free)} ({free:,} bytes) free: free space or "
-                       f"choose another {what}")
+        raise MoEError("writing {out} needs about {need_text} ({need:,} bytes), but {where} has "
+                       "{free_text} ({free:,} bytes) free: free space or choose another {what}",
+                       out=os.fspath(out), need_text=size_text(need), need=need, where=where,
+                       free_text=size_text(free), free=free, what=what)
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -192,7 +219,7 @@ def check_free_space(out: str | os.PathLike, need: int, *, what: str = "--out") 
 _NO_SPACE = re.compile(r"No space left on device|StorageFull|os error 28|ENOSPC", re.I)
 
 
-def output_error(error: BaseException, out: str | os.PathLike, *, what: str = "--out",
+def output_error(error: BaseException, out: str | os.PathLike, *, what: Param = DESTINATION,
                  need: int | None = None) -> MoEError | None:
     """A write failure as one `MoEError` line (path and fix), or None if ``error`` is not
     a file-system failure. Also recognizes the Rust I/O errors safetensors raises."""
@@ -205,30 +232,32 @@ def output_error(error: BaseException, out: str | os.PathLike, *, what: str = "-
     name = getattr(error, "filename", None)
     file = f" while writing {Path(name).name}" if name else ""
     where = nearest_existing(Path(out).parent)
+    names = {"out": out, "where": where, "what": what}
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         try:
             free = shutil.disk_usage(where).free
         except OSError:  # pragma: no cover
             free = 0
         need_text = f"; it needs about {size_text(need)}" if need else ""
-        return MoEError(f"no space left on {where}{file} ({size_text(free)} free{need_text}): "
-                        f"free space or choose another {what}; {out} was not changed")
+        return MoEError("no space left on {where}{file} ({free} free{need_text}): free space or "
+                        "choose another {what}; {out} was not changed", file=file,
+                        free=size_text(free), need_text=need_text, **names)
     if code == errno.EROFS:
-        return MoEError(f"cannot write {out}: {where} is on a read-only file system; choose "
-                        f"another {what}")
+        return MoEError("cannot write {out}: {where} is on a read-only file system; choose "
+                        "another {what}", **names)
     if code in (errno.EACCES, errno.EPERM):
-        return MoEError(f"cannot write {out}: permission denied ({name or where}); choose "
-                        f"another {what} or fix its permissions")
+        return MoEError("cannot write {out}: permission denied ({denied}); choose another "
+                        "{what} or fix its permissions", denied=name or where, **names)
     if code in (errno.ENOTDIR, errno.EEXIST):
         blocker = nearest_existing(Path(out).parent)
         if not blocker.is_dir():
-            return MoEError(f"cannot create {out}: {blocker} is a file, not a directory; "
-                            f"choose another {what}")
+            return MoEError("cannot create {out}: {blocker} is a file, not a directory; choose "
+                            "another {what}", blocker=blocker, **names)
     if code in (errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMLINK,
                 errno.ENOTEMPTY):
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        return MoEError(f"cannot write {out}: {reason}{f' ({name})' if name else ''}; "
-                        f"choose another {what}")
+        return MoEError("cannot write {out}: {reason}{file}; choose another {what}",
+                        reason=reason, file=f" ({name})" if name else "", **names)
     return None  # any other error (from reading the input, say) keeps its own form
 
 
@@ -251,9 +280,14 @@ class output_lock:
     `remove_stale`) once the lock is held.
     """
 
-    def __init__(self, out: str | os.PathLike, *, what: str = "--out") -> None:
+    def __init__(self, out: str | os.PathLike, *, what: Param = DESTINATION) -> None:
         self.out, self.what = out, what
         self.path = lock_path(out)
+
+    @property
+    def held(self) -> bool:
+        """This process holds the lock (through this object or another)."""
+        return self.path in _held
 
     def __enter__(self) -> output_lock:
         held = _held.get(self.path)
@@ -276,11 +310,15 @@ class output_lock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 try:
-                    pid = os.read(fd, 32).decode().strip() or "unknown"
+                    pid = os.read(fd, 32).decode().strip()
                 finally:
                     os.close(fd)
-                raise MoEError(f"{os.fspath(self.out)} is being written by moeify (pid {pid}); "
-                               f"wait for it or choose another {self.what}") from None
+                if not pid:  # its holder took it an instant ago and is writing its pid
+                    time.sleep(0.001)
+                    continue
+                raise MoEError("{out} is being written by moeify (pid {pid}); wait for it or "
+                               "choose another {what}", out=os.fspath(self.out), pid=pid,
+                               what=self.what) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -313,8 +351,8 @@ _command_scope: contextvars.ContextVar[contextlib.ExitStack | None] = contextvar
 
 @contextlib.contextmanager
 def command_scope():
-    """The span of one CLI command: locks taken with `hold_output_lock` inside it are
-    released (their files removed) when it ends, whatever the outcome."""
+    """The span of one CLI command: claims taken with `hold_output` inside it are
+    released (their lock files removed) when it ends, whatever the outcome."""
     with contextlib.ExitStack() as stack:
         token = _command_scope.set(stack)
         try:
@@ -323,15 +361,53 @@ def command_scope():
             _command_scope.reset(token)
 
 
-def hold_output_lock(out: str | os.PathLike, *, what: str = "--out") -> None:
-    """Take `output_lock` for the rest of the running command (`command_scope`): one line
-    at the top of a command. Outside a scope the lock is held until the process ends."""
-    lock = output_lock(out, what=what)
+class claim_output:
+    """``with claim_output(out, inputs=..., force=..., need=...):`` check destination
+    ``out`` once and hold its lock until the block ends.
+
+    The outermost claim of ``out`` in this process runs `check_output` (``inputs``,
+    ``force``, ``what`` and ``inside_ok`` as there), takes `output_lock`, refuses an
+    ``out`` that appeared meanwhile (unless ``force``) and checks ``need`` bytes
+    against the free space. A claim nested in it only checks its own ``need``: the
+    destination was checked, and no other writer can have touched it since.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                 force: bool = False, need: int = 0, what: Param = DESTINATION,
+                 inside_ok: bool = False) -> None:
+        self.out, self.inputs, self.force, self.need = out, inputs, force, need
+        self.what, self.inside_ok = what, inside_ok
+        self.lock = output_lock(out, what=what)
+
+    def __enter__(self) -> claim_output:
+        outermost = not self.lock.held
+        if outermost:
+            check_output(self.out, inputs=self.inputs, force=self.force, what=self.what,
+                         inside_ok=self.inside_ok)
+        self.lock.__enter__()
+        try:
+            if outermost and not self.force:  # again, now that no one else can be writing it
+                refuse_existing(Path(self.out), what=self.what)
+            check_free_space(self.out, self.need, what=self.what)
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__(*exc)
+
+
+def hold_output(out: str | os.PathLike, **claim: Any) -> None:
+    """`claim_output` for the rest of the running command (`command_scope`): one line at
+    the top of a command, before any work. Outside a scope the claim lasts until the
+    process ends."""
+    held = claim_output(out, **claim)
     stack = _command_scope.get()
     if stack is None:
-        lock.__enter__()
+        held.__enter__()
     else:
-        stack.enter_context(lock)
+        stack.enter_context(held)
 
 
 # --- temporaries ---------------------------------------------------------------------------
@@ -361,10 +437,9 @@ def temp_name(out: Path, kind: str = "tmp") -> str:
 def remove_stale(out: str | os.PathLike) -> None:
     """Remove the temporaries (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) that writers of
     ``out`` left when they were killed; one line on stderr for each. Those of running
-    processes are left alone; ones without a pid (older moeify) are named with the
-    command that removes them."""
+    processes are left alone."""
     target = _destination(out)
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(?:(\d+)(?:-.*)?|.*)")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
     try:
         entries = list(target.parent.iterdir())
     except OSError:
@@ -374,10 +449,6 @@ def remove_stale(out: str | os.PathLike) -> None:
         if match is None:
             continue
         pid = match.group(1)
-        if pid is None:
-            print(f"moeify: {entry} looks left by an interrupted write of {target}; remove it "
-                  f"with: rm -r '{entry}'", file=sys.stderr)
-            continue
         if _alive(int(pid)):
             continue
         if ".old-" in entry.name[len(target.name) + 1:] and not os.path.lexists(target):
@@ -404,10 +475,10 @@ def remove_stale(out: str | os.PathLike) -> None:
               file=sys.stderr)
 
 
-def refuse_existing(out: Path, *, what: str = "--out") -> None:
+def refuse_existing(out: Path, *, what: Param = DESTINATION) -> None:
     """Raise `MoEError` if ``out`` exists (outputs are replaced only with ``force``)."""
     if os.path.lexists(out):
-        raise MoEError(f"{out} already exists: choose another {what} or pass --force")
+        raise _exists(out, what)
 
 
 def _remove(path: Path) -> None:
@@ -424,28 +495,24 @@ class atomic_directory:
     """``with atomic_directory(out, force=...) as tmp:`` build ``tmp``, renamed to ``out``
     on success; removed on failure (see the module docs).
 
-    An existing ``out`` is refused without ``force``, and replaced only after the new one
-    is complete. ``need``: predicted bytes, checked against the free space first. The
-    destination's lock is held from entry to the final rename; an ``OSError`` of the
-    write becomes one `MoEError` line (`output_error`).
+    The destination is claimed (`claim_output`: an existing ``out`` refused without
+    ``force``; ``need``, the predicted bytes, checked against the free space) from entry
+    to the final rename, and replaced only after the new one is complete; an ``OSError``
+    of the write becomes one `MoEError` line (`output_error`).
     """
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, need: int | None = None,
-                 what: str = "--out") -> None:
+                 what: Param = DESTINATION) -> None:
         self.out = Path(out)
         self.force, self.need, self.what = force, need, what
-        self.lock = output_lock(out, what=what)
+        self.claim = claim_output(out, force=force, need=need or 0, what=what)
 
     def __enter__(self) -> Path:
-        check_output(self.out, force=self.force, what=self.what)
-        self.lock.__enter__()
+        self.claim.__enter__()
         try:
-            if not self.force:  # again, now that no one else can be writing it
-                refuse_existing(self.out, what=self.what)
-            check_free_space(self.out, self.need or 0, what=self.what)
             self.tmp = self._make()
         except BaseException as error:
-            self.lock.__exit__(None, None, None)
+            self.claim.__exit__(None, None, None)
             if isinstance(error, OSError):
                 raise output_error(error, self.out, what=self.what) or error from None
             raise
@@ -469,7 +536,7 @@ class atomic_directory:
             if mapped is not None and isinstance(error, Exception):
                 raise mapped from None
         finally:
-            self.lock.__exit__(None, None, None)
+            self.claim.__exit__(None, None, None)
 
     def _commit(self) -> None:
         apply_umask(self.tmp)

@@ -1,9 +1,10 @@
 """Write a converted decoder as a Hugging Face Mixtral or Qwen2-MoE checkpoint.
 
-``--format hf --hf-arch mixtral|qwen2_moe`` (and `convert_to_hf` / `save_hf_moe` in
-Python) writes a directory that ``AutoModelForCausalLM.from_pretrained`` loads with no
-missing or unexpected keys, and that computes what moeify's module computes in eval mode
-(`moeify.hf_switch` keeps T5's ``switch_transformers`` target; `save_hf` chooses).
+``--format hf --hf-arch mixtral|qwen2_moe`` (``moeify.write(..., format="hf")`` in
+Python, `moeify.io.write`, which runs `save_hf_moe`) writes a directory that
+``AutoModelForCausalLM.from_pretrained`` loads with no missing or unexpected keys, and
+that computes what moeify's module computes in eval mode (`moeify.hf_switch` keeps T5's
+``switch_transformers`` target).
 
 The targets (transformers 5.x classes, checked against the installed source):
 
@@ -37,11 +38,12 @@ Key mapping (``P = model.layers.{i}.mlp``; moeify stores experts as ``x @ W``)::
                                                   self_attn.{q,k,v}_proj.bias zeros if absent
     everything else keeps its name (lm_head.weight left out when embeddings are tied)
 
-The writer streams: with `convert_to_hf` the plan is applied with the Switch layers on
-the meta device and each layer's tensors come from `moeify.switch.upcycled_tensors` when
-the writer reaches them (peak memory: the dense model plus one layer), in the dtype asked
-for, into numbered safetensors shards with the standard ``model.safetensors.index.json``,
-beside ``config.json`` and ``generation_config.json``, assembled atomically.
+The writer streams: converting a dense model (`moeify.io.write`), the plan is applied
+with the Switch layers on the meta device and each layer's tensors come from
+`moeify.switch.upcycled_tensors` when the writer reaches them (`moeify.stream`; peak
+memory: the dense model plus one layer), in the dtype asked for, into numbered
+safetensors shards with the standard ``model.safetensors.index.json``, beside
+``config.json`` and ``generation_config.json``, assembled atomically.
 
 Settings that map onto the target config: ``num_experts`` (``num_local_experts`` /
 ``num_experts``), ``top_k`` (``num_experts_per_tok``), ``aux_loss_coef``
@@ -75,7 +77,6 @@ the HF term is k times moeify's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -87,8 +88,11 @@ import torch
 from torch import Tensor, nn
 
 from moeify import conversion
-from moeify.config import Activation, Gate, MoEConfig, RouterKind
-from moeify.errors import MoEError
+from moeify.config import Activation, Gate, MoEConfig, RouterKind, config_param
+from moeify.errors import MoEError, Param
+from moeify.fs import atomic_directory
+from moeify.io.shards import DEFAULT_SHARD_BYTES, plan_shards, write_shards
+from moeify.stream import LayerTensors
 
 SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE = "switch_transformers", "mixtral", "qwen2_moe"
 HF_ARCHES = (SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE)
@@ -111,26 +115,34 @@ _ACTS = {
     Activation.GELU_TANH: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
     Activation.RELU: ("relu",),
 }
-TOP1_MIXTRAL = (
-    "--hf-arch mixtral cannot take --top-k 1: Mixtral renormalises the router's top-k "
-    "probabilities, so a single expert's weight is always 1 and the router would learn "
-    "from the auxiliary loss alone; use --top-k 2 (the default for mixtral), or --hf-arch "
-    "qwen2_moe, which routes top-1 with the raw router probability"
-)
 _CAPACITY_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
-EXPERT_CHOICE_HF = (
-    "--router expert-choice has no HF counterpart: SwitchTransformers, Mixtral and "
-    "Qwen2-MoE route by token choice (each token picks its experts); use --format torch "
-    "or onnx"
-)
+# the parameters messages name: ``hf_arch='mixtral'`` in Python (`moeify.io.write`), ``--hf-arch
+# mixtral`` on the command line (`moeify.errors`)
+ARCH, FORMAT = Param("hf_arch"), Param("format")
 
 
-def _option(name: str) -> str:
-    return next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
+def _fail(reason: str, **values: Any) -> MoEError:
+    """The HF format refused: ``reason`` is a message template over ``values``."""
+    return MoEError("{format_hf} is not possible: " + reason, format_hf=FORMAT.given("hf"),
+                    **values)
 
 
-def _fail(reason: str) -> MoEError:
-    return MoEError(f"--format hf is not possible: {reason}")
+def _top1_mixtral() -> MoEError:
+    return MoEError(
+        "{mixtral} cannot take {top_1}: Mixtral renormalises the router's top-k probabilities, "
+        "so a single expert's weight is always 1 and the router would learn from the "
+        "auxiliary loss alone; use {top_2} (the default for mixtral), or {qwen2_moe}, which "
+        "routes top-1 with the raw router probability", mixtral=ARCH.given(MIXTRAL),
+        top_1=config_param("top_k").given(1), top_2=config_param("top_k").given(2),
+        qwen2_moe=ARCH.given(QWEN2_MOE))
+
+
+def _expert_choice() -> MoEError:
+    return _fail(
+        "{router} has no HF counterpart: SwitchTransformers, Mixtral and Qwen2-MoE route by "
+        "token choice (each token picks its experts); use {torch} or onnx",
+        router=config_param("router").given(RouterKind.EXPERT_CHOICE),
+        torch=FORMAT.given("torch"))
 
 
 # --- which targets fit a model ---------------------------------------------------------------
@@ -140,7 +152,8 @@ def misfit(arch: str, model: nn.Module) -> str | None:
     """Why ``model`` (dense, or converted) cannot be written as ``arch``; None if it can.
     Looks at the architecture only (class and config), so it works on the meta device."""
     if arch not in HF_ARCHES:
-        raise MoEError(f"--hf-arch {arch!r} is not one of {', '.join(HF_ARCHES)}")
+        raise MoEError("{arch!r} is not one of {arches}", arch=ARCH.given(arch),
+                       arches=", ".join(HF_ARCHES))
     name = type(model).__name__
     config = getattr(model, "config", None)
     if arch == SWITCH_TRANSFORMERS:
@@ -160,29 +173,32 @@ def misfit(arch: str, model: nn.Module) -> str | None:
 
 
 def fitting_arches(model: nn.Module) -> list[str]:
-    """The ``--hf-arch`` targets ``model``'s architecture fits."""
+    """The targets (``arch``, ``--hf-arch``) ``model``'s architecture fits."""
     return [arch for arch in HF_ARCHES if misfit(arch, model) is None]
 
 
 def default_arch(model: nn.Module) -> str:
-    """``--hf-arch`` when not given: switch_transformers for T5, mixtral for Llama and
+    """The target when none is given: switch_transformers for T5, mixtral for Llama and
     Mistral, qwen2_moe for Qwen2; a `MoEError` naming the targets when none fits."""
     fits = fitting_arches(model)
     if not fits:
-        raise MoEError(no_target_message(model))
+        raise no_target(model)
     return fits[0]
 
 
-def no_target_message(model: nn.Module, arch: str | None = None) -> str:
-    name = type(model).__name__
-    fits = fitting_arches(model)
-    targets = "; ".join(f"{a}: {w}" for a, w in TARGET_SOURCES.items())
+def no_target(model: nn.Module, arch: str | None = None) -> MoEError:
+    """The refusal of ``model``, which target ``arch`` (or, with None, no target) fits."""
+    values = dict(name=type(model).__name__, format_hf=FORMAT.given("hf"),
+                  torch=FORMAT.given("torch"),
+                  targets="; ".join(f"{a}: {w}" for a, w in TARGET_SOURCES.items()))
     if arch is None:
-        return f"no --format hf target fits {name} ({targets}): use --format torch"
-    head = f"--hf-arch {arch} does not fit {name} ({misfit(arch, model)})"
+        return MoEError("no {format_hf} target fits {name} ({targets}): use {torch}", **values)
+    head = "{arch} does not fit {name} ({misfit})"
+    values.update(arch=ARCH.given(arch), misfit=misfit(arch, model))
+    fits = fitting_arches(model)
     if fits:
-        return f"{head}; targets that fit it: {', '.join(fits)}"
-    return f"{head}; no HF target fits it ({targets}): use --format torch"
+        return MoEError(head + "; targets that fit it: {fits}", fits=", ".join(fits), **values)
+    return MoEError(head + "; no HF target fits it ({targets}): use {torch}", **values)
 
 
 # --- the config a target needs ---------------------------------------------------------------
@@ -199,9 +215,9 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
     ``model``'s architecture fits the target.
     """
     if misfit(arch, model) is not None:
-        raise MoEError(no_target_message(model, arch))
+        raise no_target(model, arch)
     if config.router == RouterKind.EXPERT_CHOICE:
-        raise _fail(EXPERT_CHOICE_HF)
+        raise _expert_choice()
     if arch == SWITCH_TRANSFORMERS:
         return config
     if explicit is None:
@@ -209,21 +225,29 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
                     if getattr(config, f.name) != f.default}
     explicit = set(explicit)
     layers = model.config.num_hidden_layers
+    fields: dict[str, Param] = {}  # the placeholders of the refusal below
+
+    def field(name: str, value: Any = None) -> str:
+        """A placeholder for config field ``name`` (stating ``value`` unless None)."""
+        param = config_param(name)
+        fields[f"field{len(fields)}"] = param if value is None else param.given(value)
+        return f"{{field{len(fields) - 1}}}"
+
     if arch == MIXTRAL:
         if "top_k" in explicit and config.top_k == 1:
-            raise MoEError(TOP1_MIXTRAL)
+            raise _top1_mixtral()
         wanted: dict[str, Any] = {"top_k": 2, "every": 1, "dropless": True}
-        required = [f"{_option('top_k')} 2", f"{_option('every')} 1 (every decoder layer)",
-                    _option("dropless")]
+        required = [field("top_k", 2), field("every", 1) + " (every decoder layer)",
+                    field("dropless", True)]
         all_layers = tuple(range(layers))
         if "layers" in explicit and config.layers is not None and config.layers != all_layers:
-            conflicts = [f"{_option('layers')} {','.join(map(str, config.layers))}"]
+            conflicts = [field("layers", config.layers)]
         else:
             conflicts = []
             wanted["layers"] = config.layers if "layers" in explicit else None
     else:
         wanted = {"dropless": True}
-        required = [_option("dropless")]
+        required = [field("dropless", True)]
         conflicts = []
     # training-only settings a target has no place for: off unless asked for
     wanted["z_loss_coef"] = 0.0
@@ -231,17 +255,13 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
         wanted["jitter_eps"] = 0.0
     for name in ("top_k", "every", "dropless"):
         if name in wanted and name in explicit and getattr(config, name) != wanted[name]:
-            value = getattr(config, name)
-            conflicts.append(f"{_option(name)} {value}" if not isinstance(value, bool)
-                             else f"{_option(name)}={value}")
-    given = [n for n in _CAPACITY_FIELDS if n in explicit]
-    if given:
-        conflicts += [_option(n) for n in given]
+            conflicts.append(field(name, getattr(config, name)))
+    conflicts += [field(n) for n in _CAPACITY_FIELDS if n in explicit]
     if conflicts:
-        required.append(f"no {'/'.join(_option(n) for n in _CAPACITY_FIELDS)} (HF's MoE "
+        required.append(f"no {'/'.join(field(n) for n in _CAPACITY_FIELDS)} (HF's MoE "
                         "classes route dropless: there is no expert capacity)")
-        raise MoEError(f"--hf-arch {arch} requires {', '.join(required)}; conflicting: "
-                       f"{', '.join(conflicts)}")
+        raise MoEError("{arch} requires " + ", ".join(required) + "; conflicting: "
+                       + ", ".join(conflicts), arch=ARCH.given(arch), **fields)
     return config.replace(**{k: v for k, v in wanted.items() if k not in explicit})
 
 
@@ -280,20 +300,23 @@ def _sparse_layers(plan, arch: str, num_layers: int) -> tuple[int, ...]:
     for site in plan.selected_sites:
         match = re.fullmatch(r"model\.layers\.(\d+)\.mlp", site.path)
         if match is None or site.replace != (site.path,):
-            raise _fail(f"site {site.path} is not a decoder layer's whole MLP "
-                        "(model.layers.N.mlp)")
+            raise _fail("site {path} is not a decoder layer's whole MLP (model.layers.N.mlp)",
+                        path=site.path)
         if not site.gated:
-            raise _fail(f"site {site.path} is not a gated FFN (the target's experts are SwiGLU)")
+            raise _fail("site {path} is not a gated FFN (the target's experts are SwiGLU)",
+                        path=site.path)
         if site.bias:
-            raise _fail(f"site {site.path} has biases; the target's experts have none")
+            raise _fail("site {path} has biases; the target's experts have none", path=site.path)
         found.append(int(match.group(1)))
     split = c.hidden_split
     if any(s.d_ff % split.parts for s in plan.selected_sites):
-        raise _fail(f"{split.who} needs {split.parts} to divide the FFN width")
+        raise _fail("{who} needs {parts} to divide the FFN width", who=split.who,
+                    parts=split.parts)
     sparse = tuple(sorted(found))
     if arch == MIXTRAL and sparse != tuple(range(num_layers)):
-        raise _fail(f"Mixtral makes every decoder layer sparse, the plan converts layers "
-                    f"{list(sparse)} of {num_layers}: use --every 1")
+        raise _fail("Mixtral makes every decoder layer sparse, the plan converts layers "
+                    "{sparse} of {num_layers}: use {every_1}", sparse=list(sparse),
+                    num_layers=num_layers, every_1=config_param("every").given(1))
     return sparse
 
 
@@ -307,24 +330,25 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
         raise MoEError(f"hf_layout writes mixtral or qwen2_moe, not {arch!r}")
     problem = misfit(arch, model)
     if problem is not None:
-        raise MoEError(no_target_message(model, arch))
+        raise no_target(model, arch)
     source = model.config
     c = plan.config
     if c.router == RouterKind.EXPERT_CHOICE:
-        raise _fail(EXPERT_CHOICE_HF)
+        raise _expert_choice()
     num_layers = source.num_hidden_layers
     sparse = _sparse_layers(plan, arch, num_layers)
     notes: list[str] = []
     if not c.dropless:
-        raise _fail(f"{arch} routes dropless (no expert capacity): convert with --dropless")
+        raise _fail("{arch} routes dropless (no expert capacity): convert with {dropless}",
+                    arch=arch, dropless=config_param("dropless").given(True))
     sites = plan.selected_sites
     activation = sites[0].activation
     if any(s.activation != activation for s in sites) or source.hidden_act not in _ACTS[activation]:
-        raise _fail(f"the experts' activation ({activation.value}) is not the source's "
-                    f"hidden_act {source.hidden_act!r}")
+        raise _fail("the experts' activation ({activation}) is not the source's hidden_act "
+                    "{hidden_act!r}", activation=activation.value, hidden_act=source.hidden_act)
     expert_width = conversion.expert_width(sites[0], c)
     if arch == MIXTRAL and c.top_k != 2:
-        raise MoEError(TOP1_MIXTRAL)
+        raise _top1_mixtral()
 
     fields = {k: getattr(source, k) for k in _CARRIED if getattr(source, k, None) is not None}
     fields["rope_parameters"] = dict(source.rope_parameters)
@@ -414,34 +438,6 @@ class _Tensor:
         self.shape, self.chunks = shape, chunks
 
 
-class _LayerValues:
-    """Each Switch layer's tensors by name (``experts.w_in``, ...), one layer at a time:
-    a layer in memory gives its parameters; a layer on the meta device (streamed
-    conversion) is made from its dense weights by `upcycled_tensors` when first asked."""
-
-    def __init__(self, model: nn.Module, program=None) -> None:
-        self.model, self.program = model, program
-        self.current: tuple[str, dict[str, Any]] | None = None
-
-    def get(self, path: str) -> dict[str, Any]:
-        from moeify.switch import TensorSource, upcycled_tensors
-
-        if self.current is not None and self.current[0] == path:
-            return self.current[1]
-        self.current = None  # free the previous layer first
-        layer = self.model.get_submodule(path)
-        if layer.router.weight.is_meta:
-            if self.program is None or path not in self.program.dense:
-                raise MoEError(f"Switch layer {path} has no weights (meta device)")
-            site = next(s for s in self.program.selected if s.path == path)
-            values = upcycled_tensors(self.program.dense[path], self.program.config,
-                                      path=path, activation=site.activation)
-        else:
-            values = {n: TensorSource(p.detach()) for n, p in layer.named_parameters()}
-        self.current = (path, values)
-        return values
-
-
 def _expert_chunks(sources: list[Any], dtype: torch.dtype) -> Iterator[Tensor]:
     """Per expert e: the transposes of ``sources[j][e]`` stacked on rows, in ``dtype``.
     A plain copy (``repeat``) is built once and written E times."""
@@ -461,7 +457,7 @@ def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
     from moeify.api import switch_layers
 
     switch = dict(switch_layers(model))
-    values = _LayerValues(model, program)
+    values = LayerTensors(model, program)
     out: dict[str, _Tensor] = {}
     tied = bool(getattr(layout.config, "tie_word_embeddings", False))
     state = model.state_dict()
@@ -536,7 +532,7 @@ def _check_against_hf(layout: Layout, tensors: dict[str, _Tensor]) -> None:
 
 @dataclass(frozen=True)
 class HFExport:
-    """What `save_hf_moe` / `convert_to_hf` wrote."""
+    """What `save_hf_moe` wrote."""
 
     path: Path
     arch: str
@@ -564,9 +560,8 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
     arch: ``mixtral`` or ``qwen2_moe`` (default: mixtral where it fits, else qwen2_moe).
     dtype: of every written tensor (default: the model's embedding dtype).
     program: the `Program` of a lazy apply (Switch layers on the meta device): their
-        tensors are made one layer at a time while writing (`convert_to_hf`).
+        tensors are made one layer at a time while writing (`moeify.stream`).
     """
-    from moeify.checkpoint import DEFAULT_SHARD_BYTES, atomic_directory, write_shards
     from moeify.conversion import conversion_of
 
     plan = conversion_of(model)
@@ -574,7 +569,8 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
         raise MoEError("the model is not converted: run moeify.convert first")
     arch = arch or default_arch(model)
     if arch == SWITCH_TRANSFORMERS:
-        raise MoEError("use moeify.hf_switch.save_hf_switch (or save_hf) for switch_transformers")
+        raise MoEError("use moeify.hf_switch.save_hf_switch (or moeify.write) for "
+                       "switch_transformers")
     dtype = dtype or _model_dtype(model)
     layout = hf_layout(model, plan, arch, dtype=dtype)
     tensors = hf_tensors(model, layout, dtype=dtype, program=program)
@@ -584,51 +580,17 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
     nbytes = sum(s.numel() * size for s in specs.values())
     # HF reads whole tensors: a shard grows to hold the largest one rather than split it
     largest = max(s.numel() * size for s in specs.values())
-    limit = max(DEFAULT_SHARD_BYTES, largest + (1 << 20))
+    shards = plan_shards(specs, max(DEFAULT_SHARD_BYTES, largest + (1 << 20)))
+    if shards.split_tensors:  # pragma: no cover - the limit prevents it
+        raise MoEError("a tensor was split across shards, which HF cannot read")
     with atomic_directory(path, force=force, need=nbytes) as tmp:
-        index = write_shards(specs, tmp, lambda name: tensors[name].chunks(),
-                             max_shard_bytes=limit, progress=progress)
-        if index.get("metadata", {}).get("parts"):  # pragma: no cover - limit prevents it
-            raise MoEError("a tensor was split across shards, which HF cannot read")
+        write_shards(tmp, shards, lambda name: tensors[name].chunks(), progress)
         layout.config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         can_generate = getattr(model, "can_generate", lambda: False)()
         if generation is not None and can_generate:
             generation.save_pretrained(tmp)
     return HFExport(Path(path), arch, layout.model_class, tuple(layout.notes), nbytes)
-
-
-def convert_to_hf(model: nn.Module, plan, path: str | os.PathLike, *, arch: str,
-                  dtype: torch.dtype | None = None, force: bool = False,
-                  progress=None) -> tuple[Any, HFExport]:
-    """Apply ``plan`` to the dense ``model`` (in place, Switch layers left on the meta
-    device) and stream the result to ``path`` as an HF ``arch`` checkpoint, one Switch
-    layer in memory at a time. Returns the conversion report and the `HFExport`."""
-    from moeify.api import apply_program
-    from moeify.fs import refuse_existing
-    from moeify.report import ConversionReport
-
-    hf_layout(model, plan, arch)  # refuse before any work
-    if not force:
-        refuse_existing(Path(path))
-    program = apply_program(model, plan, lazy=True, progress=progress)
-    export = save_hf_moe(model, path, arch=arch, dtype=dtype, force=force, program=program,
-                         progress=progress)
-    return ConversionReport.from_plan(program.plan), export
-
-
-def save_hf(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None,
-            force: bool = False) -> Path:
-    """Write a converted model in memory to ``path`` in HF's format: ``arch`` one of
-    `HF_ARCHES` (default: the first that fits the model's architecture)."""
-    arch = arch or default_arch(model)
-    if arch == SWITCH_TRANSFORMERS:
-        from moeify.hf_switch import save_hf_switch
-
-        if misfit(arch, model) is not None:
-            raise MoEError(no_target_message(model, arch))
-        return save_hf_switch(model, path, force=force)
-    return save_hf_moe(model, path, arch=arch, force=force).path
 
 
 # --- HF's load-balancing loss ------------------------------------------------------------------
@@ -656,7 +618,3 @@ def pooled_load_balancing_loss(router_logits: Iterable[Tensor], num_experts: int
         rows += weight.sum()
     return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
 
-
-def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a written HF checkpoint."""
-    return json.loads((Path(path) / "config.json").read_text())

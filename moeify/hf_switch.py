@@ -16,7 +16,8 @@ what converts:
   written as the *evaluation* capacity at the declared ``seq_len``. Loaded with
   ``from_pretrained``, the model computes what moeify's module computes in eval mode.
 
-Anything else raises `MoEError` suggesting ``--format torch``.
+Anything else raises `MoEError` suggesting the moeify checkpoint format (``format='torch'``,
+``--format torch``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from moeify.checkpoint import atomic_directory
-from moeify.config import Gate, Init, RouterKind
-from moeify.errors import MoEError
+from moeify.config import Gate, Init, RouterKind, config_param
+from moeify.errors import MoEError, Param
+from moeify.fs import atomic_directory
 from moeify.conversion import conversion_of
+from moeify.hf_moe import FORMAT, _fail as _refused
+
+MODEL_CLASS = "SwitchTransformersForConditionalGeneration"  # the class a checkpoint loads as
 
 
-def _fail(reason: str) -> MoEError:
-    return MoEError(f"--format hf is not possible: {reason}; use --format torch")
+def _fail(reason: str, **values: Any) -> MoEError:
+    """The SwitchTransformers format refused: ``reason`` is a message template over
+    ``values``; the message suggests the moeify checkpoint format instead."""
+    return _refused(reason + "; use {torch}", torch=FORMAT.given("torch"), **values)
 
 
 def switch_config(model: nn.Module):
@@ -46,26 +53,31 @@ def switch_config(model: nn.Module):
     if conversion is None:
         raise MoEError("the model is not converted: run moeify.convert first")
     if not isinstance(model, transformers.T5ForConditionalGeneration):
-        raise _fail(f"the source is {type(model).__name__}, not a T5ForConditionalGeneration")
+        raise _fail("the source is {name}, not a T5ForConditionalGeneration",
+                    name=type(model).__name__)
     t5 = model.config
     if t5.is_gated_act or t5.dense_act_fn != "relu":
-        raise _fail(f"the source T5 uses the {t5.feed_forward_proj!r} FFN (HF's Switch "
-                    "classes have T5 v1.0's ReLU FFN only)")
+        raise _fail("the source T5 uses the {ffn!r} FFN (HF's Switch classes have T5 v1.0's "
+                    "ReLU FFN only)", ffn=t5.feed_forward_proj)
     c = conversion.config
     if c.router == RouterKind.EXPERT_CHOICE:
         raise _fail("the model routes by expert choice in its encoder; HF's "
                     "SwitchTransformers routes by token choice (each token picks its expert)")
     if c.top_k != 1 or c.gate != Gate.SOFTMAX:
-        raise _fail(f"top_k={c.top_k}, gate={c.gate.value} (HF routes top-1 with the softmax gate)")
+        raise _fail("{top_k}, {gate} (HF routes top-1 with the softmax gate)",
+                    top_k=config_param("top_k").given(c.top_k),
+                    gate=config_param("gate").given(c.gate))
     if c.init == Init.PARTITION:
-        raise _fail("init='partition' gives experts a narrower FFN than HF's dense layers")
+        raise _fail("{partition} gives experts a narrower FFN than HF's dense layers",
+                    partition=config_param("init").given(Init.PARTITION))
     if conversion.seq_len is None or c.group_size is not None:
-        raise _fail("HF's expert_capacity is per sequence: declare --seq-len (and no group size)")
+        raise _fail("HF's expert_capacity is per sequence: declare {seq_len} (and no group size)",
+                    seq_len=Param("seq_len"))
     layer_index = {}
     for site in conversion.selected_sites:
         match = re.fullmatch(r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.DenseReluDense", site.path)
         if match is None:
-            raise _fail(f"site {site.path} is not a T5 FFN block")
+            raise _fail("site {path} is not a T5 FFN block", path=site.path)
         layer_index.setdefault(match.group(1), []).append(int(match.group(2)))
     steps = {}
     for stack, num in (("encoder", t5.num_layers), ("decoder", t5.num_decoder_layers)):
@@ -75,7 +87,8 @@ def switch_config(model: nn.Module):
                 steps[stack] = step
                 break
         else:
-            raise _fail(f"{stack} layers {chosen} are not HF's sparse layout (odd indices, or all)")
+            raise _fail("{stack} layers {chosen} are not HF's sparse layout (odd indices, or "
+                        "all)", stack=stack, chosen=chosen)
     fields = {k: v for k, v in t5.to_dict().items() if k in (
         "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
         "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
@@ -122,7 +135,7 @@ def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = F
 
     config = switch_config(model)
     with torch.device("meta"):
-        switch = transformers.SwitchTransformersForConditionalGeneration(config)
+        switch = getattr(transformers, MODEL_CLASS)(config)
     state = switch_state_dict(model)
     expected = set(switch.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -6,7 +6,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moeify.config import Init, MoEConfig, RouterKind
-from moeify.conversion import ConversionPlan, Rejection, expert_params, layer_config
+from moeify.conversion import (
+    ConversionPlan,
+    Rejection,
+    expert_params,
+    layer_config,
+    weight_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class ConversionReport:
     params_dense: int
     params_moe: int
     active_params_per_token: int
+
+    def nbytes(self, dtype) -> dict[str, int]:
+        """Weight bytes before and after conversion in ``dtype`` (a torch dtype), as
+        `ConversionPlan.nbytes`."""
+        return weight_bytes(self.params_dense, self.params_moe, dtype)
 
     @property
     def converted(self) -> list[str]:

@@ -11,11 +11,6 @@ import moeify
 from moeify.config import MoEConfig
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "moeify", *args], capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_help_does_not_import_torch():
     code = ("import sys; from typer.testing import CliRunner; from moeify.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
@@ -26,14 +21,14 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_version_via_python_dash_m():
-    result = run("version")
+def test_version_via_python_dash_m(moeify_cli):
+    result = moeify_cli("version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"moeify {moeify.__version__} (torch ")
 
 
-def test_unknown_command_fails_with_usage():
-    result = run("frobnicate")
+def test_unknown_command_fails_with_usage(moeify_cli):
+    result = moeify_cli("frobnicate")
     assert result.returncode != 0
     assert "No such command" in result.stderr
 
@@ -107,8 +102,8 @@ def test_help_lists_every_config_option_with_its_default():
     (["--router-dtype", "bfloat16"], ["--router-dtype 'bfloat16' is not one of 'float32'"]),
     (["--expert-dropout", "1"], ["--expert-dropout 1.0 must be a finite number in [0, 1)"]),
 ])
-def test_config_errors_name_the_option_in_one_line(args, fragments):
-    result = run("inspect", "t5-small", *args)
+def test_config_errors_name_the_option_in_one_line(args, fragments, moeify_cli):
+    result = moeify_cli("inspect", "t5-small", *args)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     for fragment in fragments:
@@ -122,8 +117,8 @@ def test_config_errors_name_the_option_in_one_line(args, fragments):
     (["--gate", "top"], ["--gate", "'top' is not one of 'softmax', 'normalized'"]),
     (["--experts", "many"], ["--experts"]),
 ])
-def test_option_text_that_does_not_parse_is_a_usage_error(args, fragments):
-    result = run("inspect", "t5-small", *args)
+def test_option_text_that_does_not_parse_is_a_usage_error(args, fragments, moeify_cli):
+    result = moeify_cli("inspect", "t5-small", *args)
     assert result.returncode == 2
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stderr).split())  # unwrap rich's box
     for fragment in fragments:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -24,37 +23,12 @@ import transformers as tf
 
 import moeify
 from moeify import MoEConfig
-from moeify.cli import main
 from tests import models
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def popen(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "moeify", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def cli(capsys, *args):
-    """Run the ``moeify`` entry point in this process: (exit code, stdout, stderr)."""
-    with mock.patch.object(sys, "argv", ["moeify", *map(str, args)]):
-        with pytest.raises(SystemExit) as stop:
-            main()
-    out, err = capsys.readouterr()
-    return stop.value.code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    assert code not in (0, None), err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def leftovers(directory: Path, name: str) -> list[str]:
@@ -85,14 +59,6 @@ def temporaries(directory: Path, name: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("src") / "tiny-gpt2"
-    models.gpt2().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def wide_gpt2_dir(tmp_path_factory):
     """One Switch layer of 256 experts of d=128, f=512: a 134 MB write, long enough to
     catch a writer in the middle of it."""
@@ -118,16 +84,17 @@ def stop_mid_write(proc, out: Path) -> Path:
 # --- killed writers ------------------------------------------------------------------------
 
 
-def test_a_killed_conversion_leaves_a_temporary_the_next_one_removes(wide_gpt2_dir, tmp_path):
+def test_a_killed_conversion_leaves_a_temporary_the_next_one_removes(
+        wide_gpt2_dir, tmp_path, moeify_cli):
     out = tmp_path / "moe"
-    proc = popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
+    proc = moeify_cli.popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
     tmp = stop_mid_write(proc, out)
     assert f".moe.tmp-{proc.pid}-" in tmp.name  # named with the writer's pid
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert tmp.exists() and not out.exists()  # what SIGKILL leaves behind
 
-    again = popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
+    again = moeify_cli.popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert f"removed {tmp}" in err and f"pid {proc.pid}" in err, err
@@ -135,9 +102,10 @@ def test_a_killed_conversion_leaves_a_temporary_the_next_one_removes(wide_gpt2_d
     assert moeify.load(out).config.n_embd == 128
 
 
-def test_sigterm_mid_write_removes_the_temporary_and_exits_non_zero(wide_gpt2_dir, tmp_path):
+def test_sigterm_mid_write_removes_the_temporary_and_exits_non_zero(
+        wide_gpt2_dir, tmp_path, moeify_cli):
     out = tmp_path / "moe"
-    proc = popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
+    proc = moeify_cli.popen("convert", wide_gpt2_dir, *WIDE, "--out", out)
     stop_mid_write(proc, out)
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGCONT)
@@ -147,14 +115,14 @@ def test_sigterm_mid_write_removes_the_temporary_and_exits_non_zero(wide_gpt2_di
     assert not out.exists() and leftovers(tmp_path, "moe") == []
 
 
-def test_two_writers_of_one_out_only_one_succeeds(gpt2_dir, tmp_path):
+def test_two_writers_of_one_out_only_one_succeeds(gpt2_dir, tmp_path, moeify_cli):
     out = tmp_path / "moe"
-    first = popen("convert", gpt2_dir, "--experts", "4", "--out", out, "--force")
+    first = moeify_cli.popen("convert", gpt2_dir, "--experts", "4", "--out", out, "--force")
     lock = tmp_path / ".moe.lock"  # its pid is written once the lock is taken
     assert wait_for(lambda: holder(lock) == str(first.pid), first), first.communicate()
     os.kill(first.pid, signal.SIGSTOP)  # holding the lock, somewhere in its work
     try:
-        second = popen("convert", gpt2_dir, "--experts", "8", "--out", out, "--force")
+        second = moeify_cli.popen("convert", gpt2_dir, "--experts", "8", "--out", out, "--force")
         _, err = second.communicate(timeout=300)
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -185,6 +153,23 @@ def test_the_lock_is_reentrant_in_a_process_and_exclusive_across_processes(tmp_p
     assert not (tmp_path / ".o.lock").exists()
 
 
+def test_a_lock_being_taken_is_reported_with_its_holders_pid(tmp_path):
+    import fcntl
+    import threading
+
+    from moeify.fs import output_lock
+
+    fd = os.open(tmp_path / ".o.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # taken, its holder's pid not written yet
+    threading.Timer(0.05, lambda: os.write(fd, b"4242\n")).start()
+    try:
+        with pytest.raises(moeify.MoEError, match=r"being written by moeify \(pid 4242\)"):
+            with output_lock(tmp_path / "o"):
+                pass  # pragma: no cover - refused
+    finally:
+        os.close(fd)
+
+
 def test_temporaries_of_live_processes_are_left_alone(tmp_path, capsys):
     from moeify.fs import remove_stale
 
@@ -211,23 +196,23 @@ def _dead_pid() -> int:
     ("", "--out is empty"),
     ("..", "names a directory by '.'"),
 ])
-def test_out_that_names_no_new_output_is_refused(out, fragment, gpt2_dir, tmp_path, capsys,
-                                                 monkeypatch):
+def test_out_that_names_no_new_output_is_refused(
+        out, fragment, gpt2_dir, tmp_path, moeify_main, one_line_error, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     (work / "keep.txt").write_text("mine")
     monkeypatch.chdir(work)
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--experts", "4", "--out", out, "--force")
-    one_line_error(code, err, fragment)
+    result = moeify_main("convert", gpt2_dir, "--experts", "4", "--out", out, "--force")
+    one_line_error(result, fragment)
     assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
-def test_out_that_is_the_current_directory_by_another_name_is_refused(gpt2_dir, tmp_path, capsys,
-                                                                      monkeypatch):
+def test_out_that_is_the_current_directory_by_another_name_is_refused(
+        gpt2_dir, tmp_path, moeify_main, one_line_error, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--out", f"../{tmp_path.name}", "--force")
-    one_line_error(code, err, "is the current directory or contains it")
+    result = moeify_main("convert", gpt2_dir, "--out", f"../{tmp_path.name}", "--force")
+    one_line_error(result, "is the current directory or contains it")
 
 
 @pytest.fixture
@@ -244,12 +229,13 @@ def source_copy(gpt2_dir, tmp_path):
     ("inside", "is inside the input"),
     ("containing", "contains the input"),
 ])
-def test_out_overlapping_the_source_is_refused(where, fragment, source_copy, capsys):
+def test_out_overlapping_the_source_is_refused(
+        where, fragment, source_copy, moeify_main, one_line_error):
     out = {"same": source_copy, "inside": source_copy / "moe",
            "containing": source_copy.parent}[where]
     before = sorted(p.name for p in source_copy.iterdir())
-    code, _, err = cli(capsys, "convert", source_copy, "--experts", "4", "--out", out, "--force")
-    one_line_error(code, err, fragment)
+    result = moeify_main("convert", source_copy, "--experts", "4", "--out", out, "--force")
+    one_line_error(result, fragment)
     assert sorted(p.name for p in source_copy.iterdir()) == before  # the source is untouched
 
 
@@ -268,29 +254,30 @@ def checkpoint(tmp_path):
     (lambda ck: ["export", ck, "--onnx", ck, "--seq-len", "8", "--force"], "is the input"),
 ])
 def test_distill_and_export_never_write_over_the_checkpoint_they_read(args, fragment, checkpoint,
-                                                                    capsys):
+                                                                    moeify_main, one_line_error):
     before = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
-    code, _, err = cli(capsys, *args(checkpoint))
-    one_line_error(code, err, fragment)
+    result = moeify_main(*args(checkpoint))
+    one_line_error(result, fragment)
     assert {p.name: p.stat().st_size for p in checkpoint.iterdir()} == before
 
 
 # --- file-system faults: one line, previous output intact ----------------------------------
 
 
-def test_out_whose_parent_is_a_file_is_one_line(gpt2_dir, tmp_path, capsys):
+def test_out_whose_parent_is_a_file_is_one_line(gpt2_dir, tmp_path, moeify_main, one_line_error):
     (tmp_path / "file").write_text("not a directory")
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--out", tmp_path / "file" / "sub" / "moe")
-    one_line_error(code, err, "is a file, not a directory")
+    result = moeify_main("convert", gpt2_dir, "--out", tmp_path / "file" / "sub" / "moe")
+    one_line_error(result, "is a file, not a directory")
 
 
-def test_a_factory_that_raises_or_needs_arguments_is_one_line(tmp_path, capsys):
-    code, _, err = cli(capsys, "convert", "tests.test_faults:raising_factory", "--out",
-                       tmp_path / "o")
-    one_line_error(code, err, "raised RuntimeError: no model today")
-    code, _, err = cli(capsys, "convert", "tests.test_faults:factory_with_arguments", "--out",
-                       tmp_path / "o")
-    one_line_error(code, err, "factory_with_arguments() needs arguments (width)")
+def test_a_factory_that_raises_or_needs_arguments_is_one_line(
+        tmp_path, moeify_main, one_line_error):
+    result = moeify_main("convert", "tests.test_faults:raising_factory", "--out",
+                         tmp_path / "o")
+    one_line_error(result, "raised RuntimeError: no model today")
+    result = moeify_main("convert", "tests.test_faults:factory_with_arguments", "--out",
+                         tmp_path / "o")
+    one_line_error(result, "factory_with_arguments() needs arguments (width)")
     assert not (tmp_path / "o").exists()
 
 
@@ -332,10 +319,11 @@ def read_only_directory(tmp_path, mount) -> Path:
     return mount("ro,size=1m")
 
 
-def test_read_only_target_is_one_line_and_nothing_is_written(gpt2_dir, tmp_path, capsys, mount):
+def test_read_only_target_is_one_line_and_nothing_is_written(
+        gpt2_dir, tmp_path, moeify_main, one_line_error, mount):
     target = read_only_directory(tmp_path, mount)
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--experts", "4", "--out", target / "moe")
-    one_line_error(code, err, f"cannot write {target / 'moe'}", "choose another --out")
+    result = moeify_main("convert", gpt2_dir, "--experts", "4", "--out", target / "moe")
+    one_line_error(result, f"cannot write {target / 'moe'}", "choose another --out")
     model = models.gpt2()
     moeify.convert(model, MoEConfig(num_experts=4))
     with pytest.raises(moeify.MoEError, match="read-only|permission denied"):
@@ -352,31 +340,30 @@ def fill(directory: Path, leave: int) -> None:
         handle.write(b"\0" * max(free - leave, 0))
 
 
-def test_disk_full_while_converting_keeps_the_previous_output(gpt2_dir, capsys, mount,
-                                                            monkeypatch):
+def test_disk_full_while_converting_keeps_the_previous_output(
+        gpt2_dir, moeify_main, one_line_error, mount, monkeypatch):
     disk = mount("size=2m")
     out = disk / "moe"
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--experts", "2", "--out", out)
-    assert code == 0, err
+    result = moeify_main("convert", gpt2_dir, "--experts", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fill(disk, 64 * 1024)
     # the free-space guard would refuse first: turn it off to meet the full disk itself
     monkeypatch.setattr("moeify.fs.check_free_space", lambda *a, **k: None)
-    monkeypatch.setattr("moeify.stream.check_free_space", lambda *a, **k: None)
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--experts", "16", "--out", out, "--force")
-    line = one_line_error(code, err, f"no space left on {disk}", "choose another --out")
+    result = moeify_main("convert", gpt2_dir, "--experts", "16", "--out", out, "--force")
+    line = one_line_error(result, f"no space left on {disk}", "choose another --out")
     assert "was not changed" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in disk.iterdir()) == ["filler", "moe"]
 
 
-def test_disk_full_while_distilling_and_exporting_is_one_line(checkpoint, capsys, mount,
-                                                              monkeypatch):
+def test_disk_full_while_distilling_and_exporting_is_one_line(
+        checkpoint, moeify_main, one_line_error, mount, monkeypatch):
     disk = mount("size=1m")
     fill(disk, 8 * 1024)
     monkeypatch.setattr("moeify.fs.check_free_space", lambda *a, **k: None)
-    code, _, err = cli(capsys, "distill", checkpoint, "--out", disk / "student")
-    one_line_error(code, err, f"no space left on {disk}")
+    result = moeify_main("distill", checkpoint, "--out", disk / "student")
+    one_line_error(result, f"no space left on {disk}")
     with pytest.raises(moeify.MoEError, match=f"no space left on {disk}"):
         moeify.export_onnx(checkpoint, disk / "m.onnx", seq_len=8)
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
@@ -385,11 +372,11 @@ def test_disk_full_while_distilling_and_exporting_is_one_line(checkpoint, capsys
 Usage = collections.namedtuple("Usage", "total used free")
 
 
-def test_predicted_bytes_beyond_the_free_space_are_refused_before_any_work(gpt2_dir, tmp_path,
-                                                                         capsys, monkeypatch):
+def test_predicted_bytes_beyond_the_free_space_are_refused_before_any_work(
+        gpt2_dir, tmp_path, moeify_main, one_line_error, monkeypatch):
     monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(10**6, 10**6 - 5000, 5000))
-    code, _, err = cli(capsys, "convert", gpt2_dir, "--experts", "64", "--out", tmp_path / "o")
-    line = one_line_error(code, err, "needs about", "4.9 KiB (5,000 bytes) free",
+    result = moeify_main("convert", gpt2_dir, "--experts", "64", "--out", tmp_path / "o")
+    line = one_line_error(result, "needs about", "4.9 KiB (5,000 bytes) free",
                           "choose another --out")
     assert "MiB" in line.split("needs about")[1].split("but")[0]
     model = models.gpt2()
@@ -397,6 +384,26 @@ def test_predicted_bytes_beyond_the_free_space_are_refused_before_any_work(gpt2_
     with pytest.raises(moeify.MoEError, match=r"needs about .*\(5,000 bytes\) free"):
         moeify.save(model, tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_python_and_cli_conversions_are_refused_for_memory_alike(gpt2_dir, tmp_path, moeify_main,
+                                                                  one_line_error, monkeypatch):
+    """The memory a conversion needs is planned by the library, so a Python caller of
+    `moeify.write` is refused as the command line is: one error, spelled per caller."""
+    monkeypatch.setattr("moeify.io.write.available_memory", lambda: 2**29)  # 0.5 GiB
+    result = moeify_main("convert", gpt2_dir, "--experts", "4", "--out", tmp_path / "cli")
+    line = one_line_error(result, "converting GPT2LMHeadModel needs about 1.0 GiB of memory "
+                          "(float32, --format torch), but 0.5 GiB are available; try --dtype "
+                          "bfloat16")
+    dense = tf.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    plan = moeify.plan(dense, MoEConfig(num_experts=4))
+    with pytest.raises(moeify.MoEError) as refused:
+        moeify.write(dense, tmp_path / "python", plan=plan)
+    assert line == f"error: {refused.value.render(cli=True)}"
+    assert "(float32, format='torch')" in str(refused.value)  # Python's spelling
+    assert "dtype='bfloat16'" in str(refused.value) and "moeify.inspect" in str(refused.value)
+    assert moeify.conversion_of(dense) is None  # refused before any work
+    assert sorted(tmp_path.iterdir()) == []
 
 
 # --- permissions ---------------------------------------------------------------------------
@@ -448,14 +455,12 @@ def test_no_shard_exceeds_the_limit_and_split_tensors_read_back(tmp_path):
 def test_streamed_conversion_splits_repeated_expert_chunks_across_shards(tmp_path):
     import copy
 
-    from moeify.stream import convert_to_checkpoint
-
     base = models.t5()
     in_memory, streamed = copy.deepcopy(base), copy.deepcopy(base)
     config = MoEConfig(num_experts=4)
     moeify.convert(in_memory, config)
-    convert_to_checkpoint(streamed, moeify.plan(streamed, config), tmp_path / "ck",
-                          max_shard_bytes=3000)  # w_in's 4 copies of 2560 bytes: 4 parts
+    moeify.write(streamed, tmp_path / "ck", plan=moeify.plan(streamed, config),
+                 max_shard_bytes=3000)  # w_in's 4 copies of 2560 bytes: 4 parts
     assert all(s.stat().st_size <= 3000 for s in (tmp_path / "ck").glob("*.safetensors"))
     loaded = moeify.load(tmp_path / "ck").state_dict()
     expected = in_memory.state_dict()
