@@ -4,7 +4,9 @@ A frozen dataclass, validated at construction, saved beside every checkpoint as 
 Enumerated fields take the enum or its string value (``gate="normalized"``); the stored
 value is always the enum, and ``to_dict`` writes the string back. Each field's metadata
 holds its command-line option (``cli``: the option's names; ``help``), from which
-`moeify.cli` declares the options. Also the capacity formula, `expert_capacity`.
+`moeify.cli` declares the options; a value a field cannot take raises `ConfigError`, a
+`moeify.MoEError` naming the field as the caller writes it (``MoEConfig.top_k=3`` in
+Python, ``--top-k 3`` on the command line). Also the capacity formula, `expert_capacity`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import enum
 import json
 import math
 from typing import Any, Callable, NamedTuple
+
+from moeify.errors import MoEError, Param
 
 
 class Gate(str, enum.Enum):
@@ -82,32 +86,37 @@ def expert_capacity(
     rounded to 9 decimals first so that 1.1 * 10 does not become 12 through float error.
     """
     if tokens_per_group < 1:
-        raise ValueError(f"tokens_per_group={tokens_per_group} must be >= 1")
+        raise MoEError(f"tokens_per_group={tokens_per_group} must be >= 1")
     even_share = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
     return min(tokens_per_group, max(min_capacity, math.ceil(even_share)))
 
 
-class ConfigError(ValueError):
+class ConfigError(MoEError):
     """A `MoEConfig` field holds a value it cannot take.
 
     ``fields`` maps each field the message names (the one at fault first) to its value;
-    ``template`` is the message with ``{name}`` where a field is named. In Python a field
-    reads ``MoEConfig.top_k=3``; the CLI renders it as its option, ``--top-k 3``.
+    ``template`` is the message with ``{name!r}`` where a field is named. In Python a
+    field reads ``MoEConfig.top_k=3``; the CLI renders it as its option, ``--top-k 3``
+    (`moeify.errors`). A `Param` among the keywords is a setting the message suggests
+    (``config_param("gate").given("softmax")``), not a field at fault.
     """
 
     def __init__(self, template: str, **fields: Any) -> None:
-        self.template = template
-        self.fields = fields
-        super().__init__(self.render(lambda name, value: f"MoEConfig.{name}={value!r}"))
+        self.fields = {n: v for n, v in fields.items() if not isinstance(v, Param)}
+        super().__init__(template, **{n: v if isinstance(v, Param) else config_param(n).given(v)
+                                      for n, v in fields.items()})
 
     @property
     def field(self) -> str:
         """The field at fault."""
         return next(iter(self.fields))
 
-    def render(self, name_value: Callable[[str, Any], str]) -> str:
-        """The message with each field written as ``name_value(name, value)``."""
-        return self.template.format(**{n: name_value(n, v) for n, v in self.fields.items()})
+
+def config_param(name: str) -> Param:
+    """Field ``name`` of `MoEConfig` as a message names it: ``MoEConfig.top_k`` in
+    Python, its option ``--top-k`` on the command line."""
+    option = next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
+    return Param(name, option, owner=MoEConfig.__name__)
 
 
 def _field(default: Any, *cli: str, help: str) -> Any:
@@ -245,7 +254,8 @@ class MoEConfig:
                 set_(name, kind(value))
             except ValueError:
                 allowed = ", ".join(repr(k.value) for k in kind)
-                raise ConfigError(f"{{{name}}} is not one of {allowed}", **{name: value}) from None
+                raise ConfigError(f"{{{name}!r}} is not one of {allowed}",
+                                  **{name: value}) from None
         if self.layers is not None:
             set_("layers", tuple(self.layers))
 
@@ -261,7 +271,7 @@ class MoEConfig:
         if self.layers is not None:
             bad = [i for i in self.layers if not _is_int(i) or i < 0]
             if bad or len(set(self.layers)) != len(self.layers):
-                raise ConfigError("{layers} must list distinct layer indices >= 0",
+                raise ConfigError("{layers!r} must list distinct layer indices >= 0",
                                   layers=self.layers)
         positive = lambda v: v > 0  # noqa: E731
         non_negative = lambda v: v >= 0  # noqa: E731
@@ -277,50 +287,53 @@ class MoEConfig:
             _require_float("expert_dropout", self.expert_dropout, unit, "in [0, 1) or None")
         if self.router_dtype not in ROUTER_DTYPES:
             raise ConfigError(
-                "{router_dtype} is not one of "
+                "{router_dtype!r} is not one of "
                 + ", ".join(repr(d) for d in ROUTER_DTYPES)
                 + " (the router always runs in full precision)",
                 router_dtype=self.router_dtype,
             )
         if not isinstance(self.dropless, bool):
-            raise ConfigError("{dropless} must be true or false", dropless=self.dropless)
+            raise ConfigError("{dropless!r} must be true or false", dropless=self.dropless)
         if self.router == RouterKind.EXPERT_CHOICE:
             self._check_expert_choice()
         if self.granularity > 1:
             G = self.granularity
             if self.init != Init.COPY:
-                raise ConfigError("{granularity} splits copies of the dense FFN: it needs "
-                                  "init='copy', not {init}", granularity=G, init=self.init.value)
+                raise ConfigError("{granularity!r} splits copies of the dense FFN: it needs "
+                                  "{copy}, not {init!r}", granularity=G, init=self.init,
+                                  copy=config_param("init").given(Init.COPY))
             if self.top_k % G:
                 raise ConfigError(
-                    "{granularity} needs top_k a multiple of it (a token picks whole copies "
-                    "of the G slices at init), got {top_k}; moeify routes top-1 or top-2, "
-                    "so granularity 2 goes with top_k=2", granularity=G, top_k=self.top_k)
+                    "{granularity!r} needs top_k a multiple of it (a token picks whole copies "
+                    "of the G slices at init), got {top_k!r}; moeify routes top-1 or top-2, "
+                    "so granularity 2 goes with {top_k_2}", granularity=G, top_k=self.top_k,
+                    top_k_2=config_param("top_k").given(2))
             if self.num_experts % G:
-                raise ConfigError("{num_experts} must be a multiple of {granularity} (each "
+                raise ConfigError("{num_experts!r} must be a multiple of {granularity!r} (each "
                                   "copy of the dense FFN is G experts)",
                                   num_experts=self.num_experts, granularity=G)
         if self.top_k > self.num_experts:  # unreachable while top_k <= 2 <= num_experts
-            raise ConfigError("{top_k} exceeds {num_experts}",
+            raise ConfigError("{top_k!r} exceeds {num_experts!r}",
                               top_k=self.top_k, num_experts=self.num_experts)
 
     def _check_expert_choice(self) -> None:
-        router = self.router.value
+        router = self.router
         if self.top_k != 1:
             raise ConfigError(
-                "{top_k} has no role with {router}: each expert takes its top-C tokens, "
+                "{top_k!r} has no role with {router!r}: each expert takes its top-C tokens, "
                 "C = capacity_factor x T / E, so a token gets capacity_factor experts on "
-                "average; set top_k=1", top_k=self.top_k, router=router)
+                "average; set {top_k_1}", top_k=self.top_k, router=router,
+                top_k_1=config_param("top_k").given(1))
         if self.dropless:
             raise ConfigError(
-                "{dropless} computes every choice a token makes; with {router} the experts "
+                "{dropless!r} computes every choice a token makes; with {router!r} the experts "
                 "choose, C tokens each: use one of the two", dropless=self.dropless,
                 router=router)
         if self.gate != Gate.SOFTMAX:
             raise ConfigError(
-                "{gate} renormalizes a token's weights over its experts; {router} weighs "
-                "each (token, expert) pair by the expert's softmax score: use gate='softmax'",
-                gate=self.gate.value, router=router)
+                "{gate!r} renormalizes a token's weights over its experts; {router!r} weighs "
+                "each (token, expert) pair by the expert's softmax score: use {softmax}",
+                gate=self.gate, router=router, softmax=config_param("gate").given(Gate.SOFTMAX))
 
     def capacity(self, tokens_per_group: int, *, training: bool) -> int:
         """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int);
@@ -392,7 +405,7 @@ class MoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise MoEError(
                 f"unknown MoEConfig field(s) {', '.join(unknown)}; known fields: "
                 + ", ".join(sorted(known))
             )
@@ -409,10 +422,10 @@ def _is_int(value: Any) -> bool:
 
 def _require_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -> None:
     if not _is_int(value) or not ok(value):
-        raise ConfigError(f"{{{name}}} must be an integer {allowed}", **{name: value})
+        raise ConfigError(f"{{{name}!r}} must be an integer {allowed}", **{name: value})
 
 
 def _require_float(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or not ok(value):
-        raise ConfigError(f"{{{name}}} must be a finite number {allowed}", **{name: value})
+        raise ConfigError(f"{{{name}!r}} must be a finite number {allowed}", **{name: value})

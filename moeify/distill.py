@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.api import switch_layers
 from moeify.conversion import conversion_of
 
 Rule = Literal["mean", "usage"]
+RULES: tuple[Rule, ...] = ("mean", "usage")
+RULE = Param("rule")  # ``rule='usage'`` in Python, ``--rule usage`` on the command line
 
 
 def _dense_architecture(moe_model: nn.Module, dense: nn.Module | None) -> nn.Module:
@@ -49,16 +51,14 @@ def _expert_weights(layer, rule: Rule) -> Tensor:
     E = layer.config.num_experts
     if rule == "mean":
         return torch.full((E,), 1.0 / E)
-    if rule == "usage":
-        record = layer.last_routing
-        if record is None:
-            raise MoEError('rule="usage" weighs experts by the tokens they processed: run '
-                           "the teacher's forward on representative data first")
-        counts = record.tokens_per_expert.double()
-        if counts.sum() == 0:
-            raise MoEError("the teacher's latest forward routed no tokens: run it on data")
-        return (counts / counts.sum()).float()
-    raise MoEError(f"unknown rule {rule!r}: use 'mean' or 'usage'")
+    record = layer.last_routing  # rule "usage"
+    if record is None:
+        raise MoEError("{usage} weighs experts by the tokens they processed: run the teacher's "
+                       "forward on representative data first", usage=RULE.given("usage"))
+    counts = record.tokens_per_expert.double()
+    if counts.sum() == 0:
+        raise MoEError("the teacher's latest forward routed no tokens: run it on data")
+    return (counts / counts.sum()).float()
 
 
 def _whole_copies(name: str, experts: Tensor, granularity: int) -> Tensor:
@@ -87,6 +87,9 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
     not transformers models; its weights are not used). Returns the student in the
     teacher's dtype and train/eval mode.
     """
+    if rule not in RULES:
+        raise MoEError("{rule!r} is not one of {rules}", rule=RULE.given(rule),
+                       rules=", ".join(RULES))
     conversion = conversion_of(moe_model)
     if conversion is None:
         raise MoEError("distill takes a converted model (moeify.convert or moeify.load)")

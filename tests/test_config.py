@@ -7,6 +7,7 @@ import pytest
 
 from moeify import Gate, Init, MoEConfig
 from moeify.config import ConfigError
+from moeify.errors import MoEError
 
 
 @pytest.mark.parametrize(
@@ -36,8 +37,8 @@ from moeify.config import ConfigError
         ("seed", -1, "seed=-1"),
     ],
 )
-def test_bad_values_raise_value_error_naming_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_values_raise_config_error_naming_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=f"^MoEConfig.{message}"):
         MoEConfig(**{field: value})
 
 
@@ -47,8 +48,7 @@ def test_errors_name_the_field_at_fault_and_can_be_rendered_otherwise():
     error = caught.value
     assert error.field == "num_experts" and error.fields == {"num_experts": 0}
     assert str(error) == "MoEConfig.num_experts=0 must be an integer >= 2"
-    assert error.render(lambda name, value: f"<{name} {value}>") == (
-        "<num_experts 0> must be an integer >= 2")
+    assert error.render(cli=True) == "--experts 0 must be an integer >= 2"
 
 
 def test_config_module_imports_nothing_from_the_switch_layer_or_torch():
@@ -69,7 +69,25 @@ def test_every_field_declares_its_command_line_option():
 
 
 def test_top2_needs_only_two_experts():
-    assert MoEConfig(num_experts=2, top_k=2).top_k == 2
+    """The smallest top-2 model: every token goes to both experts, and with both experts
+    copies of the dense FFN (weights renormalized over the pair) it is the dense model."""
+    import torch
+
+    import moeify
+    from tests import models
+
+    torch.manual_seed(0)
+    model = models.gpt2(layers=2).eval()
+    ids = torch.randint(2, models.VOCAB, (2, 8))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    # C = ceil(1.0 * k * T / E) = T: both experts have a slot for every token
+    moeify.convert(model, MoEConfig(num_experts=2, top_k=2, eval_capacity_factor=1.0))
+    with torch.no_grad():
+        moe = model(input_ids=ids).logits
+    (stats,) = moeify.routing_stats(model)
+    assert stats.tokens_per_expert == (16, 16) and stats.dropped_fraction == 0
+    torch.testing.assert_close(moe, dense)
 
 
 def test_defaults_follow_the_paper():
@@ -90,7 +108,7 @@ def test_strings_become_enums_and_json_round_trips():
 
 
 def test_unknown_json_fields_are_named():
-    with pytest.raises(ValueError, match="unknown MoEConfig field.*experts"):
+    with pytest.raises(MoEError, match="unknown MoEConfig field.*experts"):
         MoEConfig.from_dict({"experts": 8})
 
 
@@ -99,7 +117,7 @@ def test_config_is_frozen_and_replace_validates():
     with pytest.raises(AttributeError):
         c.num_experts = 4  # type: ignore[misc]
     assert c.replace(num_experts=4).num_experts == 4
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(ConfigError, match="num_experts"):
         c.replace(num_experts=0)
 
 
@@ -122,5 +140,5 @@ def test_expert_dropout_defaults_to_the_source_ffn_and_a_number_overrides():
     assert c.replace(expert_dropout=0.4) == explicit and explicit.replace(expert_dropout=None) == c
     for bad in (-0.1, 1.0, float("nan"), "0.1", True):
         message = r"expert_dropout=.* must be a finite number in \[0, 1\) or None"
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ConfigError, match=message):
             MoEConfig(expert_dropout=bad)

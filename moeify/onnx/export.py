@@ -48,9 +48,9 @@ from torch import nn
 from moeify import __version__
 from moeify.api import switch_layers
 from moeify.checkpoint import load_skeleton
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.fs import atomic_file, check_output
-from moeify.onnx.moe_op import check_moe_op, describe, ort_experts, translation_table
+from moeify.onnx.moe_op import MOE_OP, check_moe_op, describe, ort_experts, translation_table
 from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
 from moeify.conversion import conversion_of
 
@@ -58,6 +58,10 @@ MIN_OPSET = 18
 DEFAULT_OPSET = 18
 # protobuf cannot serialize a message past 2 GiB: heavier graphs keep weights outside
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
+# the parameters messages name (`moeify.errors`); the destination is ``path`` in Python and
+# ``--onnx`` on the command line
+PATH, SEQ_LEN = Param("path", "--onnx"), Param("seq_len")
+SHARD_EXPERTS = Param("shard_experts")
 
 
 class _EncoderOnly(nn.Module):
@@ -335,24 +339,27 @@ def check_export_args(seq_len: Any, batch_size: Any, opset: Any = DEFAULT_OPSET)
 
 def check_moe_op_args(moe_op: str, *, quantize: str | None = None,
                       shard_experts: int | None = None) -> None:
-    """Refuse ``--moe-op`` values and combinations before any work."""
+    """Refuse ``moe_op`` values and combinations before any work."""
     check_moe_op(moe_op)
     if moe_op != "ort":
         return
     if quantize is not None:
-        raise MoEError("--quantize rewrites the expert MatMuls of the static graph, and with "
-                       "--moe-op ort the experts are one com.microsoft.MoE node per layer: "
-                       "export with --moe-op static to quantize")
+        raise MoEError("{quantize} rewrites the expert MatMuls of the static graph, and with "
+                       "{ort} the experts are one com.microsoft.MoE node per layer: export "
+                       "with {static} to quantize", quantize=Param("quantize"),
+                       ort=MOE_OP.given("ort"), static=MOE_OP.given("static"))
     if shard_experts is not None:
-        raise MoEError("--shard-experts annotates the static graph's expert tensors: export "
-                       "with --moe-op static to shard")
+        raise MoEError("{shard_experts} annotates the static graph's expert tensors: export "
+                       "with {static} to shard", shard_experts=SHARD_EXPERTS,
+                       static=MOE_OP.given("static"))
 
 
 def _check_positions(model: nn.Module, seq_len: int) -> None:
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
-        raise MoEError(f"seq_len {seq_len} exceeds the model's maximum of {limit} positions "
-                       f"(its config's max_position_embeddings): export with --seq-len <= {limit}")
+        raise MoEError("{seq_len} exceeds the model's maximum of {limit} positions (its "
+                       "config's max_position_embeddings): export with {param} <= {limit}",
+                       seq_len=SEQ_LEN.given(seq_len), param=SEQ_LEN, limit=limit)
 
 
 def _check_written(path: Path) -> None:
@@ -413,13 +420,12 @@ def export_onnx(
     check_postprocess_args(quantize, quantize_all)
     check_moe_op_args(moe_op, quantize=quantize, shard_experts=shard_experts)
     if shard_experts is not None and quantize is not None:
-        raise MoEError("--quantize writes per-expert MatMulNBits, which an expert-parallel "
-                       "plan does not describe: export with --shard-experts or --quantize")
+        raise MoEError("{quantize} writes per-expert MatMulNBits, which an expert-parallel "
+                       "plan does not describe: export with {shard_experts} or {quantize}",
+                       quantize=Param("quantize"), shard_experts=SHARD_EXPERTS)
     path = Path(path)
-    if path.exists() and not force:
-        raise MoEError(f"{path} already exists: choose another path or pass --force")
     check_output(path, inputs=[] if isinstance(model, nn.Module) else [model], force=force,
-                 what="path", inside_ok=True)  # never over the checkpoint being read
+                 what=PATH, inside_ok=True)  # never over the checkpoint being read
     weights = None
     if not isinstance(model, nn.Module):
         if moe_op == "static":
@@ -434,10 +440,10 @@ def export_onnx(
     declared = {layer.tokens_per_group for layer in layers} - {None}
     if conversion is not None and conversion.config.group_size is None and declared - {seq_len}:
         raise MoEError(
-            f"the model's Switch layers are declared for {sorted(declared)} tokens, not "
-            f"{seq_len}: export with --seq-len {sorted(declared)[0]}, or declare the other "
-            f"length first (moeify.set_seq_len(model, {seq_len}))"
-        )
+            "the model's Switch layers are declared for {declared} tokens, not {n}: export "
+            "with {seq_len}, or declare the other length first (moeify.set_seq_len(model, "
+            "{n}))", declared=sorted(declared), n=seq_len,
+            seq_len=SEQ_LEN.given(sorted(declared)[0]))
     _check_positions(model, seq_len)
     if weights is None and any(p.is_meta for p in model.parameters()):
         raise MoEError("the model has parameters on the meta device: load its weights, or "
@@ -484,7 +490,7 @@ def export_onnx(
         metadata["moe_op"] = describe(named_layers, static)
     # staged beside `path` under the destination's lock, space checked; moved into place
     # (external data first, the graph last) when the block succeeds (`moeify.fs`)
-    with atomic_file(path, force=force, need=_graph_bytes(program), what="path") as tmp:
+    with atomic_file(path, force=force, need=_graph_bytes(program), what=PATH) as tmp:
         staged = Path(tmp) / path.name
         _save_ir(program.model, staged, data)
         metadata["source_dtype"] = _source_dtype(model, stored)  # stored: read while saved
@@ -492,8 +498,8 @@ def export_onnx(
         proto = onnx.load(str(staged), load_external_data=False)
         if shard_experts is not None:
             if conversion is None or conversion.sharding is None:
-                raise MoEError("--shard-experts needs a converted model (its conversion plan "
-                               "says which weights shard)")
+                raise MoEError("{shard_experts} needs a converted model (its conversion plan "
+                               "says which weights shard)", shard_experts=SHARD_EXPERTS)
             metadata["sharded_nodes"] = str(
                 annotate_expert_sharding(proto, shard_experts, conversion.sharding))
             metadata["shard_experts"] = str(shard_experts)
@@ -542,9 +548,9 @@ class OnnxRunner:
             value = value.numpy() if isinstance(value, torch.Tensor) else value
             if self.seq_len is not None and value.ndim >= 2 and value.shape[1] != self.seq_len:
                 raise MoEError(
-                    f"{name} has sequence length {value.shape[1]}, but this graph's expert "
-                    f"capacity is fixed for {self.seq_len} tokens: pad or truncate to "
-                    f"{self.seq_len}, or export again with --seq-len {value.shape[1]}"
-                )
+                    "{name} has sequence length {n}, but this graph's expert capacity is fixed "
+                    "for {fixed} tokens: pad or truncate to {fixed}, or export again with "
+                    "{seq_len}", name=name, n=value.shape[1], fixed=self.seq_len,
+                    seq_len=SEQ_LEN.given(value.shape[1]))
             feeds[name] = value
         return self.session.run(None, feeds)[0]

@@ -44,8 +44,9 @@ from torch import nn
 
 from moeify import __version__
 from moeify.api import switch_layers
+from moeify.config import config_param
 from moeify.conversion import conversion_of
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.fs import atomic_directory, check_output
 from moeify.onnx.generator import FORMAT, MANIFEST
 from moeify.onnx.moe_op import (
@@ -73,6 +74,8 @@ from moeify.onnx.export import (
 )
 
 TASKS = ("text-generation", "text2text-generation")
+# the destination directory messages name: ``out`` in Python, ``--onnx`` on the command line
+OUT = Param("out", "--onnx")
 MAX_BATCH = 1024
 
 
@@ -152,9 +155,10 @@ def task_of(model: nn.Module) -> str:
     elif config is not None and is_causal_lm(model):
         return "text-generation"
     raise MoEError(
-        f"{kind} has no generation export: text-generation takes decoder-only models with "
-        "an LM head (GPT-2, Llama, Mistral, Qwen2), text2text-generation takes T5; export "
-        "other models as one graph with `moeify export --onnx FILE`")
+        "{kind} has no generation export: text-generation takes decoder-only models with an "
+        "LM head (GPT-2, Llama, Mistral, Qwen2), text2text-generation takes T5; export other "
+        "models as one graph with {export_onnx}", kind=kind,
+        export_onnx=Param("export_onnx", "`moeify export --onnx FILE`", owner="moeify"))
 
 
 def _check_cache_layout(model: nn.Module) -> None:
@@ -256,32 +260,35 @@ def export_generation(
     check_postprocess_args(quantize, quantize_all)
     check_moe_op_args(moe_op, quantize=quantize)
     if task is not None and task not in TASKS:
-        raise MoEError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+        raise MoEError("unknown {task!r}: choose one of {tasks}",
+                       task=Param("task").given(task), tasks=", ".join(TASKS))
     out = Path(out)
     check_output(out, inputs=[] if isinstance(model, nn.Module) else [model], force=force,
-                 what="--onnx")
-    if not force and out.exists():
-        raise MoEError(f"{out} already exists: choose another directory or pass --force")
+                 what=OUT)
     if not isinstance(model, nn.Module):
         model = load(model)
     own = task_of(model)
     if task is not None and task != own:
-        raise MoEError(f"{model.config.model_type} exports for {own}, not {task}: pass "
-                       f"--task {own}")
+        raise MoEError("{kind} exports for {own}, not {task}: pass {task_own}",
+                       kind=model.config.model_type, own=own, task=task,
+                       task_own=Param("task").given(own))
     limit = max_positions(model)
     if limit is not None and seq_len >= limit:
-        raise MoEError(f"seq_len {seq_len} leaves no room to generate within the model's "
-                       f"{limit} positions: export with --seq-len < {limit}")
+        param = Param("seq_len")
+        raise MoEError("{seq_len!r} leaves no room to generate within the model's {limit} "
+                       "positions: export with {param} < {limit}",
+                       seq_len=param.given(seq_len), param=param, limit=limit)
     conversion = conversion_of(model)
     if conversion is not None and conversion.config.group_size is not None:
         raise MoEError(
-            f"the model routes fixed groups of {conversion.config.group_size} tokens "
-            "(MoEConfig.group_size), but a decode step holds one token per sequence: "
-            "convert with groups = sequences (no group_size) to export for generation")
+            "the model routes fixed groups of {size} tokens ({group_size}), but a decode "
+            "step holds one token per sequence: convert with groups = sequences (no "
+            "{group_size}) to export for generation", size=conversion.config.group_size,
+            group_size=config_param("group_size"))
     _check_cache_layout(model)
     layers = switch_layers(model)
     with declarations_restored(model), _widened(model), _quiet():
-        with atomic_directory(out, force=force, what="--onnx") as tmp:
+        with atomic_directory(out, force=force, what=OUT) as tmp:
             if own == "text-generation":
                 graphs = _export_causal(model, layers, tmp, seq_len, opset,
                                         (moe_op, external_data))

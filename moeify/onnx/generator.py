@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 
 MANIFEST = "generation.json"
 FORMAT = "moeify-generation/1"
@@ -44,8 +44,10 @@ class OnnxGenerator:
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise MoEError(f"{self.path} holds no {MANIFEST}: pass a directory written by "
-                           "`moeify export --task text-generation|text2text-generation`")
+            raise MoEError("{path} holds no {manifest}: pass a directory written by {export}",
+                           path=self.path, manifest=MANIFEST, export=Param(
+                               "export_generation", "`moeify export --task "
+                               "text-generation|text2text-generation`", owner="moeify.onnx"))
         self.manifest: dict[str, Any] = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
             raise MoEError(f"{manifest} is format {self.manifest.get('format')!r}; this moeify "
@@ -143,9 +145,10 @@ class OnnxGenerator:
         ids, mask = _batch(input_ids, attention_mask, left=left, pad=pad)
         n = ids.shape[1]
         if n > self.seq_len:
-            raise MoEError(f"the prompts are {n} tokens long, longer than the {self.seq_len} "
-                           f"this export was declared for: shorten them, or export again "
-                           f"with --seq-len {n}")
+            raise MoEError("the prompts are {n} tokens long, longer than the {declared} this "
+                           "export was declared for: shorten them, or export again with "
+                           "{seq_len}", n=n, declared=self.seq_len,
+                           seq_len=Param("seq_len").given(n))
         limit = self.manifest.get("max_positions")
         if left and limit is not None and int(mask.sum(1).max()) + max_new_tokens > limit:
             raise MoEError(f"{int(mask.sum(1).max())} prompt tokens + {max_new_tokens} new "

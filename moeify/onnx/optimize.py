@@ -76,7 +76,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.fs import atomic_file, check_output, refuse_existing
 from moeify.onnx.export import EXTERNAL_DATA_BYTES
 from moeify.onnx.sharding import check_sharding
@@ -88,6 +88,8 @@ MODEL_TYPES = {
     "t5": "input_ids,attention_mask,decoder_input_ids",
 }
 MS_DOMAIN = "com.microsoft"
+# the destination messages name: ``dst`` in Python; on the command line the export's ``--onnx``
+DST = Param("dst", "--onnx")
 ROUTING_OPS = ("ArgMax", "TopK", "CumSum", "ScatterElements", "GatherElements")
 
 
@@ -129,11 +131,11 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 def check_destination(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> Path:
     """Refuse ``dst`` before any work: the input itself, an existing file without
-    ``force`` (the message names --force), a directory that cannot be written."""
+    ``force``, a directory that cannot be written."""
     dst = Path(dst)
-    check_output(dst, inputs=[src], force=force, what="dst")
+    check_output(dst, inputs=[src], force=force, what=DST)
     if not force:
-        refuse_existing(dst, what="dst")
+        refuse_existing(dst, what=DST)
     return dst
 
 
@@ -142,7 +144,7 @@ def write_graph(model: onnx.ModelProto, dst: Path, *, force: bool, external_data
     """Write ``model`` to ``dst`` atomically (weights in ``<dst>.data`` when
     ``external_data``), after ``onnx.checker.check_model(full_check=True)`` on the staged
     file; ``what`` names the graph in the checker's error ("the quantized graph")."""
-    with atomic_file(dst, force=force, need=weight_bytes(model), what="dst") as tmp:
+    with atomic_file(dst, force=force, need=weight_bytes(model), what=DST) as tmp:
         staged = Path(tmp) / dst.name
         if external_data:
             onnx.save_model(model, str(staged), save_as_external_data=True,

@@ -13,18 +13,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 
 QUANTIZE = {"int4": 4, "int8": 8}
 
 
 def check_postprocess_args(quantize: str | None, quantize_all: bool) -> None:
-    """Refuse ``--quantize`` / ``--quantize-all`` values before any work."""
+    """Refuse ``quantize`` / ``quantize_all`` values before any work."""
+    param = Param("quantize")
     if quantize is not None and quantize not in QUANTIZE:
-        raise MoEError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
+        raise MoEError("{quantize!r} is not one of {allowed}", quantize=param.given(quantize),
+                       allowed=", ".join(QUANTIZE))
     if quantize_all and quantize is None:
-        raise MoEError("--quantize-all widens --quantize to every linear weight: pass "
-                       "--quantize int8 (or int4) with it")
+        raise MoEError("{quantize_all} widens {quantize} to every linear weight: pass {int8} "
+                       "(or int4) with it", quantize_all=Param("quantize_all"), quantize=param,
+                       int8=param.given("int8"))
 
 
 def postprocess(path: Path, *, optimize: bool, quantize: str | None, quantize_all: bool,

@@ -53,7 +53,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.onnx.export import EXTERNAL_DATA_BYTES
 from moeify.onnx.optimize import (
     MS_DOMAIN,
@@ -199,7 +199,7 @@ def quantize_graph(
     ``_after`` (the expert MatMul weights; packed weights, scales and zero points after),
     ``expert_ratio``, ``weight_bytes_before`` / ``_after`` (every initializer),
     ``weight_ratio``. Refused with a `MoEError`: other bits, scopes or block sizes, a graph
-    already quantized, one with an expert-parallel plan (``--shard-experts``), scope
+    already quantized, one with an expert-parallel plan (``shard_experts``), scope
     ``experts`` on a graph without experts, and an existing ``dst`` without ``force``.
     """
     check_quantize_args(bits, scope, block_size)
@@ -210,13 +210,15 @@ def quantize_graph(
         raise MoEError(f"{src} is quantized already ({info['quantized']}): quantize the "
                        "float32 export")
     if "shard_experts" in info:
-        raise MoEError(f"{src} carries an expert-parallel plan, which does not describe the "
+        raise MoEError("{src} carries an expert-parallel plan, which does not describe the "
                        "per-expert MatMulNBits that quantization writes: quantize an export "
-                       "made without --shard-experts")
+                       "made without {shard_experts}", src=src,
+                       shard_experts=Param("shard_experts"))
     before = find_expert_subgraph(model)
     if scope == "experts" and not before.experts:
-        raise MoEError(f"{src} has no expert weights (a dense graph): quantize with scope "
-                       "'all' (--quantize-all) or export a converted model")
+        raise MoEError("{src} has no expert weights (a dense graph): quantize with scope "
+                       "'all' ({quantize_all}) or export a converted model", src=src,
+                       quantize_all=Param("quantize_all").given(True))
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     routers = {w.name for w in before.routers}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 from moeify.conversion import ShardingPlan
 
 CONFIGURATION = "moeify-expert-parallel"
@@ -34,7 +34,8 @@ def annotate_expert_sharding(model: onnx.ModelProto, num_devices: int,
     number of nodes annotated. Graph initializers are the plan's parameter names behind
     ``prefix`` (the export wrapper's attribute)."""
     if num_devices < 1:
-        raise MoEError(f"--shard-experts must be >= 1, got {num_devices}")
+        raise MoEError("{shard_experts} must be >= 1, got {n}",
+                       shard_experts=Param("shard_experts"), n=num_devices)
     shapes = _shapes(model)
     axes = {f"{prefix}{p.name}": p.dim for p in plan.sharded()}
     experts = {name for name in shapes if name in axes}
