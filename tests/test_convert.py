@@ -13,69 +13,28 @@ import moeify
 from moeify import MoEConfig, SwitchFFN
 from moeify.switch.experts import activation_fn
 from tests import models
+from tests.families import (
+    FAMILIES,
+    NEEDS_INPUTS,
+    SEQ,
+    build,
+    embeds,
+    first_output,
+    ids,
+    run,
+    t5_inputs,
+)
 
 E = 4
-SEQ = 12
 # capacity_factor = E makes C = T: nothing can drop
 NO_DROP = dict(num_experts=E, capacity_factor=float(E), eval_capacity_factor=float(E),
                jitter_eps=0.0, expert_dropout=0.0)
-
-
-def ids(batch: int = 2, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, models.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def t5_inputs():
-    return {"input_ids": ids(), "decoder_input_ids": ids(seed=1)}
-
-
-def first_output(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-
-
-FAMILIES = {
-    # name: (builder, inputs, expected sites, expected kind, found_by)
-    "t5": (lambda: models.t5(), t5_inputs, 8, "16->40->16 relu", "fx.symbolic_trace"),
-    "t5-v1.1": (lambda: models.t5(gated=True), t5_inputs, 8, "16->40->16 gated gelu_tanh",
-                "fx.symbolic_trace"),
-    "bert": (lambda: models.bert(), lambda: {"input_ids": ids()}, 4, "16->40->16 gelu",
-             "torch.export"),
-    "gpt2": (lambda: models.gpt2(), lambda: {"input_ids": ids()}, 4, "16->64->16 gelu_tanh",
-             "fx.symbolic_trace"),
-    "llama": (lambda: models.llama(), lambda: {"input_ids": ids()}, 4, "16->40->16 gated silu",
-              "fx.symbolic_trace"),
-    "nanogpt": (lambda: models.NanoGPT(), lambda: (ids(),), 4, "16->64->16 gelu",
-                "fx.symbolic_trace of the whole model"),
-    "torch-encoder": (lambda: models.torch_encoder(norm_first=False), lambda: (embeds(),), 4,
-                      "16->40->16 relu", "torch.export"),
-    "torch-encoder-norm-first": (lambda: models.torch_encoder(norm_first=True),
-                                 lambda: (embeds(),), 4, "16->40->16 relu", "torch.export"),
-}
-NEEDS_INPUTS = {"torch-encoder", "torch-encoder-norm-first"}  # no dummy_inputs of its own
-
-
-def embeds(batch: int = 2, seq: int = SEQ) -> torch.Tensor:
-    return torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(2))
 
 
 def convert(name, model, inputs, config, **kwargs):
     if name in NEEDS_INPUTS:
         kwargs["example_inputs"] = inputs
     return moeify.convert(model, config, **kwargs)
-
-
-def build(name):
-    torch.manual_seed(0)
-    model = FAMILIES[name][0]().eval()
-    inputs = FAMILIES[name][1]()
-    return model, inputs
-
-
-def run(model, inputs):
-    with torch.no_grad():
-        return first_output(model(*inputs) if isinstance(inputs, tuple) else model(**inputs))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,6 @@ import moeify
 from moeify import MoEConfig
 from tests import models
 
-ROOT = Path(__file__).resolve().parent.parent
 SEQ = 12
 
 
@@ -118,18 +114,14 @@ def test_distillation_loss_mixes_hard_and_soft_terms():
         moeify.distillation_loss(s, t, y, hard_weight=1.5)
 
 
-def test_distill_command_writes_a_dense_transformers_model(tmp_path):
+def test_distill_command_writes_a_dense_transformers_model(tmp_path, moeify_cli):
     from transformers import AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
     models.t5(layers=2).save_pretrained(tmp_path / "t5")
-    env = {"PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "moeify", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300,
-                                    env={**__import__("os").environ, **env})
-    assert run("convert", tmp_path / "t5", "--experts", "4", "--seq-len", "8", "--noise", "0.1",
-               "--out", tmp_path / "moe").returncode == 0
-    result = run("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--json")
+    assert moeify_cli("convert", tmp_path / "t5", "--experts", "4", "--seq-len", "8", "--noise",
+                      "0.1", "--out", tmp_path / "moe").returncode == 0
+    result = moeify_cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["student_parameters"] < data["teacher_parameters"]
@@ -138,27 +130,19 @@ def test_distill_command_writes_a_dense_transformers_model(tmp_path):
     expected = moeify.distill(teacher)
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(student.state_dict()[name], value)
-    again = run("distill", tmp_path / "moe", "--out", tmp_path / "dense")
+    again = moeify_cli("distill", tmp_path / "moe", "--out", tmp_path / "dense")
     assert again.returncode != 0 and "already exists" in again.stderr
 
 
-def _cli(*args):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def test_distill_command_rule_usage_weighs_experts_by_tokens_on_data(tmp_path):
+def test_distill_command_rule_usage_weighs_experts_by_tokens_on_data(tmp_path, moeify_cli):
     teacher, _ = converted(models.gpt2, noise=0.5)  # experts differ, so the rule matters
     moeify.save(teacher, tmp_path / "moe")
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(2, models.VOCAB, (5, SEQ), generator=generator)
     (tmp_path / "ids.txt").write_text(
         "\n".join(" ".join(map(str, row)) for row in ids.tolist()) + "\n")
-    result = _cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--rule", "usage",
-                  "--data", tmp_path / "ids.txt", "--json")
+    result = moeify_cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", "--rule", "usage",
+                        "--data", tmp_path / "ids.txt", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rule"] == "usage"
     from transformers import AutoModelForCausalLM
@@ -178,7 +162,7 @@ def test_distill_command_rule_usage_weighs_experts_by_tokens_on_data(tmp_path):
                               mean.get_submodule(site.up.path).weight)
 
 
-def test_distill_command_rule_refusals_are_one_line(tmp_path):
+def test_distill_command_rule_refusals_are_one_line(tmp_path, moeify_cli):
     teacher, _ = converted(models.gpt2)
     moeify.save(teacher, tmp_path / "moe")
     (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n")
@@ -195,7 +179,7 @@ def test_distill_command_rule_refusals_are_one_line(tmp_path):
          "sequences of 3 tokens, but the checkpoint's Switch layers are declared for 12"),
     ]
     for args, message in cases:
-        result = _cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", *args)
+        result = moeify_cli("distill", tmp_path / "moe", "--out", tmp_path / "dense", *args)
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -21,7 +21,6 @@ from moeify.hf_moe import (
     target_config,
 )
 from tests import models
-from tests.test_cli_convert import one_line_error, run
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(num_experts=4, noise=0.5)  # experts that differ: a wrong expert order shows
@@ -148,8 +147,15 @@ def test_hf_aux_loss_is_hfs_definition_of_moeifys_routing(exported):
     assert len(logits) == len(moeify.switch_layers(moe))
     ours = pooled_load_balancing_loss(logits, config.num_experts, config.top_k, mask)
     assert abs(float(ours) - float(theirs)) <= 1e-5
-    # and moeify's own (per layer and sequence, top-1) on the same forward is another number
-    assert all(0 < s.load_balancing_loss for s in moeify.routing_stats(moe))
+    # the logits are those of moeify's routing: its own loss (per layer and sequence, top-1
+    # choices, padding left out) is HF's definition for one layer and one sequence at k = 1,
+    # averaged over the sequences
+    E = config.num_experts
+    for layer_logits, stats in zip(logits, moeify.routing_stats(moe), strict=True):
+        per_sequence = [pooled_load_balancing_loss([row], E, 1, row_mask) for row, row_mask
+                        in zip(layer_logits.reshape(len(ids), -1, E), mask)]
+        assert abs(float(stats.load_balancing_loss)
+                   - float(torch.stack(per_sequence).mean())) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["llama-mixtral", "llama-qwen2_moe-top1"])
@@ -204,7 +210,7 @@ def test_default_targets_and_python_refusals(tmp_path):
     assert default_arch(models.mistral()) == "mixtral"
     assert default_arch(models.qwen2()) == "qwen2_moe"
     assert default_arch(models.t5()) == "switch_transformers"
-    with pytest.raises(moeify.MoEError, match="no --format hf target fits GPT2LMHeadModel"):
+    with pytest.raises(moeify.MoEError, match="no format='hf' target fits GPT2LMHeadModel"):
         default_arch(models.gpt2())
     with pytest.raises(moeify.MoEError, match="targets that fit it: qwen2_moe"):
         target_config("mixtral", models.qwen2(), MoEConfig())
@@ -214,7 +220,7 @@ def test_default_targets_and_python_refusals(tmp_path):
         save_hf_moe(moe, tmp_path / "o", arch="mixtral")
     # a capacity cannot be written: HF's classes are dropless
     moe = moeify.convert(models.llama(), MoEConfig(num_experts=4)).model
-    with pytest.raises(moeify.MoEError, match="convert with --dropless"):
+    with pytest.raises(moeify.MoEError, match="convert with MoEConfig.dropless=True"):
         save_hf_moe(moe, tmp_path / "o", arch="qwen2_moe")
     assert not (tmp_path / "o").exists()
 
@@ -226,11 +232,11 @@ def test_target_config_fills_defaults_and_refuses_explicit_conflicts():
     assert filled.jitter_eps == MoEConfig().jitter_eps  # mapped to router_jitter_noise
     with pytest.raises(moeify.MoEError, match="auxiliary loss alone"):
         target_config("mixtral", llama, MoEConfig(top_k=1), explicit={"top_k"})
-    with pytest.raises(moeify.MoEError, match="conflicting: --every 2"):
+    with pytest.raises(moeify.MoEError, match="conflicting: MoEConfig.every=2$"):
         target_config("mixtral", llama, MoEConfig(every=2), explicit={"every"})
-    with pytest.raises(moeify.MoEError, match="conflicting: --layers 1,3"):
+    with pytest.raises(moeify.MoEError, match=r"conflicting: MoEConfig.layers=\(1, 3\)$"):
         target_config("mixtral", llama, MoEConfig(layers=(1, 3)), explicit={"layers"})
-    with pytest.raises(moeify.MoEError, match="conflicting: --capacity"):
+    with pytest.raises(moeify.MoEError, match="conflicting: MoEConfig.capacity_factor$"):
         target_config("qwen2_moe", llama, MoEConfig(capacity_factor=1.5))
     q = target_config("qwen2_moe", llama, MoEConfig(top_k=2), explicit={"top_k"})
     assert (q.top_k, q.every, q.dropless, q.jitter_eps) == (2, 2, True, 0.0)
@@ -246,11 +252,11 @@ def _tensors(directory):
     return out
 
 
-def test_cli_streams_what_convert_and_save_write(tmp_path):
+def test_cli_streams_what_convert_and_save_write(tmp_path, moeify_cli):
     torch.manual_seed(0)
     randomize(models.llama(tie_word_embeddings=True)).save_pretrained(tmp_path / "src")
-    result = run("convert", tmp_path / "src", "--experts", "4", "--noise", "0.5",
-                 "--init", "copy", "--format", "hf", "--out", tmp_path / "cli", "--json")
+    result = moeify_cli("convert", tmp_path / "src", "--experts", "4", "--noise", "0.5",
+                        "--init", "copy", "--format", "hf", "--out", tmp_path / "cli", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["hf"]["arch"] == "mixtral" and data["config"]["top_k"] == 2  # filled in
@@ -265,11 +271,12 @@ def test_cli_streams_what_convert_and_save_write(tmp_path):
     assert set(index["weight_map"]) == set(a) and "parts" not in index["metadata"]
 
 
-def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path):
+def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path, moeify_cli):
     torch.manual_seed(0)
     randomize(models.qwen2()).save_pretrained(tmp_path / "src")
-    result = run("convert", tmp_path / "src", "--experts", "4", "--top-k", "2", "--dtype",
-                 "bfloat16", "--format", "hf", "--hf-arch", "qwen2_moe", "--out", tmp_path / "hf")
+    result = moeify_cli("convert", tmp_path / "src", "--experts", "4", "--top-k", "2", "--dtype",
+                        "bfloat16", "--format", "hf", "--hf-arch", "qwen2_moe",
+                        "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert {t.dtype for t in _tensors(tmp_path / "hf").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -296,12 +303,12 @@ def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path):
     (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen2_moe", "--capacity", "1.25"],
      ["--hf-arch qwen2_moe requires --dropless", "conflicting: --capacity"]),
 ])
-def test_bad_input_is_one_clear_line(args, fragments, tmp_path):
-    one_line_error(run("convert", *args[:1], "--random-init", "--format", "hf", *args[1:],
-                       "--out", "x", cwd=tmp_path), *fragments)
+def test_bad_input_is_one_clear_line(args, fragments, tmp_path, moeify_cli, one_line_error):
+    one_line_error(moeify_cli("convert", *args[:1], "--random-init", "--format", "hf", *args[1:],
+                              "--out", "x", cwd=tmp_path), *fragments)
     assert not (tmp_path / "x").exists()
 
 
-def test_hf_arch_without_format_hf_is_refused(tmp_path):
-    one_line_error(run("convert", "t5-small", "--random-init", "--hf-arch", "mixtral",
-                       "--out", "x", cwd=tmp_path), "add --format hf")
+def test_hf_arch_without_format_hf_is_refused(tmp_path, moeify_cli, one_line_error):
+    one_line_error(moeify_cli("convert", "t5-small", "--random-init", "--hf-arch", "mixtral",
+                              "--out", "x", cwd=tmp_path), "add --format hf")

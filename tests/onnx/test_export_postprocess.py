@@ -4,8 +4,6 @@ generation directories."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -13,25 +11,19 @@ import pytest
 import torch
 
 import moeify
-from moeify import MoEConfig
 from moeify.onnx import OnnxGenerator, OnnxRunner, export_generation
 from tests import models
-from tests.onnx.test_generation import DROPPING, PROMPTS, SEQ, padded
+from tests.onnx._cases import DROPPING, PROMPTS, SEQ, padded
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "moeify", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path):
+def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path, moeify_cli):
     torch.manual_seed(0)
     model = models.bert(layers=2).eval()
     moeify.convert(model, DROPPING, seq_len=SEQ)
     moeify.save(model, tmp_path / "ck")
     out = tmp_path / "bert.onnx"
-    result = run("export", tmp_path / "ck", "--onnx", out, "--seq-len", SEQ, "--quantize",
-                 "int8", "--optimize", "--json")
+    result = moeify_cli("export", tmp_path / "ck", "--onnx", out, "--seq-len", SEQ, "--quantize",
+                        "int8", "--optimize", "--json")
     assert result.returncode == 0, result.stderr
     metadata = json.loads(result.stdout)["metadata"]
     assert metadata["quantized"].startswith("quantized int8 (experts")
@@ -56,8 +48,8 @@ def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path):
         (["--task", "text-generation", "--batch-size", "2"], "not to --task"),
         (["--task", "text-generation"], "bert has no generation export"),
     ]:
-        result = run("export", tmp_path / "ck", "--onnx", tmp_path / "x.onnx", "--seq-len",
-                     SEQ, *args)
+        result = moeify_cli("export", tmp_path / "ck", "--onnx", tmp_path / "x.onnx", "--seq-len",
+                            SEQ, *args)
         assert result.returncode != 0 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
@@ -75,11 +67,12 @@ def test_generation_graphs_optimized_keep_generate_tokens_and_quantized_agree(na
         expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16,
                                   do_sample=False).numpy()
     manifest = export_generation(model, tmp_path / "opt", seq_len=SEQ, optimize=True)
-    assert set(manifest["postprocess"]) == set(manifest["graphs"])
+    assert manifest["graphs"] and set(manifest["postprocess"]) == set(manifest["graphs"])
     assert all(line.startswith("optimized (") for line in manifest["postprocess"].values())
     np.testing.assert_array_equal(
         OnnxGenerator(tmp_path / "opt").generate(PROMPTS, max_new_tokens=16), expected)
     manifest = export_generation(model, tmp_path / "q8", seq_len=SEQ, quantize="int8")
+    assert manifest["graphs"] and set(manifest["postprocess"]) == set(manifest["graphs"])
     assert all("MatMulNBits" in line for line in manifest["postprocess"].values())
     got = OnnxGenerator(tmp_path / "q8").generate(PROMPTS, max_new_tokens=16)
     assert got.shape == expected.shape
