@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import Target, print_table, print_targets, run_child, timed
 
 CHUNK = 64 * 2**20
 
@@ -37,16 +37,19 @@ def directory_bytes(path: Path) -> int:
 
 
 def sequential_write(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to ``path`` in 64 MiB chunks (the file is removed)."""
     buffer = os.urandom(CHUNK)
+
+    def write() -> None:
+        with open(path, "wb") as handle:
+            written = 0
+            while written < nbytes:
+                n = min(CHUNK, nbytes - written)
+                handle.write(buffer[:n] if n < CHUNK else buffer)
+                written += n
+
     os.sync()  # start from the same clean page cache as the conversion
-    start = time.perf_counter()
-    with open(path, "wb") as handle:
-        written = 0
-        while written < nbytes:
-            n = min(CHUNK, nbytes - written)
-            handle.write(buffer[:n] if n < CHUNK else buffer)
-            written += n
-    elapsed = time.perf_counter() - start
+    elapsed = timed(write)
     path.unlink()
     return elapsed
 
@@ -89,13 +92,10 @@ def main() -> int:
     expected = json.loads(inspect.stdout)["bytes"]["moe"]
     before = sequential_write(scratch / "sequential.bin", expected)  # the disk, warmed alike
     os.sync()
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, peak_rss, result = run_child(command)
     if result.returncode:
         print(result.stderr, file=sys.stderr)
         return result.returncode
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child
     written = directory_bytes(out)
     loaded = check_load(out) if args.check_load else None
     shutil.rmtree(out)
@@ -116,21 +116,25 @@ def main() -> int:
         rows["load_check"] = loaded
     gib = 2**30
     print(f"command: {rows['command']}")
-    print("| bytes written | wall s | peak RSS GiB | dense GiB | sequential write s (before / "
-          "after / mean) | wall / sequential |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {written:,} | {wall:.1f} | {peak_rss / gib:.2f} | {dense_bytes / gib:.2f} | "
-          f"{before:.1f} / {after:.1f} / {baseline:.1f} | {wall / baseline:.2f} |")
-    print(f"- [{'PASS' if peak_rss <= rss_limit else 'FAIL'}] peak RSS {peak_rss / gib:.2f} GiB "
-          f"<= dense + 2 GiB = {rss_limit / gib:.2f} GiB")
-    print(f"- [{'PASS' if wall <= 2 * baseline else 'FAIL'}] wall {wall:.1f} s <= 2 x sequential "
-          f"write {baseline:.1f} s = {2 * baseline:.1f} s")
+    print_table(["bytes written", "wall s", "peak RSS GiB", "dense GiB",
+                 "sequential write s (before / after / mean)", "wall / sequential"],
+                [[f"{written:,}", f"{wall:.1f}", f"{peak_rss / gib:.2f}",
+                  f"{dense_bytes / gib:.2f}", f"{before:.1f} / {after:.1f} / {baseline:.1f}",
+                  f"{wall / baseline:.2f}"]])
+    targets = [
+        Target.check(peak_rss <= rss_limit, f"peak RSS {peak_rss / gib:.2f} GiB <= dense + 2 "
+                     f"GiB = {rss_limit / gib:.2f} GiB"),
+        Target.check(wall <= 2 * baseline, f"wall {wall:.1f} s <= 2 x sequential write "
+                     f"{baseline:.1f} s = {2 * baseline:.1f} s"),
+    ]
     if loaded is not None:
-        print(f"- [{'PASS' if loaded['finite'] else 'FAIL'}] from_pretrained loads it as "
-              f"{loaded['class']} ({loaded['parameters']:,} parameters, {loaded['dtype']}, "
-              f"{loaded['load_s']:.1f} s, peak RSS {loaded['peak_rss_bytes'] / gib:.2f} GiB); "
-              f"a forward of {loaded['tokens']} tokens took {loaded['forward_s']:.1f} s, "
-              f"logits finite: {loaded['finite']}")
+        targets.append(Target.check(
+            loaded["finite"], f"from_pretrained loads it as {loaded['class']} "
+            f"({loaded['parameters']:,} parameters, {loaded['dtype']}, {loaded['load_s']:.1f} s, "
+            f"peak RSS {loaded['peak_rss_bytes'] / gib:.2f} GiB); a forward of "
+            f"{loaded['tokens']} tokens took {loaded['forward_s']:.1f} s, logits finite: "
+            f"{loaded['finite']}"))
+    print_targets(targets)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if loaded is None or loaded["finite"] else 1

@@ -1,6 +1,6 @@
 """The measurement behind `SwitchFFN`'s AUTO dispatch: batched vs per-expert matmuls.
 
-AUTO runs the experts one of two ways in eager mode (see `moeify.switch.layer`):
+AUTO runs the experts one of two ways in eager mode (see `moeify.switch.dispatchers`):
 
 * padded: every expert gets the same ``G*C`` rows, empty slots included, and one batched
   matmul (``bmm``) per weight matrix computes them all;
@@ -14,7 +14,7 @@ direction people run, over a range of rows per expert. AUTO picks padded when
 
     ratio(precision, mode) * padded_rows < occupied_rows
 
-(``BATCHED_COST`` in ``moeify/switch/layer.py`` holds one ratio per matmul dtype, read
+(``BATCHED_COST`` in ``moeify/switch/dispatchers.py`` holds one ratio per matmul dtype, read
 off this table). Expert FFN: ReLU, ``w_in [E, d, f]``, ``w_out [E, f, d]``.
 
 A third column times ``torch.nn.functional.grouped_mm`` over the same sorted rows (one
@@ -41,7 +41,8 @@ import shlex
 import torch
 import torch.nn.functional as F
 
-from bench_weight_streaming import median_seconds  # noqa: E402 (benchmarks/ is on sys.path)
+# benchmarks/ is on sys.path: the script's own directory
+from harness import markdown_row, markdown_table, median_seconds  # noqa: E402
 from moeify.switch import Experts
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
@@ -97,13 +98,9 @@ def grouped_ffn(experts: Experts, x: torch.Tensor, rows: int) -> torch.Tensor:
 def median_ms(fn, repeats: int, device: torch.device) -> float:
     """Median milliseconds of ``fn``, device work included; NaN where the kernel is not
     available for this device and dtype (``grouped_mm`` on some GPUs and dtypes)."""
-    def synchronized() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     try:
-        return 1e3 * median_seconds(synchronized, repeats)
+        return 1e3 * median_seconds(fn, repeats, sync)
     except RuntimeError as error:
         print(f"<!-- {device.type}: {str(error).splitlines()[0]} -->", flush=True)
         return float("nan")
@@ -133,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.2f}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}")
     print()
-    print("| precision | mode | d x f | E | rows/expert | bmm ms | per-expert ms | grouped_mm ms "
-          "| bmm / per-expert | grouped_mm / per-expert |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(markdown_table(
+        ["precision", "mode", "d x f", "E", "rows/expert", "bmm ms", "per-expert ms",
+         "grouped_mm ms", "bmm / per-expert", "grouped_mm / per-expert"], [], "lllrrrrrrr")))
     for precision in args.precisions:
         for dims in args.dims:
             d, f = (int(v) for v in dims.split("x"))
@@ -149,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                             median_ms(runner(experts, x, rows, kernel, mode, precision),
                                       args.repeats, device)
                             for kernel in ("bmm", "loop", "grouped"))
-                        print(f"| {precision} | {mode} | {d}x{f} | {E} | {rows} | {bmm:.2f} | "
-                              f"{loop:.2f} | {grouped:.2f} | {bmm / loop:.2f} | "
-                              f"{grouped / loop:.2f} |", flush=True)
+                        print(markdown_row([
+                            precision, mode, f"{d}x{f}", E, rows, f"{bmm:.2f}", f"{loop:.2f}",
+                            f"{grouped:.2f}", f"{bmm / loop:.2f}", f"{grouped / loop:.2f}"]),
+                            flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -40,11 +40,10 @@ import datetime
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import sys
-import time
 
 import torch
+from harness import Stat, print_table, timed
 
 SEQ, D, LAYERS, EXPERTS, GLOBAL_BATCH = 128, 256, 4, 8, 8
 MESHES = [(2, 2), (1, 4), (4, 1)]
@@ -118,16 +117,17 @@ def worker(rank: int, world: int, port: int, parallel: bool | tuple[int, int], s
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     times, measured, predicted = [], [], []
     step_bytes, step_predicted = [], []
-    for step in range(steps + 1):
-        tally[0] = 0
-        start = time.perf_counter()
+    def train_step() -> None:
         out = model(input_ids=ids, labels=ids)
         (out.loss.float() + moeify.aux_loss(model)).backward()
         if parallel and not mesh:
             average_gradients(model)
         optimizer.step()
         optimizer.zero_grad()
-        elapsed = time.perf_counter() - start
+
+    for step in range(steps + 1):
+        tally[0] = 0
+        elapsed = timed(train_step)
         if step == 0:
             continue  # warm-up
         times.append(elapsed)
@@ -137,19 +137,19 @@ def worker(rank: int, world: int, port: int, parallel: bool | tuple[int, int], s
             total = 0.0
             for (_, layer), s in zip(moeify.switch_layers(model), moeify.routing_stats(model)):
                 kept = 1 - s.dropped_fraction
-                itemsize = layer.last_exchange.bytes_per_row // D
+                itemsize = layer.dispatcher.last_exchange.bytes_per_row // D
                 total += (4 * ids.numel() * layer.config.top_k * kept * (ep - 1) / ep * D
                           * itemsize + (ep - 1) / ep * EXPERTS * 8)
             step_predicted.append(total)
         elif parallel:
             stats = moeify.routing_stats(model)
             for (_, layer), s in zip(moeify.switch_layers(model), stats):
-                measured.append(layer.last_exchange.remote_bytes_sent)
+                measured.append(layer.dispatcher.last_exchange.remote_bytes_sent)
                 tokens = ids.numel()
                 predicted.append(predicted_dispatch_bytes(
-                    tokens, D, layer.last_exchange.dtype, world, 1 - s.dropped_fraction,
+                    tokens, D, layer.dispatcher.last_exchange.dtype, world, 1 - s.dropped_fraction,
                     layer.config.top_k))
-    queue.put({"rank": rank, "step_s": statistics.median(times), "measured": measured,
+    queue.put({"rank": rank, "step_s": Stat.of(times).median, "measured": measured,
                "predicted": predicted, "step_bytes": step_bytes,
                "step_predicted": step_predicted})
     if parallel:
@@ -190,16 +190,15 @@ def main() -> int:
     print(f"torch {torch.__version__}, gloo, {os.cpu_count()} cores, GPT-2 d={D}, {LAYERS} "
           f"layers ({LAYERS // 2} Switch layers x {EXPERTS} experts), seq {SEQ}, global batch "
           f"{GLOBAL_BATCH}, {args.dtype}; medians of {args.steps} steps after a warm-up\n")
-    print("| configuration | step ms (rank 0) | vs 1 process | dispatch bytes sent to "
-          "other ranks per layer-step, measured (median) | predicted, uniform routing "
-          "(median) | measured / predicted |")
-    print("|---|---:|---:|---:|---:|---:|")
+    table = []
     for name, r in rows:
-        m = statistics.median(r["measured"]) if r["measured"] else 0
-        p = statistics.median(r["predicted"]) if r["predicted"] else 0
-        ratio = f"{m / p:.2f}" if p else "-"
-        print(f"| {name} | {1e3 * r['step_s']:.1f} | {r['step_s'] / base:.2f}x | {m:,.0f} | "
-              f"{p:,.0f} | {ratio} |")
+        m = Stat.of(r["measured"]).median if r["measured"] else 0
+        p = Stat.of(r["predicted"]).median if r["predicted"] else 0
+        table.append([name, f"{1e3 * r['step_s']:.1f}", f"{r['step_s'] / base:.2f}x", f"{m:,.0f}",
+                      f"{p:,.0f}", f"{m / p:.2f}" if p else "-"])
+    print_table(["configuration", "step ms (rank 0)", "vs 1 process", "dispatch bytes sent to "
+                 "other ranks per layer-step, measured (median)", "predicted, uniform routing "
+                 "(median)", "measured / predicted"], table, "lrrrrr")
     if not args.no_mesh:
         print_meshes({shape: launch(shape[0] * shape[1], shape, args.steps, args.dtype)
                       for shape in MESHES}, args.steps)
@@ -212,19 +211,18 @@ def print_meshes(rows: dict, steps: int) -> None:
           "after a warm-up. All-to-all bytes per step sent to other processes (forward + "
           "backward, counts included); predicted: layers x [4 T kept (ep-1)/ep d itemsize + "
           "(ep-1)/ep E 8], T = the rank's tokens, kept measured\n")
-    print("| layout | step ms (rank 0) | all-to-all bytes per step, rank 0, measured | "
-          "predicted | measured / predicted | job total per step, measured | job total / "
-          "dp=2 x ep=2's |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base = statistics.median(rows[(2, 2)]["job_bytes"])
+    base = Stat.of(rows[(2, 2)]["job_bytes"]).median
+    table = []
     for (dp, ep), r in rows.items():
-        m = statistics.median(r["step_bytes"])
-        p = statistics.median(r["step_predicted"])
-        job = statistics.median(r["job_bytes"])
-        ratio = f"{m / p:.2f}" if p else "-"
-        growth = f"{job / base:.2f}" if base else "-"
-        print(f"| dp={dp} x ep={ep} | {1e3 * r['step_s']:.1f} | {m:,.0f} | {p:,.0f} | {ratio} | "
-              f"{job:,.0f} | {growth} |")
+        m = Stat.of(r["step_bytes"]).median
+        p = Stat.of(r["step_predicted"]).median
+        job = Stat.of(r["job_bytes"]).median
+        table.append([f"dp={dp} x ep={ep}", f"{1e3 * r['step_s']:.1f}", f"{m:,.0f}", f"{p:,.0f}",
+                      f"{m / p:.2f}" if p else "-", f"{job:,.0f}",
+                      f"{job / base:.2f}" if base else "-"])
+    print_table(["layout", "step ms (rank 0)", "all-to-all bytes per step, rank 0, measured",
+                 "predicted", "measured / predicted", "job total per step, measured",
+                 "job total / dp=2 x ep=2's"], table, "lrrrrrr")
     print("\nModel: at a fixed global batch the job's all-to-all bytes scale with (ep - 1) / "
           "ep: 0 at ep=1, and ep=4 / ep=2 = (3/4) / (1/2) = 1.50 (times the ratio of kept "
           "fractions).")

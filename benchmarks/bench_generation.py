@@ -31,12 +31,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import (  # noqa: E402
+    RepeatPolicy,
+    Stat,
+    Target,
+    interleave,
+    print_table,
+    print_targets,
+    timed,
+)
 
 THREADS = 2
 
@@ -87,31 +94,33 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generators = {}
         for op in args.moe_op:
-            start = time.perf_counter()
-            export_generation(model, f"{tmp}/{op}", seq_len=args.prompt, moe_op=op)
-            print(f"export --moe-op {op}: {time.perf_counter() - start:.0f} s")
+            seconds = timed(lambda: export_generation(model, f"{tmp}/{op}", seq_len=args.prompt,
+                                                      moe_op=op))
+            print(f"export --moe-op {op}: {seconds:.0f} s")
             generators[op] = OnnxGenerator(f"{tmp}/{op}", threads=THREADS, spinning=False)
         for batch in args.batches:
             ids = torch.randint(2, config.vocab_size, (batch, args.prompt),
                                 generator=torch.Generator().manual_seed(batch))
             mask = torch.ones_like(ids)
-            times: dict[str, list[float]] = {"hf": [], **{op: [] for op in generators}}
             outputs = {}
-            for _ in range(args.repeats):  # interleaved: HF, then each graph, per repeat
-                start = time.perf_counter()
+
+            def hf() -> None:
                 with torch.no_grad():
                     outputs["hf"] = model.generate(input_ids=ids, attention_mask=mask,
                                                    max_new_tokens=args.new,
                                                    do_sample=False).numpy()
-                times["hf"].append(time.perf_counter() - start)
-                for op, generator in generators.items():
-                    start = time.perf_counter()
-                    outputs[op] = generator.generate(ids.numpy(), mask.numpy(),
-                                                     max_new_tokens=args.new, eos_token_id=[])
-                    times[op].append(time.perf_counter() - start)
+
+            def ort(op: str) -> None:
+                outputs[op] = generators[op].generate(ids.numpy(), mask.numpy(),
+                                                      max_new_tokens=args.new, eos_token_id=[])
+
+            # interleaved repeats, HF and each graph once per repeat; no warm-up
+            times = interleave({"hf": hf, **{op: lambda op=op: ort(op) for op in generators}},
+                               RepeatPolicy.fixed(args.repeats, warmups=0))
             tokens = batch * args.new
-            speed = {k: tokens / statistics.median(v) for k, v in times.items()}
-            spread = {k: f"{tokens / max(v):.1f}-{tokens / min(v):.1f}" for k, v in times.items()}
+            stats = {k: Stat.of(v) for k, v in times.items()}
+            speed = {k: tokens / s.median for k, s in stats.items()}
+            spread = {k: f"{tokens / s.hi:.1f}-{tokens / s.lo:.1f}" for k, s in stats.items()}
             new_hf = outputs["hf"][:, args.prompt:]
             for op in generators:
                 new_ort = outputs[op][:, args.prompt:]
@@ -123,24 +132,20 @@ def main() -> int:
             quantized = [compare_quantized(f"{tmp}/static", bits, generators["static"], args,
                                            config.vocab_size) for bits in args.quantize]
     print()
-    print("| batch | graphs (--moe-op) | HF generate() tokens/s | (min-max) | ORT tokens/s | "
-          "(min-max) | ORT / HF | greedy tokens equal |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for batch, op, hf, hf_spread, ort, ort_spread, ratio, agree in rows:
-        print(f"| {batch} | {op} | {hf:.1f} | {hf_spread} | {ort:.1f} | {ort_spread} | "
-              f"{ratio:.2f} | {agree:.1%} |")
+    print_table(["batch", "graphs (--moe-op)", "HF generate() tokens/s", "(min-max)",
+                 "ORT tokens/s", "(min-max)", "ORT / HF", "greedy tokens equal"],
+                [[batch, op, f"{hf:.1f}", hf_spread, f"{ort:.1f}", ort_spread, f"{ratio:.2f}",
+                  f"{agree:.1%}"] for batch, op, hf, hf_spread, ort, ort_spread, ratio, agree
+                 in rows], "rlrrrrrr")
     print()
-    for batch, op, *_, ratio, _ in rows:
-        verdict = "PASS" if ratio >= 1.5 else "FAIL"
-        print(f"- [{verdict}] batch {batch}, --moe-op {op}: ORT tokens/s >= 1.5x HF "
-              f"generate(): {ratio:.2f}x")
+    print_targets([Target.check(ratio >= 1.5, f"batch {batch}, --moe-op {op}: ORT tokens/s "
+                                f">= 1.5x HF generate()", f"{ratio:.2f}x")
+                   for batch, op, *_, ratio, _ in rows])
     if quantized:
         print()
-        print(f"| graphs | bytes | / float32 | ORT tokens/s at batch 1 | / float32 | first new "
-              f"token equal ({PROMPTS} prompts) | {args.new // 4} new tokens all equal |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for row in quantized:
-            print("| " + " | ".join(row) + " |")
+        print_table(["graphs", "bytes", "/ float32", "ORT tokens/s at batch 1", "/ float32",
+                     f"first new token equal ({PROMPTS} prompts)",
+                     f"{args.new // 4} new tokens all equal"], quantized, "lrrrrrr")
     print(f"\nLoad average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
@@ -171,13 +176,11 @@ def compare_quantized(float_dir: str, bits: str, generator, args, vocab: int) ->
     b = quantized.generate(prompts, max_new_tokens=steps, eos_token_id=[])
     first = a.shape[1] - steps
     ids = np.random.default_rng(1).integers(2, vocab, (1, args.prompt))
-    times: dict[str, list[float]] = {"float": [], "quantized": []}
-    for _ in range(args.repeats):
-        for key, g in (("float", generator), ("quantized", quantized)):
-            start = time.perf_counter()
-            g.generate(ids, max_new_tokens=args.new, eos_token_id=[])
-            times[key].append(time.perf_counter() - start)
-    speed = {k: args.new / statistics.median(v) for k, v in times.items()}
+    times = interleave({key: lambda g=g: g.generate(ids, max_new_tokens=args.new,
+                                                    eos_token_id=[])
+                        for key, g in (("float", generator), ("quantized", quantized))},
+                       RepeatPolicy.fixed(args.repeats, warmups=0))
+    speed = {k: args.new / Stat.of(v).median for k, v in times.items()}
     return [f"{bits} experts", f"{size(target):,}", f"{size(target) / size(float_dir):.3f}",
             f"{speed['quantized']:.1f}", f"{speed['quantized'] / speed['float']:.2f}",
             f"{np.mean(a[:, first] == b[:, first]):.1%}",

@@ -15,23 +15,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from harness import RepeatPolicy, Stat, interleave, timed, timed_value
 
 import moeify
 from moeify.sources import check_finite, load_source, weights_fingerprint
-from moeify.stream import convert_to_checkpoint
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - start, value
 
 
 def main(argv=None) -> dict:
@@ -44,12 +36,12 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     dense, _ = load_source(args.model, random_init=True, device="meta")
-    built, (dense, source) = timed(lambda: load_source(args.model, random_init=True))
+    built, (dense, source) = timed_value(lambda: load_source(args.model, random_init=True))
     nbytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
-    fingerprint_s, _ = timed(lambda: weights_fingerprint(dense))
-    finite_s, _ = timed(lambda: check_finite(dense))
+    fingerprint_s = timed(lambda: weights_fingerprint(dense))
+    finite_s = timed(lambda: check_finite(dense))
     buffer = torch.empty(256 * 2**20, dtype=torch.uint8).numpy()
-    sha_s, _ = timed(lambda: hashlib.sha256(buffer).hexdigest())
+    sha_s = timed(lambda: hashlib.sha256(buffer).hexdigest())
     results = {
         "model": args.model, "experts": args.experts,
         "dense_bytes": nbytes, "load_source_s (incl. fingerprint)": built,
@@ -59,19 +51,18 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         out = Path(tmp) / "ck"
         plan = moeify.plan(dense, moeify.MoEConfig(num_experts=args.experts))
-        convert_s, _ = timed(lambda: convert_to_checkpoint(dense, plan, out, source=source))
+        convert_s = timed(lambda: moeify.write(dense, out, plan=plan, source=source))
         del dense
         stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         moeify.load(out)  # page cache warm for both variants
-        checked, unchecked = [], []
-        for _ in range(args.runs):
-            checked.append(timed(lambda: moeify.load(out))[0])
-            unchecked.append(timed(lambda: moeify.load(out, check_digests=False))[0])
+        runs = interleave({"checked": lambda: moeify.load(out),
+                           "unchecked": lambda: moeify.load(out, check_digests=False)},
+                          RepeatPolicy.fixed(args.runs, warmups=0))
         results.update({
             "checkpoint_bytes": stored, "convert_and_write_s": convert_s,
-            "load_checked_s": statistics.median(checked),
-            "load_unchecked_s": statistics.median(unchecked),
-            "load_runs": {"checked": checked, "unchecked": unchecked},
+            "load_checked_s": Stat.of(runs["checked"]).median,
+            "load_unchecked_s": Stat.of(runs["unchecked"]).median,
+            "load_runs": runs,
         })
         results["load_ratio"] = results["load_checked_s"] / results["load_unchecked_s"]
     for key, value in results.items():

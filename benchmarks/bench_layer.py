@@ -129,20 +129,43 @@ import dataclasses
 import gc
 import itertools
 import json
-import math
 import platform
 import shlex
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from harness import (
+    RepeatPolicy,
+    Stat,
+    Target,
+    fmt_load,
+    interleave,
+    log,
+    markdown_table,
+    timed,
+    verdict,
+    wait_for_quiet,
+)
+from layer_impls import (
+    TOLERANCES,
+    Agreement,
+    Forced,
+    OneHotEinsum,
+    Residual,
+    build_dense,
+    build_hf,
+    build_moeify,
+    check_equivalence,
+    hf_routing,
+    keep_hf_router_float32,
+    switch_routing,
+)
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from moeify import DenseFFNWeights, MoEConfig, SwitchFFN
+from moeify import SwitchFFN
 from moeify.switch import DispatchPath
 
 CPU_THREADS = 2
@@ -153,333 +176,33 @@ FORCED_PATHS = [p for p in DispatchPath if p is not DispatchPath.AUTO]
 FORCED = tuple(p.value for p in FORCED_PATHS)
 BATCHED_IMPLS = ("dense", "moeify", *FORCED, "hf")
 ONE_GROUP_IMPLS = ("moeify", *FORCED, "dense", "hf", "einsum")
-CAPACITY_FACTOR = 1.25
 MiB = 2**20
 EINSUM_LIMIT_BYTES = 6 * 2**30  # skip the one-hot einsum above this estimated footprint
 SWITCH_BASE_64 = dict(batch=8, seq=512, d=768, f=3072, experts=64)
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------ implementations
-
-
-def build_moeify(
-    d: int, f: int, experts: int, *, seq_len: int, generator: torch.Generator,
-    capacity_factor: float = CAPACITY_FACTOR, min_capacity: int | None = None,
-) -> tuple[SwitchFFN, DenseFFNWeights]:
-    """A Switch layer with distinct random experts and a router at realistic scale, and a
-    random dense FFN of the same shape. ``min_capacity=None`` keeps MoEConfig's default.
-
-    Not upcycled: upcycled experts are identical and a new router is tiny, which makes the
-    routing uniform-random, and the equivalence check could not tell experts apart. The
-    layer is built on the meta device and every parameter drawn once, N(0, 1/fan_in):
-    the constructor's truncated-normal init would take ~25 s per layer at d=768, f=3072,
-    E=64 on 2 cores, only to be overwritten.
-    """
-    dense = DenseFFNWeights(
-        w_in=torch.randn(d, f, generator=generator) / math.sqrt(d),
-        w_out=torch.randn(f, d, generator=generator) / math.sqrt(f),
-    )
-    extra = {} if min_capacity is None else {"min_capacity": min_capacity}
-    moe_cfg = MoEConfig(
-        num_experts=experts, capacity_factor=capacity_factor,
-        eval_capacity_factor=capacity_factor, expert_dropout=0.0, jitter_eps=0.0, **extra,
-    )
-    layer = SwitchFFN(d, f, moe_cfg, seq_len=seq_len, device="meta").to_empty(device="cpu")
-    buffers = [name for name, _ in layer.named_buffers()]
-    if buffers:
-        raise RuntimeError(f"SwitchFFN now has buffers {buffers}: initialize them here")
-    with torch.no_grad():
-        for param in layer.parameters():  # router [E, d], w_in [E, d, f], w_out [E, f, d]
-            param.normal_(0.0, 1 / math.sqrt(param.shape[1]), generator=generator)
-    return layer, dense
-
-
-class Forced(nn.Module):
-    """The moeify layer (same module, same parameters) run on one forced dispatch path."""
-
-    def __init__(self, layer: SwitchFFN, path: DispatchPath) -> None:
-        super().__init__()
-        self.layer = layer
-        self.path = path
-
-    def forward(self, x: Tensor) -> Tensor:
-        previous = self.layer.dispatch_path
-        self.layer.dispatch_path = self.path
-        try:
-            return self.layer(x)
-        finally:
-            self.layer.dispatch_path = previous
-
-
-class Residual(nn.Module):
-    """``x + ffn(x)``: the residual block users run, the same for every implementation."""
-
-    def __init__(self, ffn: nn.Module) -> None:
-        super().__init__()
-        self.ffn = ffn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.ffn(x)
-
-
-def build_dense(dense: DenseFFNWeights) -> nn.Module:
-    d, f = dense.w_in.shape
-    ffn = nn.Sequential(nn.Linear(d, f, bias=False), nn.ReLU(), nn.Linear(f, d, bias=False))
-    with torch.no_grad():
-        ffn[0].weight.copy_(dense.w_in.T)
-        ffn[2].weight.copy_(dense.w_out.T)
-    return ffn
-
-
-# From this release on, HF's SparseMLP routes the unflattened [batch, seq, d] input, so its
-# expert capacity applies per sequence as moeify's does; before it the capacity applied to
-# the whole flattened batch (a different layer: the equivalence check fails on 80-90% of
-# the tokens).
-HF_PER_SEQUENCE_ROUTING = (5, 18)
-
-
-def build_hf(layer: SwitchFFN) -> nn.Module:
-    """HF's SparseMLP with moeify's weights. Its forward (transformers 5.x) returns the
-    output tensor alone; the router works per sequence with an absolute capacity."""
-    import transformers
-    from transformers import SwitchTransformersConfig
-
-    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    if version < HF_PER_SEQUENCE_ROUTING:
-        raise SystemExit(
-            f"error: transformers {transformers.__version__} applies SparseMLP's capacity to "
-            f"the whole flattened batch; the hf comparison needs transformers >= "
-            f"{'.'.join(map(str, HF_PER_SEQUENCE_ROUTING))} (per-sequence capacity, as "
-            f"moeify): upgrade it, or leave hf out with --impls")
-    from transformers.models.switch_transformers.modeling_switch_transformers import (
-        SwitchTransformersSparseMLP,
-    )
-
-    E = layer.config.num_experts
-    config = SwitchTransformersConfig(
-        d_model=layer.d_model, d_ff=layer.d_ff, num_experts=E,
-        expert_capacity=layer.expert_capacity, router_jitter_noise=0.0, dropout_rate=0.0,
-        dense_act_fn="relu", router_bias=False,
-    )
-    with torch.device("meta"):  # no random init of E experts we overwrite anyway
-        mlp = SwitchTransformersSparseMLP(config)
-    mlp.to_empty(device=layer.router.weight.device)
-    with torch.no_grad():
-        mlp.router.classifier.weight.copy_(layer.router.weight)
-        for e in range(E):
-            expert = mlp.experts[f"expert_{e}"]
-            expert.wi.weight.copy_(layer.experts.w_in[e].T)
-            expert.wo.weight.copy_(layer.experts.w_out[e].T)
-    return mlp
-
-
-def keep_hf_router_float32(mlp: nn.Module, layer: SwitchFFN) -> None:
-    """After a dtype cast: HF's router classifier back in float32 with moeify's weight
-    (HF computes the router in float32; the cast would have rounded the weight)."""
-    classifier = mlp.router.classifier
-    classifier.to(torch.float32)
-    with torch.no_grad():
-        classifier.weight.copy_(layer.router.weight.float())
-
-
-def hf_routing(mlp: nn.Module, x: Tensor) -> Tensor:
-    """The expert HF's router sends each token of x [B, S, d] to: [B*S] int64, -1 where
-    the token is over capacity (HF's dispatch mask is all zero for it)."""
-    mask, _, _ = mlp.router(x)  # [B, S, E] one-hot, zero when dropped
-    index = mask.argmax(dim=-1)
-    return torch.where(mask.sum(dim=-1) > 0, index, -1).flatten()
-
-
-def switch_routing(x: Tensor, router_weight: Tensor, capacity: int) -> Tensor:
-    """Reference top-1 Switch routing in float32 (DESIGN.md section 2), one group per
-    sequence: [B*S] int64 expert per token, -1 where over capacity."""
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        logits = F.linear(x.float(), router_weight.float())  # [B, S, E]
-        index = torch.softmax(logits, dim=-1).argmax(dim=-1)  # [B, S]
-    one_hot = F.one_hot(index, router_weight.shape[0])
-    position = (one_hot.cumsum(dim=1) * one_hot).sum(-1) - 1  # slot claimed in order
-    return torch.where(position < capacity, index, -1).flatten()
-
-
-class OneHotEinsum(nn.Module):
-    """GShard / Mesh-TF / DeepSpeed style top-1 layer: one-hot ``[G, T, E, C]`` dispatch and
-    combine tensors contracted with einsum. Shares the moeify layer's Parameters.
-
-    Same routing as moeify: argmax of ``softmax(x @ router.T)``, slots claimed in token
-    order (cumsum priority over the group), tokens beyond capacity C dropped (output 0),
-    combine weight = the chosen expert's probability.
-    """
-
-    def __init__(self, layer: SwitchFFN) -> None:
-        super().__init__()
-        self.router_weight = layer.router.weight  # [E, d]
-        self.w_in = layer.experts.w_in  # [E, d, f]
-        self.w_out = layer.experts.w_out  # [E, f, d]
-        self.layer = layer  # for the capacity of the current mode
-
-    def forward(self, x: Tensor) -> Tensor:  # [G, T, d]
-        E, C = self.router_weight.shape[0], self.layer.expert_capacity
-        G, T, d = x.shape
-        probs = torch.softmax(F.linear(x, self.router_weight), dim=-1)  # [G, T, E]
-        gate, index = probs.max(dim=-1)  # [G, T]
-        expert_mask = F.one_hot(index, E)  # [G, T, E]
-        position = (expert_mask.cumsum(dim=1) * expert_mask).sum(-1) - 1  # [G, T]
-        kept = position < C
-        expert_mask = (expert_mask * kept.unsqueeze(-1)).to(x.dtype)
-        slot_mask = F.one_hot(torch.where(kept, position, 0), C).to(x.dtype)  # [G, T, C]
-        dispatch = expert_mask.unsqueeze(-1) * slot_mask.unsqueeze(-2)  # [G, T, E, C]
-        combine = dispatch * gate.unsqueeze(-1).unsqueeze(-1).to(x.dtype)
-        dispatched = torch.einsum("gtec,gtd->egcd", dispatch, x).reshape(E, G * C, d)
-        hidden = torch.relu(torch.bmm(dispatched, self.w_in))
-        expert_out = torch.bmm(hidden, self.w_out).reshape(E, G, C, d)
-        return torch.einsum("gtec,egcd->gtd", combine, expert_out)
-
-
-# ------------------------------------------------------------------- equivalence
-
-
-class EquivalenceError(AssertionError):
-    """An implementation computes a different function from moeify's layer."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-    max_rerouted: float  # fraction of tokens an implementation may route differently
-
-
-TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-5, max_rerouted=0.0),
-    "bf16": Tolerance(atol=2e-2, rtol=2e-2, max_rerouted=0.05),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Agreement:
-    """How one implementation's eval output compares with the reference's."""
-
-    max_abs_diff: float  # float32, over the compared tokens
-    rerouted: int  # tokens it routed differently (left out of the comparison)
-    tokens: int
-
-
-def check_equivalence(
-    outputs: dict[str, Tensor], tolerance: Tolerance, *, reference: str = "moeify",
-    rerouted: dict[str, Tensor] | None = None, where: str = "",
-) -> dict[str, Agreement]:
-    """Compare every output ``[..., d]`` with the reference's, token by token, in float32.
-
-    ``rerouted[name]``: bool per token, where that implementation's own router chose a
-    different expert (or slot fate) than the reference routing; those tokens are left out
-    and counted. Raises `EquivalenceError` when a compared token differs beyond the
-    tolerance or too many tokens were rerouted.
-    """
-    rerouted = rerouted or {}
-    ref = outputs[reference].float().flatten(0, -2)
-    result = {}
-    for name, out in outputs.items():
-        if name == reference:
-            continue
-        out = out.float().flatten(0, -2)
-        if out.shape != ref.shape:
-            raise EquivalenceError(
-                f"{name} output {tuple(out.shape)} != {tuple(ref.shape)} {where}")
-        skip = rerouted.get(name, torch.zeros(ref.shape[0], dtype=torch.bool)).to(ref.device)
-        n_skip = int(skip.sum())
-        if n_skip > tolerance.max_rerouted * ref.shape[0]:
-            raise EquivalenceError(
-                f"{name} routes {n_skip}/{ref.shape[0]} tokens differently from the float32 "
-                f"Switch routing (allowed {tolerance.max_rerouted:.0%}) {where}"
-            )
-        keep = ~skip
-        diff = (out[keep] - ref[keep]).abs()
-        max_diff = float(diff.max()) if diff.numel() else 0.0
-        bad = diff > tolerance.atol + tolerance.rtol * ref[keep].abs()
-        if bad.any() or not torch.isfinite(out[keep]).all():
-            n_bad = int(bad.any(dim=-1).sum())
-            raise EquivalenceError(
-                f"{name} differs from {reference} {where}: {n_bad} tokens beyond atol "
-                f"{tolerance.atol:g} / rtol {tolerance.rtol:g}, max |diff| {max_diff:.3g}"
-            )
-        result[name] = Agreement(max_diff, n_skip, ref.shape[0])
-    return result
-
-
 # ------------------------------------------------------------------------ timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> float:
-    """Seconds one call takes (device work included)."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-@dataclasses.dataclass(frozen=True)
-class RepeatPolicy:
-    """Interleaved repeats: at least ``min_repeats``, more while ``budget_s`` seconds of
-    timed repeats last, at most ``max_repeats``."""
-
-    min_repeats: int
-    max_repeats: int
-    budget_s: float
-    warmups: int = 1
-
-
-def interleave(
+def time_steps(
     steps: dict[str, dict[str, Callable[[], None]]],
     reset: Callable[[str], None],
     policy: RepeatPolicy,
     device: torch.device,
 ) -> tuple[int, dict[str, dict[str, list[float]]]]:
-    """Time ``steps[mode][impl]()``: warm-ups, then repeats that run every implementation
-    once per mode, the starting implementation rotating. ``reset(impl)`` runs before and
-    after every call, untimed. Each timed call directly follows an untimed call of the
-    same implementation and mode, as step follows step in a training or serving loop: the
-    memory a step finds (what the previous step freed, which pages are mapped) is then
-    its own loop's, not whatever another implementation left behind. Returns (repeats,
-    seconds per mode and implementation)."""
-    names = list(next(iter(steps.values())))
-    times = {mode: {name: [] for name in names} for mode in steps}
-
-    def run(mode: str, name: str) -> float:
-        reset(name)
-        steps[mode][name]()  # the lead-in step, untimed
-        reset(name)
-        seconds = timed(steps[mode][name], device)
-        reset(name)
-        return seconds
-
-    for _ in range(policy.warmups):
-        for mode, name in itertools.product(steps, names):
-            run(mode, name)
-    start = time.perf_counter()
-    repeat = 0
-    while repeat < policy.min_repeats or (
-        repeat < policy.max_repeats and time.perf_counter() - start < policy.budget_s
-    ):
-        shift = repeat % len(names)
-        order = names[shift:] + names[:shift]
-        for mode in steps:
-            for name in order:
-                times[mode][name].append(run(mode, name))
-        repeat += 1
-    return repeat, times
+    """Time ``steps[mode][impl]()`` with `harness.interleave`: every implementation once
+    per mode and repeat, the starting implementation rotating within each mode, each timed
+    call right after an untimed call of the same implementation and mode; ``reset(impl)``
+    before and after every call. Returns (repeats, seconds per mode and implementation)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    times = interleave({(mode, name): step for mode, by_impl in steps.items()
+                        for name, step in by_impl.items()},
+                       policy, group=lambda key: key[0], reset=lambda key: reset(key[1]),
+                       lead_in=True, sync=sync)
+    out: dict[str, dict[str, list[float]]] = {}
+    for (mode, name), seconds in times.items():
+        out.setdefault(mode, {})[name] = seconds
+    return len(next(iter(times.values()))), out
 
 
 def reset_module(module: nn.Module, x: Tensor) -> None:
@@ -646,7 +369,7 @@ def case_steps(case: Case) -> dict[str, dict[str, Callable[[], None]]]:
 
 def bench_case(case: Case, policy: RepeatPolicy) -> dict[str, Any]:
     """Time one point; returns {"repeats": n, "times_s": {mode: {impl: [seconds]}}}."""
-    repeats, times = interleave(
+    repeats, times = time_steps(
         case_steps(case), lambda name: reset_module(case.blocks[name], case.x_grad), policy,
         case.device,
     )
@@ -654,26 +377,6 @@ def bench_case(case: Case, policy: RepeatPolicy) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------- runs and spread
-
-
-@dataclasses.dataclass(frozen=True)
-class Stat:
-    """A quantity measured once per run: median over runs and spread (min, max)."""
-
-    median: float
-    lo: float
-    hi: float
-    per_run: tuple[float, ...]
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        return cls(statistics.median(values), min(values), max(values), tuple(values))
-
-    def fmt(self, digits: int = 2) -> str:
-        return f"{self.median:.{digits}f}"
-
-    def fmt_spread(self, digits: int = 2) -> str:
-        return f"{self.lo:.{digits}f}-{self.hi:.{digits}f}"
 
 
 def fmt_ms(value: float | None) -> str:
@@ -687,7 +390,7 @@ RATIOS = {"moeify/dense": ("moeify", "dense"), "moeify/hf": ("moeify", "hf")}
 
 def run_medians(record: dict, mode: str) -> dict[str, float]:
     """ms per implementation: the median of one run's repeats."""
-    return {impl: 1e3 * statistics.median(samples)
+    return {impl: 1e3 * Stat.of(samples).median
             for impl, samples in record["times_s"][mode].items() if samples}
 
 
@@ -713,21 +416,6 @@ def summarize(runs: list[list[dict]]) -> dict[str, dict[str, dict[str, dict[str,
 # ---------------------------------------------------------------------- targets
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    verdict: str  # PASS, FAIL or n/a
-    detail: str
-    info: tuple[str, ...] = ()
-
-    def lines(self) -> list[str]:
-        return [f"- [{self.verdict}] {self.name}: {self.detail}"] + [f"  - {i}" for i in self.info]
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def all_points_target(name: str, ratios: dict[Point, Stat], limit: float) -> Target:
     """Every point's median ratio <= limit; the count passing and the worst point."""
     if not ratios:
@@ -735,7 +423,7 @@ def all_points_target(name: str, ratios: dict[Point, Stat], limit: float) -> Tar
     worst = max(ratios, key=lambda p: ratios[p].median)
     n_ok = sum(s.median <= limit for s in ratios.values())
     w = ratios[worst]
-    return Target(name, _verdict(n_ok == len(ratios)),
+    return Target(name, verdict(n_ok == len(ratios)),
                   f"{n_ok}/{len(ratios)} points <= {limit:.2f}x; worst {w.fmt(3)}x "
                   f"(spread {w.fmt_spread(3)}) at {worst.label}")
 
@@ -743,7 +431,7 @@ def all_points_target(name: str, ratios: dict[Point, Stat], limit: float) -> Tar
 def one_point_target(name: str, stat: Stat | None, limit: float, what: str) -> Target:
     if stat is None:
         return Target(name, "n/a", f"{what} not measured")
-    return Target(name, _verdict(stat.median <= limit),
+    return Target(name, verdict(stat.median <= limit),
                   f"{stat.fmt(3)}x (spread {stat.fmt_spread(3)}, <= {limit:.2f}x)")
 
 
@@ -807,11 +495,6 @@ def cross_point_ratio(runs: list[list[dict]], a: Point, b: Point, mode: str,
 # ----------------------------------------------------------------------- report
 
 
-def markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-    return out + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-
-
 def batched_tables(points: list[Point], capacities: dict[str, int], summary: dict,
                    runs: list[list[dict]], impls: Sequence[str]) -> list[str]:
     key_cols = ["batch x seq", "d", "f", "E", "precision", "C", "n"]
@@ -865,10 +548,6 @@ def equivalence_table(points: list[Point], agreements: dict[str, dict[str, dict]
         rows.append(row)
     return ["### equivalence with moeify (eval outputs, float32 comparison; max over runs)", "",
             *markdown_table(columns, rows), ""]
-
-
-def fmt_load(load: Sequence[float]) -> str:
-    return " / ".join(f"{v:.2f}" for v in load)
 
 
 def environment_lines(
@@ -928,23 +607,6 @@ def device_name(device: torch.device) -> str:
 
 def command_line(argv: Sequence[str]) -> str:
     return shlex.join(["python", "benchmarks/bench_layer.py", *argv])
-
-
-# ------------------------------------------------------------------------ load
-
-
-def wait_for_quiet(max_load: float, wait_s: float, poll_s: float = 10.0) -> dict[str, Any]:
-    """Poll the 1-minute load average until it is <= max_load or wait_s has passed."""
-    start_load = os.getloadavg()
-    load, start = start_load, time.monotonic()
-    while load[0] > max_load and time.monotonic() - start < wait_s:
-        remaining = wait_s - (time.monotonic() - start)
-        log(f"load average {load[0]:.2f} > --max-load {max_load}: waiting "
-            f"({remaining:.0f} s left)")
-        time.sleep(max(0.0, min(poll_s, remaining)))
-        load = os.getloadavg()
-    return {"start": list(start_load), "begin": list(load),
-            "waited_s": time.monotonic() - start, "above": load[0] > max_load}
 
 
 # ---------------------------------------------------------------- batched section
@@ -1118,7 +780,7 @@ def bench_setup(setup: Setup, policy: RepeatPolicy) -> dict:
     steps = {mode: {name: (lambda m=module, r=runner: r(m, setup))
                     for name, module in setup.modules.items()}
              for mode, runner in RUNNERS.items()}
-    repeats, times = interleave(
+    repeats, times = time_steps(
         steps, lambda name: reset_module(setup.modules[name], setup.x_grad), policy,
         torch.device("cpu"))
     memory = {name: peak_memory_fwd_bwd(m, setup) for name, m in setup.modules.items()}
@@ -1153,7 +815,7 @@ def roofline(cfg: Config, matmul_rate: float, copy_rate: float) -> dict[str, dic
 
 def median_ms(result: dict, mode: str, impl: str) -> float | None:
     samples = result["times_s"][mode].get(impl)
-    return 1e3 * statistics.median(samples) if samples else None
+    return 1e3 * Stat.of(samples).median if samples else None
 
 
 def fmt_ratio(a: float | None, b: float | None) -> str:
@@ -1250,7 +912,7 @@ def one_group_summary(records: list[dict]) -> list[str]:
             ratio = ms(rec, mode, "moeify") / ms(rec, mode, "dense")
             ok &= ratio <= limit
             parts.append(f"{mode} {ratio:.3f}x (<= {limit:.2f}x)")
-        lines.append(f"- [{_verdict(ok)}] moeify / dense at {label(c)}: " + ", ".join(parts))
+        lines.append(f"- [{verdict(ok)}] moeify / dense at {label(c)}: " + ", ".join(parts))
 
     # 2. faster than HF's SparseMLP in fwd+bwd everywhere; fwd never > 5% slower
     if have("hf"):
@@ -1258,11 +920,11 @@ def one_group_summary(records: list[dict]) -> list[str]:
         fw = {c: ms(r, "fwd", "moeify") / ms(r, "fwd", "hf") for c, r in by_cfg.items()}
         worst_fb, worst_fw = max(fb, key=fb.get), max(fw, key=fw.get)
         lines.append(
-            f"- [{_verdict(fb[worst_fb] < 1.0)}] fwd+bwd faster than HF in every configuration: "
+            f"- [{verdict(fb[worst_fb] < 1.0)}] fwd+bwd faster than HF in every configuration: "
             f"{sum(v < 1.0 for v in fb.values())}/{len(fb)} faster; worst moeify/hf "
             f"{fb[worst_fb]:.3f}x at {label(worst_fb)}; best {min(fb.values()):.3f}x")
         lines.append(
-            f"- [{_verdict(fw[worst_fw] <= 1.05)}] fwd never more than 5% slower than HF: worst "
+            f"- [{verdict(fw[worst_fw] <= 1.05)}] fwd never more than 5% slower than HF: worst "
             f"moeify/hf {fw[worst_fw]:.3f}x at {label(worst_fw)}; best {min(fw.values()):.3f}x")
     else:
         lines.append("- [n/a] moeify vs HF: hf not measured")
@@ -1277,7 +939,7 @@ def one_group_summary(records: list[dict]) -> list[str]:
         worst = max(keys, key=frac.get)
         n_ok = sum(frac[k] <= limit for k in keys)
         lines.append(
-            f"- [{_verdict(n_ok == len(keys))}] moeify within {limit}x of the floor {scope}: "
+            f"- [{verdict(n_ok == len(keys))}] moeify within {limit}x of the floor {scope}: "
             f"{n_ok}/{len(keys)} (config, mode) pairs; worst {frac[worst]:.2f}x "
             f"({worst[1]}, {label(worst[0])})")
 
@@ -1307,7 +969,7 @@ def one_group_summary(records: list[dict]) -> list[str]:
                      f"{fmt_ratio(m_big.get('einsum'), m_small.get('einsum'))}x)")
         growth_rows.append(f"  - d={c.d} E={c.experts} cf={c.cf}: " + ", ".join(cells))
     lines.append(
-        f"- [{_verdict(ok_all)}] linear growth, moeify time and peak memory at {largest} vs "
+        f"- [{verdict(ok_all)}] linear growth, moeify time and peak memory at {largest} vs "
         f"{previous} tokens <= {limit:.2f}x in every configuration:")
     return lines + growth_rows
 
@@ -1342,12 +1004,12 @@ def run_one_group(args: argparse.Namespace) -> dict:
     log("measuring ceilings again ...")
     matmul_end, copy_end = matmul_samples(), copy_samples()
     ceilings = {
-        "matmul_rate": statistics.median(matmul_start + matmul_end),
-        "copy_rate": statistics.median(copy_start + copy_end),
-        "matmul_start": statistics.median(matmul_start),
-        "matmul_end": statistics.median(matmul_end),
-        "copy_start": statistics.median(copy_start),
-        "copy_end": statistics.median(copy_end),
+        "matmul_rate": Stat.of(matmul_start + matmul_end).median,
+        "copy_rate": Stat.of(copy_start + copy_end).median,
+        "matmul_start": Stat.of(matmul_start).median,
+        "matmul_end": Stat.of(matmul_end).median,
+        "copy_start": Stat.of(copy_start).median,
+        "copy_end": Stat.of(copy_end).median,
     }
     for rec in records:
         rec["roofline"] = roofline(Config(**rec["config"]), ceilings["matmul_rate"],

@@ -35,15 +35,24 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import (  # noqa: E402
+    RepeatPolicy,
+    Stat,
+    Target,
+    bound,
+    interleave,
+    markdown_row,
+    markdown_table,
+    print_table,
+    print_targets,
+)
 
 THREADS = 2
 SEQ = 128
@@ -113,10 +122,10 @@ def main() -> int:
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {THREADS} threads, "
               f"seq {seq}, 8 experts, eval capacity factor {config.eval_capacity_factor}; "
               f"medians of {args.repeats} interleaved repeats\n")
-        print("| batch | eager MoE ms | ORT MoE ms | ORT dense ms | ORT MoE / eager MoE | "
-              "ORT MoE / ORT dense |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        verdicts = []
+        print("\n".join(markdown_table(
+            ["batch", "eager MoE ms", "ORT MoE ms", "ORT dense ms", "ORT MoE / eager MoE",
+             "ORT MoE / ORT dense"], [])))
+        targets = []
         bounds: list[tuple[int, float, float, float]] = []
         variant_ms: dict[int, dict[str, float]] = {}
         for batch in args.batches:
@@ -136,19 +145,13 @@ def main() -> int:
                 runs[label] = lambda label=label: sessions[label].run(None, feeds)
             if DENSE_OPTIMIZED in sessions:
                 runs[DENSE_OPTIMIZED] = lambda: sessions[DENSE_OPTIMIZED].run(None, feeds)
-            samples = {k: [] for k in runs}
-            for fn in runs.values():
-                fn()  # warm-up
-            for _ in range(args.repeats):
-                for key, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    samples[key].append(time.perf_counter() - start)
-            ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+            samples = interleave(runs, RepeatPolicy.fixed(args.repeats))
+            ms = {k: 1e3 * Stat.of(v).median for k, v in samples.items()}
             r_eager, r_dense = ms["ort_moe"] / ms["eager"], ms["ort_moe"] / ms["ort_dense"]
-            print(f"| {batch} | {ms['eager']:.1f} | {ms['ort_moe']:.1f} | {ms['ort_dense']:.1f} "
-                  f"| {r_eager:.2f} | {r_dense:.2f} |")
-            verdicts.append((batch, r_eager, r_dense))
+            print(markdown_row([batch, f"{ms['eager']:.1f}", f"{ms['ort_moe']:.1f}",
+                                f"{ms['ort_dense']:.1f}", f"{r_eager:.2f}", f"{r_dense:.2f}"]))
+            targets += [bound(f"batch {batch}: ORT MoE / eager MoE", r_eager, 1),
+                        bound(f"batch {batch}: ORT MoE / ORT dense", r_dense, 1.5)]
             variant_ms[batch] = {label: ms["ort_moe" if label == BASE else label]
                                  for label in variants}
             if DENSE_OPTIMIZED in ms:
@@ -158,13 +161,7 @@ def main() -> int:
             print_variants(variants, variant_ms)
         print_bounds(bounds)
     print()
-    for batch, r_eager, r_dense in verdicts:
-        print(f"- [{'PASS' if r_eager <= 1 else 'FAIL'}] batch {batch}: ORT MoE / eager MoE "
-              f"{r_eager:.2f} (<= 1)")
-        print(f"- [{'PASS' if r_dense <= 1.5 else 'FAIL'}] batch {batch}: ORT MoE / ORT dense "
-              f"{r_dense:.2f} (<= 1.5)")
-    for line in variant_verdicts(variants, variant_ms):
-        print(line)
+    print_targets(targets + variant_targets(variants, variant_ms))
     return 0
 
 
@@ -188,12 +185,11 @@ def print_bounds(bounds: list[tuple[int, float, float, float]]) -> None:
     if not bounds:
         return
     print()
-    print("| batch | eager MoE ms | ORT dense ms | optimized dense ms | optimized dense / "
-          "ORT dense | optimized dense / eager MoE |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch, eager, dense, optimized in bounds:
-        print(f"| {batch} | {eager:.1f} | {dense:.1f} | {optimized:.1f} | "
-              f"{optimized / dense:.2f} | {optimized / eager:.2f} |")
+    print_table(["batch", "eager MoE ms", "ORT dense ms", "optimized dense ms",
+                 "optimized dense / ORT dense", "optimized dense / eager MoE"],
+                [[batch, f"{eager:.1f}", f"{dense:.1f}", f"{optimized:.1f}",
+                  f"{optimized / dense:.2f}", f"{optimized / eager:.2f}"]
+                 for batch, eager, dense, optimized in bounds])
 
 
 def graph_bytes(path: Path) -> tuple[int, int]:
@@ -259,43 +255,40 @@ def measure_similarity(variants: dict[str, Variant], sessions: dict, source: str
 def print_variants(variants: dict[str, Variant], variant_ms: dict[int, dict[str, float]]) -> None:
     from moeify.onnx.quantize import SENTENCES
 
-    print(f"\n| graph | batch | ms | / {BASE} |")
-    print("|---|---:|---:|---:|")
-    for label in [label for label in variants if label != BASE]:
-        for batch, ms in variant_ms.items():
-            print(f"| {label} | {batch} | {ms[label]:.1f} | {ms[label] / ms[BASE]:.2f} |")
+    print()
+    print_table(["graph", "batch", "ms", f"/ {BASE}"],
+                [[label, batch, f"{ms[label]:.1f}", f"{ms[label] / ms[BASE]:.2f}"]
+                 for label in variants if label != BASE for batch, ms in variant_ms.items()],
+                "lrrr")
     base = variants[BASE]
-    print(f"\n| graph | expert weight bytes | / {BASE} | all weight bytes | / {BASE} | "
-          f"min cosine ({len(SENTENCES)} sentences) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, v in variants.items():
-        print(f"| {label} | {v.expert_bytes:,} | {v.expert_bytes / base.expert_bytes:.3f} | "
-              f"{v.weight_bytes:,} | {v.weight_bytes / base.weight_bytes:.3f} | "
-              f"{v.min_cosine:.5f} |")
+    print()
+    print_table(["graph", "expert weight bytes", f"/ {BASE}", "all weight bytes", f"/ {BASE}",
+                 f"min cosine ({len(SENTENCES)} sentences)"],
+                [[label, f"{v.expert_bytes:,}", f"{v.expert_bytes / base.expert_bytes:.3f}",
+                  f"{v.weight_bytes:,}", f"{v.weight_bytes / base.weight_bytes:.3f}",
+                  f"{v.min_cosine:.5f}"] for label, v in variants.items()], "lrrrrr")
 
 
-def variant_verdicts(variants: dict[str, Variant],
-                     variant_ms: dict[int, dict[str, float]]) -> list[str]:
-    """One PASS/FAIL line per target of `LATENCY_TARGETS`, `BYTES_TARGETS` and
-    `COSINE_TARGETS` whose variant was measured (unrounded values compared)."""
-    lines = []
+def variant_targets(variants: dict[str, Variant],
+                    variant_ms: dict[int, dict[str, float]]) -> list[Target]:
+    """One target of `LATENCY_TARGETS`, `BYTES_TARGETS` and `COSINE_TARGETS` per variant
+    measured."""
+    targets = []
     for label, (limit, only) in LATENCY_TARGETS.items():
         for batch, ms in variant_ms.items():
             if label in ms and only in (None, batch):
-                ratio = ms[label] / ms[BASE]
-                lines.append(f"- [{'PASS' if ratio <= limit else 'FAIL'}] batch {batch}: "
-                             f"{label} / {BASE} {ratio:.2f} (<= {limit})")
+                targets.append(bound(f"batch {batch}: {label} / {BASE}", ms[label] / ms[BASE],
+                                     limit))
     for label, limit in BYTES_TARGETS.items():
         if label in variants:
-            ratio = variants[label].expert_bytes / variants[BASE].expert_bytes
-            lines.append(f"- [{'PASS' if ratio <= limit else 'FAIL'}] {label}: expert weight "
-                         f"bytes / float32 {ratio:.3f} (<= {limit})")
+            targets.append(bound(f"{label}: expert weight bytes / float32",
+                                 variants[label].expert_bytes / variants[BASE].expert_bytes,
+                                 limit, digits=3))
     for label, limit in COSINE_TARGETS.items():
         if label in variants:
-            cosine = variants[label].min_cosine
-            lines.append(f"- [{'PASS' if cosine >= limit else 'FAIL'}] {label}: min sentence "
-                         f"cosine {cosine:.5f} (>= {limit})")
-    return lines
+            targets.append(bound(f"{label}: min sentence cosine", variants[label].min_cosine,
+                                 limit, at_least=True, digits=5))
+    return targets
 
 
 if __name__ == "__main__":

@@ -17,27 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def run_child(command: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Run ``command``; return its wall time, its own peak RSS (bytes) and the result."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0), err.seek(0)
-        result = subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(status),
-                                             out.read().decode(), err.read().decode())
-    process.returncode = result.returncode  # reaped by wait4 above
-    return wall, usage.ru_maxrss * 1024, result
+from harness import Target, print_table, print_targets, run_child, timed
 
 
 def expert_shapes(path: Path, num_experts: int) -> set[tuple]:
@@ -91,9 +77,7 @@ def main() -> int:
     data = graph.with_name(graph.name + ".data")
     graph_bytes = graph.stat().st_size
     data_bytes = data.stat().st_size if data.exists() else 0
-    start = time.perf_counter()
-    onnx.checker.check_model(str(graph), full_check=True)
-    check_s = time.perf_counter() - start
+    check_s = timed(lambda: onnx.checker.check_model(str(graph), full_check=True))
     E, C = int(metadata["num_experts"]), int(metadata["expert_capacity"])
     shapes = expert_shapes(graph, E)
     static = (E, "batch", C) in shapes
@@ -112,18 +96,19 @@ def main() -> int:
         "static_expert_shape": static, "metadata": metadata,
     }
     print(f"commands: {rows['convert_command']}\n          {rows['export_command']}")
-    print("| MoE GiB | convert s | export s | export peak RSS GiB | dense GiB | .onnx MB | "
-          ".onnx.data GiB | check_model(full) s | [E, batch, C] inferred |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| {moe / gib:.2f} | {convert_s:.1f} | {export_s:.1f} | {export_rss / gib:.2f} | "
-          f"{dense / gib:.2f} | {graph_bytes / 1e6:.1f} | {data_bytes / gib:.2f} | "
-          f"{check_s:.1f} | {[E, 'batch', C] if static else 'no'} |")
+    print_table(["MoE GiB", "convert s", "export s", "export peak RSS GiB", "dense GiB",
+                 ".onnx MB", ".onnx.data GiB", "check_model(full) s", "[E, batch, C] inferred"],
+                [[f"{moe / gib:.2f}", f"{convert_s:.1f}", f"{export_s:.1f}",
+                  f"{export_rss / gib:.2f}", f"{dense / gib:.2f}", f"{graph_bytes / 1e6:.1f}",
+                  f"{data_bytes / gib:.2f}", f"{check_s:.1f}",
+                  [E, "batch", C] if static else "no"]], "rrrrrrrrl")
     limit = dense + 2 * gib
-    print(f"- [{'PASS' if export_rss <= limit else 'FAIL'}] export peak RSS "
-          f"{export_rss / gib:.2f} GiB <= dense + 2 GiB = {limit / gib:.2f} GiB "
-          f"(the MoE weights are {moe / gib:.2f} GiB)")
-    print(f"- [{'PASS' if static else 'FAIL'}] strict shape inference gives the static expert "
-          f"shape [E={E}, batch, C={C}]; check_model(full_check=True) passed")
+    print_targets([
+        Target.check(export_rss <= limit, f"export peak RSS {export_rss / gib:.2f} GiB <= dense "
+                     f"+ 2 GiB = {limit / gib:.2f} GiB (the MoE weights are {moe / gib:.2f} GiB)"),
+        Target.check(static, f"strict shape inference gives the static expert shape [E={E}, "
+                     f"batch, C={C}]; check_model(full_check=True) passed"),
+    ])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if static else 1

@@ -14,25 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
+from harness import median_seconds, print_table  # noqa: E402 (benchmarks/ is on sys.path)
 
 THREADS = 2
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -53,9 +41,7 @@ def main() -> None:
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print(f"copy ceiling {copy / 1e9:.1f} GB/s, matmul ceiling {matmul / 1e9:.1f} GFLOP/s\n")
     E = args.experts
-    print(f"| d | f | rows per expert M | E | bmm ms | weight GB/s | fraction of copy ceiling "
-          f"| GFLOP/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
     for d, f in ((512, 2048), (768, 3072)):
         w = torch.randn(E, d, f)
         for rows in (8, 10, 32, 40, 128, 160):
@@ -63,8 +49,10 @@ def main() -> None:
             seconds = median_seconds(lambda: torch.bmm(x, w), args.repeats)
             rate = E * d * f * 4 / seconds
             flops = 2 * E * rows * d * f / seconds
-            print(f"| {d} | {f} | {rows} | {E} | {seconds * 1e3:.2f} | {rate / 1e9:.1f} | "
-                  f"{rate / copy:.2f} | {flops / 1e9:.1f} |")
+            table.append([d, f, rows, E, f"{seconds * 1e3:.2f}", f"{rate / 1e9:.1f}",
+                          f"{rate / copy:.2f}", f"{flops / 1e9:.1f}"])
+    print_table(["d", "f", "rows per expert M", "E", "bmm ms", "weight GB/s",
+                 "fraction of copy ceiling", "GFLOP/s"], table)
 
 
 if __name__ == "__main__":
