@@ -258,8 +258,11 @@ def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragmen
 
     model = make()
     moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)
-    with pytest.raises(moeify.MoEError, match=f"{fragment}.*use --format torch"):
+    with pytest.raises(moeify.MoEError, match=f"^format='hf' is not possible: .*{fragment}"
+                       ".*; use format='torch'$") as caught:
         save_hf_switch(model, tmp_path / "o")
+    assert caught.value.render(cli=True).startswith("--format hf is not possible: ")
+    assert caught.value.render(cli=True).endswith("; use --format torch")
     assert not (tmp_path / "o").exists()
 
 

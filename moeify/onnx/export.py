@@ -443,7 +443,7 @@ def export_onnx(
             "the model's Switch layers are declared for {declared} tokens, not {n}: export "
             "with {seq_len}, or declare the other length first (moeify.set_seq_len(model, "
             "{n}))", declared=sorted(declared), n=seq_len,
-            seq_len=SEQ_LEN.given(sorted(declared)[0]))
+            seq_len=SEQ_LEN.given(min(declared)))
     _check_positions(model, seq_len)
     if weights is None and any(p.is_meta for p in model.parameters()):
         raise MoEError("the model has parameters on the meta device: load its weights, or "
