@@ -72,7 +72,7 @@ def main() -> int:
 
     import moeify
     from moeify.onnx import OnnxGenerator, export_generation
-    from moeify.sources import build_hf, preset_config
+    from moeify.io.sources import build_hf, preset_config
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

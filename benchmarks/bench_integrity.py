@@ -23,7 +23,7 @@ import torch
 from harness import RepeatPolicy, Stat, interleave, timed, timed_value
 
 import moeify
-from moeify.sources import check_finite, load_source, weights_fingerprint
+from moeify.io.sources import check_finite, load_source, weights_fingerprint
 
 
 def main(argv=None) -> dict:

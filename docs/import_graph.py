@@ -9,6 +9,9 @@ shows up rather than vanishing.
 
     python docs/import_graph.py            # parts
     python docs/import_graph.py --modules  # modules
+    python docs/import_graph.py --check    # exit 1 on an import cycle between modules or parts
+
+Imports under ``if TYPE_CHECKING:`` never run and are left out.
 """
 
 from __future__ import annotations
@@ -25,29 +28,19 @@ PARTS = {
     "moeify.errors": "foundation",
     "moeify.config": "foundation",
     "moeify.switch": "layer",
-    "moeify.conversion": "compiler",
-    "moeify.trace": "compiler",
-    "moeify.program": "compiler",
-    "moeify.pipeline": "compiler",
-    "moeify.report": "compiler",
+    "moeify.compiler": "compiler",
     "moeify.passes": "compiler",
+    "moeify.io": "I/O",
     "moeify.api": "api",
-    "moeify.__init__": "public surface",
-    "moeify.sources": "sources",
-    "moeify.pretrained": "checkpoint I/O",
-    "moeify.checkpoint": "checkpoint I/O",
-    "moeify.io": "checkpoint I/O",
-    "moeify.stream": "checkpoint I/O",
-    "moeify.fs": "checkpoint I/O",
-    "moeify.verify": "verify",
-    "moeify.hf_switch": "HF formats",
-    "moeify.hf_moe": "HF formats",
     "moeify.hf": "HF formats",
     "moeify.onnx": "ONNX",
     "moeify.distributed": "distributed",
-    "moeify.distill": "distill",
+    "moeify.write": "writer",
+    "moeify.verify": "verify",
+    "moeify.distillation": "distill",
     "moeify.cli": "CLI",
     "moeify.__main__": "CLI",
+    "moeify.__init__": "public surface",
 }
 
 
@@ -77,12 +70,19 @@ def imports(modules: dict[str, Path]) -> dict[str, dict[str, bool]]:
     for module, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
         at_top = {id(node) for node in tree.body}
-        for node in tree.body:  # a guarded import (if TYPE_CHECKING / try) is top level too
+        typing_only: set[int] = set()  # ``if TYPE_CHECKING:`` imports never run
+        for node in tree.body:  # a guarded import (if / try) is top level too
             if isinstance(node, (ast.If, ast.Try)):
-                at_top |= {id(child) for child in ast.walk(node)}
+                inside = {id(child) for child in ast.walk(node)}
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    typing_only |= inside
+                else:
+                    at_top |= inside
         edges: dict[str, bool] = {}
         is_package = path.name == "__init__.py"
         for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -128,6 +128,39 @@ def collapse(graph: dict[str, dict[str, bool]]) -> dict[str, dict[str, bool]]:
     return parts
 
 
+def cycles(graph: dict[str, dict[str, bool]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan): each is a set of
+    modules (or parts) that import each other, directly or through others."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, {}):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                other = stack.pop()
+                component.append(other)
+                if other == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
 def table(graph: dict[str, dict[str, bool]], what: str) -> str:
     rows = [f"| {what} | imports at module level | imports only inside functions |",
             "| --- | --- | --- |"]
@@ -140,6 +173,11 @@ def table(graph: dict[str, dict[str, bool]], what: str) -> str:
 
 def main(argv: list[str]) -> int:
     graph = imports(module_files())
+    if argv == ["--check"]:
+        found = cycles(graph) + cycles(collapse(graph))
+        for component in found:
+            print("import cycle: " + " -> ".join(component), file=sys.stderr)
+        return 1 if found else 0
     if argv == ["--modules"]:
         print(table(graph, "module"))
     elif not argv:

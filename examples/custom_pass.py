@@ -13,8 +13,8 @@ import transformers
 
 import moeify
 from moeify.passes import ProgramPass, ReplaceModules
-from moeify.pipeline import default_pipeline
-from moeify.program import Program
+from moeify.compiler.pipeline import default_pipeline
+from moeify.compiler.program import Program
 from moeify.switch import SwitchFFN
 
 

@@ -19,22 +19,22 @@ _EXPORTS = {
     "RouterKind": "moeify.config",
     "DenseFFNWeights": "moeify.switch",
     "SwitchFFN": "moeify.switch",
-    "ConversionReport": "moeify.report",
+    "ConversionReport": "moeify.compiler.report",
     "ConversionResult": "moeify.api",
     "LayerStats": "moeify.api",
     "MoEError": "moeify.errors",
     "convert": "moeify.api",
     "export_onnx": "moeify.onnx.export",
-    "distill": "moeify.distill",
-    "distillation_loss": "moeify.distill",
-    "load": "moeify.checkpoint",
-    "save": "moeify.checkpoint",
-    "conversion_of": "moeify.conversion",
-    "ConversionPlan": "moeify.conversion",
-    "FFNSite": "moeify.conversion",
+    "distill": "moeify.distillation",
+    "distillation_loss": "moeify.distillation",
+    "load": "moeify.io.checkpoint",
+    "save": "moeify.io.checkpoint",
+    "plan_of": "moeify.compiler.plan",
+    "ConversionPlan": "moeify.compiler.plan",
+    "FFNSite": "moeify.compiler.plan",
     "plan": "moeify.api",
     "apply": "moeify.api",
-    "default_pipeline": "moeify.pipeline",
+    "default_pipeline": "moeify.compiler.pipeline",
     "inspect": "moeify.api",
     "aux_loss": "moeify.api",
     "add_aux_loss_to_output": "moeify.api",
@@ -42,8 +42,8 @@ _EXPORTS = {
     "set_seq_len": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
-    "write": "moeify.io.write",
-    "Written": "moeify.io.write",
+    "write": "moeify.write",
+    "Written": "moeify.write",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -63,16 +63,16 @@ if TYPE_CHECKING:
         set_seq_len,
         switch_layers,
     )
-    from moeify.checkpoint import load, save
-    from moeify.distill import distill, distillation_loss
-    from moeify.errors import MoEError
-    from moeify.io.write import Written, write
-    from moeify.onnx.export import export_onnx
-    from moeify.pipeline import default_pipeline
-    from moeify.conversion import ConversionPlan, FFNSite, conversion_of
-    from moeify.report import ConversionReport
+    from moeify.compiler.pipeline import default_pipeline
+    from moeify.compiler.plan import ConversionPlan, FFNSite, plan_of
+    from moeify.compiler.report import ConversionReport
     from moeify.config import Activation, Gate, Init, MoEConfig, RouterKind
+    from moeify.distillation import distill, distillation_loss
+    from moeify.errors import MoEError
+    from moeify.io.checkpoint import load, save
+    from moeify.onnx.export import export_onnx
     from moeify.switch import DenseFFNWeights, SwitchFFN
+    from moeify.write import Written, write
 
 
 def __getattr__(name: str) -> Any:

@@ -9,14 +9,15 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from moeify.compiler.pipeline import Pipeline, analysis_pipeline, apply_program
+from moeify.compiler.plan import ConversionPlan, plan_of, record_plan
+from moeify.compiler.program import Program, Progress
+from moeify.compiler.report import ConversionReport
 from moeify.config import MoEConfig
 from moeify.errors import MoEError
+from moeify.io.checkpoint import install_save_pretrained
 from moeify.passes import FindFFN, SelectSites
-from moeify.pipeline import Pipeline, analysis_pipeline, transform_pipeline
-from moeify.conversion import ConversionPlan, conversion_of, record_conversion
-from moeify.program import Program, Progress
-from moeify.report import ConversionReport
-from moeify.switch import SwitchFFN
+from moeify.switch import switch_layers
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ class LayerStats:
     load_balancing_loss: float = float("nan")  # unweighted, as recorded by the forward
     z_loss: float = float("nan")
     router: str = "token-choice"
-
-
-def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
-    """Every Switch layer in ``model`` with its qualified name, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SwitchFFN)]
 
 
 def _records(model: nn.Module):
@@ -121,9 +117,9 @@ def set_expert_dropout(model: nn.Module, rate: float) -> None:
         raise MoEError("the model has no Switch layers: convert it with moeify.convert first")
     for _, layer in layers:
         layer.config = layer.config.replace(expert_dropout=rate)
-    plan = conversion_of(model)
+    plan = plan_of(model)
     if plan is not None:
-        record_conversion(model, dataclasses.replace(
+        record_plan(model, dataclasses.replace(
             plan, config=plan.config.replace(expert_dropout=rate)))
 
 
@@ -136,7 +132,7 @@ def set_seq_len(model: nn.Module, seq_len: int | None) -> None:
     capacity fixed for them (what tracing, ``torch.compile(fullgraph=True)`` and ONNX
     export need; inputs of another length are refused). Layers whose config has a
     ``group_size`` keep it (their group length is always declared). The model's recorded
-    conversion plan (`moeify.conversion_of`) is updated, so `save` stores the new length
+    conversion plan (`moeify.plan_of`) is updated, so `save` stores the new length
     and `load` restores it.
     """
     _check_seq_len(seq_len)
@@ -146,9 +142,9 @@ def set_seq_len(model: nn.Module, seq_len: int | None) -> None:
     for _, layer in layers:
         if layer.config.group_size is None:
             layer.set_tokens_per_group(seq_len)
-    plan = conversion_of(model)
+    plan = plan_of(model)
     if plan is not None:
-        record_conversion(model, dataclasses.replace(plan, seq_len=seq_len))
+        record_plan(model, dataclasses.replace(plan, seq_len=seq_len))
 
 
 def routing_stats(model: nn.Module) -> list[LayerStats]:
@@ -274,35 +270,9 @@ def apply(
     return _finish(program, add_aux_loss_to_output)
 
 
-def apply_program(
-    model: nn.Module, plan: ConversionPlan, *, lazy: bool = False,
-    progress: Progress | None = None,
-) -> Program:
-    """`apply`, returning the `Program` it ran. ``lazy`` builds the Switch layers on the
-    meta device and keeps each site's dense weights in ``program.dense`` (what the
-    streaming checkpoint writer materializes layers from)."""
-    _check_model(model)
-    if not isinstance(plan, ConversionPlan):
-        raise MoEError(f"apply takes a moeify.ConversionPlan, got {type(plan).__name__}")
-    if conversion_of(model) is not None or switch_layers(model):
-        raise MoEError("the model is already converted (it has Switch layers); apply the "
-                       "plan to the dense source model")
-    if not plan.selected:
-        raise MoEError("the plan selects no FFN site: nothing to apply (see its rejections "
-                       "with moeify inspect)")
-    plan.check_model(model)
-    program = Program.from_plan(model, plan, progress=progress)
-    transform_pipeline(lazy=lazy)(program)
-    record_conversion(model, program.plan)
-    return program
-
-
 def _finish(program: Program, add_aux_loss: bool) -> ConversionResult:
-    # imported here: moeify.pretrained writes through moeify.checkpoint, which applies plans
-    from moeify.pretrained import install_save_pretrained
-
     plan = program.plan
-    record_conversion(program.model, plan)
+    record_plan(program.model, plan)
     install_save_pretrained(program.model)
     if add_aux_loss:
         _install_aux_hook(program.model)
@@ -321,7 +291,7 @@ def convert(
 ) -> ConversionResult:
     """Turn ``model``'s FFNs into Switch layers, in place: `plan` then `apply`.
 
-    Arguments as for `plan` and `apply`. ``pipeline``: a `moeify.pipeline.Pipeline` to
+    Arguments as for `plan` and `apply`. ``pipeline``: a `moeify.compiler.pipeline.Pipeline` to
     run instead of the standard analysis and transformation (e.g. with a pass of your
     own inserted, ``examples/custom_pass.py``).
     """

@@ -202,7 +202,7 @@ def inspect(
     import json
 
     import moeify
-    from moeify.sources import load_source
+    from moeify.io.sources import load_source
 
     dense, source = load_source(model, random_init=True if _is_preset(model) else False,
                                 dtype=_dtype(dtype), device="meta")
@@ -224,7 +224,7 @@ def inspect(
 def _is_preset(ref: str) -> bool:
     from pathlib import Path
 
-    from moeify.sources import PRESETS
+    from moeify.io.sources import PRESETS
 
     return ref in PRESETS and not Path(ref).exists()
 
@@ -249,9 +249,9 @@ def convert(
     import torch
 
     import moeify
-    from moeify import hf_moe
-    from moeify.io.write import Writer, check_format
-    from moeify.sources import check_finite, load_source
+    from moeify.hf import decoder_moe
+    from moeify.io.sources import check_finite, load_source
+    from moeify.write import Writer, check_format
 
     check_format(format, hf_arch, seq_len=seq_len)  # before loading anything
     console = _console()
@@ -259,8 +259,8 @@ def convert(
         skeleton, _ = load_source(model, random_init=random_init or _is_preset(model),
                                   dtype=_dtype(dtype), device="meta")
         if format == "hf":  # the target fills its defaults and refuses what conflicts
-            hf_arch = hf_arch or hf_moe.default_arch(skeleton)
-            config = hf_moe.target_config(hf_arch, skeleton, config, explicit)
+            hf_arch = hf_arch or decoder_moe.default_arch(skeleton)
+            config = decoder_moe.target_config(hf_arch, skeleton, config, explicit)
         plan = moeify.plan(skeleton, config, seq_len=seq_len)
         writer = Writer(skeleton, out, plan=plan, format=format, hf_arch=hf_arch, force=force,
                         inputs=[model])
@@ -301,7 +301,8 @@ def verify(
 
     from rich.table import Table
 
-    from moeify.verify import checks_to_dict, verify as run_checks
+    from moeify.verify import checks_to_dict
+    from moeify.verify import verify as run_checks
 
     console = _console()
     with console.status(f"verifying {path}"):
@@ -358,8 +359,8 @@ def export(
     from pathlib import Path
 
     import moeify
+    from moeify.io.sources import CHECKPOINT_FILE, load_source
     from moeify.onnx.export import check_export_args
-    from moeify.sources import CHECKPOINT_FILE, load_source
 
     check_export_args(seq_len, batch_size, opset)  # before loading anything
     from moeify.onnx.postprocess import check_postprocess_args
@@ -378,7 +379,7 @@ def export(
             raise MoEError("--shard-experts and --batch-size apply to single-graph exports, "
                            "not to --task (its batch axis is dynamic)")
     from moeify.errors import Param
-    from moeify.fs import hold_output
+    from moeify.io.files import hold_output
 
     # never over the checkpoint it reads; the only writer until this command ends
     hold_output(onnx_path, inputs=[model], force=force, what=Param("onnx_path", "--onnx"),
@@ -441,11 +442,10 @@ def distill(
     is copied.
     """
     import json
-    from pathlib import Path
 
     import moeify
     from moeify.errors import MoEError
-    from moeify.fs import atomic_directory
+    from moeify.io.files import atomic_directory
 
     if rule not in ("mean", "usage"):
         raise MoEError(f"--rule {rule!r} is not one of mean, usage")
@@ -454,7 +454,7 @@ def distill(
                        "--data FILE (token ids, one sequence per line)")
     if rule == "mean" and data is not None:
         raise MoEError("--data is read only by --rule usage (the mean needs no data)")
-    from moeify.fs import hold_output
+    from moeify.io.files import hold_output
 
     hold_output(out, inputs=[path], force=force)  # never over the checkpoint it reads
     ids = _token_ids(data) if data is not None else None
@@ -525,7 +525,7 @@ def _run_teacher(teacher, ids, data: str) -> None:
     vocab = getattr(teacher.config, "vocab_size", None)
     if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
         raise MoEError(f"--data {data} holds token ids outside the vocabulary [0, {vocab})")
-    plan = moeify.conversion_of(teacher)
+    plan = moeify.plan_of(teacher)
     declared = plan.seq_len if plan is not None and plan.config.group_size is None else None
     if declared is not None and ids.shape[1] != declared:
         raise MoEError(f"--data {data} has sequences of {ids.shape[1]} tokens, but the "
@@ -593,7 +593,7 @@ def main() -> None:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    from moeify.fs import command_scope
+    from moeify.io.files import command_scope
 
     try:
         with command_scope():  # output locks held by the command end with it

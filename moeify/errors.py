@@ -1,7 +1,7 @@
 """The project's exceptions, worded in the caller's own terms.
 
 Every problem moeify reports about a user's model, config, options or files is a
-`MoEError`; `moeify.config.ConfigError`, `moeify.pipeline.PassError` and
+`MoEError`; `moeify.config.ConfigError`, `moeify.compiler.pipeline.PassError` and
 `moeify.distributed.ExpertParallelError` are its kinds.
 
 A message that names one of the caller's parameters holds a placeholder filled with a

@@ -9,7 +9,7 @@
 | dense identity (bfloat16 / float16) | (half-precision checkpoints, source available) the same, each model computed in the checkpoint's own dtype |
 | onnx parity | (an ``.onnx`` file in the checkpoint, ``DIR.onnx`` beside it, or ``onnx=``) ONNX Runtime's outputs equal the PyTorch model's on the graph's declared sequence length |
 
-The source is what the checkpoint records (`moeify.sources.Source`): a local directory
+The source is what the checkpoint records (`moeify.io.sources.Source`): a local directory
 by its absolute path, a hub id, a preset or a factory built with fresh weights (rebuilt
 here with the conversion's seed), a factory. Its weights are used only if their
 fingerprint equals the one recorded at conversion; otherwise (source missing, changed
@@ -32,15 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.api import switch_layers
-from moeify.checkpoint import CheckpointMeta, load, read_meta, save
+from moeify.compiler.plan import plan_of
+from moeify.compiler.trace import default_example_inputs
 from moeify.config import Init, RouterKind
-from moeify.conversion import conversion_of
 from moeify.errors import MoEError
+from moeify.io.checkpoint import CheckpointMeta, load, read_meta, save
 from moeify.io.shards import read_index, stored_digest, stored_entries
-from moeify.sources import load_source
+from moeify.io.sources import load_source
+from moeify.switch import switch_layers
 from moeify.switch.experts import granular_slices
-from moeify.trace import default_example_inputs
 
 # Tolerances follow the dtype of the arithmetic compared and the scale of the output:
 #     tolerance = ULPS * eps(dtype) * max(1, max |reference output|)
@@ -259,7 +259,7 @@ def source_model(meta: CheckpointMeta, model: nn.Module) -> tuple[nn.Module | No
 
 
 def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
-    conversion = conversion_of(model)
+    conversion = plan_of(model)
     config = conversion.config
     if not config.starts_dense:
         return Check("upcycled weights", "skip", f"init={config.init.value}, noise={config.noise}")
@@ -384,7 +384,7 @@ def _compare(name: str, converted: torch.Tensor, reference: torch.Tensor, dtype:
 def _not_the_dense_function(model: nn.Module) -> str | None:
     """Why ``model``'s experts do not start as its dense FFN (no identity to check), or
     None when they do."""
-    config = conversion_of(model).config
+    config = plan_of(model).config
     if config.starts_dense:
         return None
     how = {Init.COPY: f"noise={config.noise:g} perturbs every copied expert",

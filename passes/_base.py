@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from moeify.compiler.program import Program
 from moeify.errors import MoEError
-from moeify.program import Program
 
 
 class ProgramPass(PassBase):
-    """A pass over a `moeify.program.Program`.
+    """A pass over a `moeify.compiler.program.Program`.
 
     Subclasses implement `run(program) -> bool` (whether the model changed) and may
     override `requires` / `ensures`, which raise `MoEError` naming the pass (`fail`).

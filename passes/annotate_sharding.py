@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from moeify.compiler.plan import plan_sharding
+from moeify.compiler.program import Program
 from moeify.passes._base import ProgramPass
-from moeify.conversion import plan_sharding
-from moeify.program import Program
 
 
 class AnnotateSharding(ProgramPass):

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from moeify.compiler.program import Program
 from moeify.passes._base import ProgramPass
-from moeify.program import Program
 from moeify.switch import SwitchFFN
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from moeify.conversion import layer_config
+from moeify.compiler.plan import layer_config
+from moeify.compiler.program import Program
 from moeify.passes._base import ProgramPass
-from moeify.program import Program
 from moeify.switch import SwitchFFN
 
 
@@ -24,7 +24,7 @@ class BuildSwitchLayers(ProgramPass):
 
     ``lazy=True`` builds the layers on the meta device and keeps each site's dense
     weights in ``program.dense``: the streaming checkpoint writer materializes one layer
-    at a time from them (`moeify.stream`). A model whose weights are on the meta device
+    at a time from them (`moeify.io.streaming`). A model whose weights are on the meta device
     (loading a checkpoint) gets meta layers either way.
     """
 

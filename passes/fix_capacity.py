@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from moeify.compiler.program import Program
 from moeify.passes._base import ProgramPass
-from moeify.program import Program
 
 
 class FixCapacity(ProgramPass):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from moeify.compiler.plan import FFNSite
+from moeify.compiler.program import Program
 from moeify.passes._base import ProgramPass
-from moeify.conversion import FFNSite
-from moeify.program import Program
 
 
 def select_sites(sites: list[FFNSite], every: int, layers: tuple[int, ...] | None) -> list[FFNSite]:

@@ -254,7 +254,7 @@ def test_hf_format_loads_in_transformers_with_the_same_logits(t5_dir, tmp_path, 
     (lambda: models.gpt2(), "not a T5ForConditionalGeneration"),
 ])
 def test_hf_format_refuses_what_switch_transformers_cannot_express(make, fragment, tmp_path):
-    from moeify.hf_switch import save_hf_switch
+    from moeify.hf.switch_transformers import save_hf_switch
 
     model = make()
     moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)

@@ -13,7 +13,7 @@ import torch.fx
 
 import moeify
 from moeify import ConversionPlan, MoEConfig, SwitchFFN
-from moeify.conversion import PLAN_FORMAT_VERSION
+from moeify.compiler.plan import PLAN_FORMAT_VERSION
 from tests import models
 from tests.families import FAMILIES, NEEDS_INPUTS, build, run
 
@@ -33,7 +33,7 @@ def test_plan_changes_nothing_and_round_trips_through_json(name):
     model, inputs = build(name)
     before = copy.deepcopy(model.state_dict())
     plan = make_plan(name, model, inputs, MoEConfig(num_experts=E), seq_len=SEQ)
-    assert not moeify.switch_layers(model) and moeify.conversion_of(model) is None
+    assert not moeify.switch_layers(model) and moeify.plan_of(model) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(plan.sites) == FAMILIES[name][2] and plan.selected
     text = json.dumps(plan.to_dict())
@@ -65,7 +65,7 @@ def test_convert_is_plan_then_apply_bitwise(name):
     result = moeify.convert(a, config, seq_len=SEQ, **kwargs)
     plan = ConversionPlan.from_json(make_plan(name, b, inputs, config, seq_len=SEQ).to_json())
     applied = moeify.apply(b, plan)
-    assert applied.plan == result.plan == moeify.conversion_of(b)
+    assert applied.plan == result.plan == moeify.plan_of(b)
     assert applied.report == result.report
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -79,7 +79,7 @@ def test_from_dense_builds_what_convert_builds_for_the_same_site(options):
     model = models.llama()
     dense = copy.deepcopy(model)
     moeify.convert(model, config, seq_len=SEQ)
-    for site in moeify.conversion_of(model).selected_sites:
+    for site in moeify.plan_of(model).selected_sites:
         layer = SwitchFFN.from_dense(site.dense_weights(dense), config, path=site.path,
                                      activation=site.activation, seq_len=SEQ)
         converted = model.get_submodule(site.path)
@@ -136,13 +136,13 @@ def test_load_applies_the_stored_plan_without_tracing(name, tmp_path, monkeypatc
     expected = run(model, inputs)
     moeify.save(model, tmp_path / "ck")
     stored = json.loads((tmp_path / "ck" / "moeify.json").read_text())
-    assert stored["format_version"] == 2 and stored["plan"] == moeify.conversion_of(model).to_dict()
+    assert stored["format_version"] == 2 and stored["plan"] == moeify.plan_of(model).to_dict()
     _forbid_tracing(monkeypatch)
     with pytest.raises((AssertionError, moeify.MoEError), match="loading traced"):
         moeify.plan(FAMILIES[name][0](), MoEConfig())  # the guard works
     loaded = moeify.load(tmp_path / "ck")
     torch.testing.assert_close(run(loaded, inputs), expected, rtol=0, atol=0)
-    assert moeify.conversion_of(loaded) == moeify.conversion_of(model)
+    assert moeify.plan_of(loaded) == moeify.plan_of(model)
 
 
 @pytest.mark.parametrize("entry", ["plan", "convert", "inspect"])

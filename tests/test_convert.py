@@ -89,7 +89,7 @@ def test_softmax_gate_layer_computes_p_times_dense_ffn(name):
 def _analysis(model, inputs=None):
     from moeify.api import _normalize_inputs
     from moeify.passes import FindFFN
-    from moeify.program import Program
+    from moeify.compiler.program import Program
 
     program = Program(model, MoEConfig(), example_inputs=_normalize_inputs(inputs))
     FindFFN()(program)
@@ -270,7 +270,7 @@ def test_expert_dropout_defaults_to_the_dropout_inside_each_source_ffn(name):
         expected if s.selected else None for s in report.sites
     ]
     # every dropout module outside the converted FFNs is still there, at its rate
-    replaced = {p for s in moeify.conversion_of(model).selected_sites for p in s.replace}
+    replaced = {p for s in moeify.plan_of(model).selected_sites for p in s.replace}
     kept = {n: p for n, p in before.items()
             if not any(n == r or n.startswith(r + ".") for r in replaced)}
     assert dropout_modules(model).items() >= kept.items()
@@ -293,7 +293,7 @@ def test_an_explicit_expert_dropout_overrides_every_site(name):
     assert "expert dropout 0.4" in str(report)
     moeify.set_expert_dropout(model, 0.1)  # and the API still overrides afterwards
     assert {layer.experts.dropout for _, layer in moeify.switch_layers(model)} == {0.1}
-    assert moeify.conversion_of(model).config.expert_dropout == 0.1
+    assert moeify.plan_of(model).config.expert_dropout == 0.1
 
 
 def test_switch_ffn_without_a_source_ffn_has_no_expert_dropout():

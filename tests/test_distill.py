@@ -38,7 +38,7 @@ def test_non_expert_weights_are_the_teachers_and_ffns_the_expert_mean():
     student = moeify.distill(teacher)
     layers = dict(moeify.switch_layers(teacher))
     ffn = set()
-    for site in moeify.conversion_of(teacher).selected_sites:
+    for site in moeify.plan_of(teacher).selected_sites:
         experts = layers[site.path].experts
         ffn.update(f"{p.path}.{kind}" for p in (site.up, site.down) for kind in ("weight", "bias"))
         # GPT-2's Conv1D keeps x @ W weights: the mean of the experts as they are
@@ -54,7 +54,7 @@ def test_non_expert_weights_are_the_teachers_and_ffns_the_expert_mean():
 
 
 def _usage_site(teacher):
-    site = moeify.conversion_of(teacher).selected_sites[0]
+    site = moeify.plan_of(teacher).selected_sites[0]
     return site, dict(moeify.switch_layers(teacher))[site.path]
 
 

@@ -9,13 +9,13 @@ import moeify
 from moeify import MoEConfig
 from moeify.config import ConfigError
 from moeify.errors import MoEError, Param
-from moeify.hf_moe import target_config
+from moeify.hf.decoder_moe import target_config
 from tests import models
 
 
 def test_every_error_kind_is_a_moe_error():
     from moeify.distributed import ExpertParallelError
-    from moeify.pipeline import PassError
+    from moeify.compiler.pipeline import PassError
 
     for kind in (ConfigError, PassError, ExpertParallelError):
         assert issubclass(kind, MoEError), kind

@@ -1,5 +1,5 @@
 """Faults while writing outputs: killed writers, concurrent writers, bad destinations,
-full and read-only file systems, permissions, shard limits (issue 14, `moeify.fs`).
+full and read-only file systems, permissions, shard limits (issue 14, `moeify.io.files`).
 
 Mounting a tmpfs needs root (or CAP_SYS_ADMIN); where it is not allowed, those tests
 skip with the reason.
@@ -133,19 +133,19 @@ def test_two_writers_of_one_out_only_one_succeeds(gpt2_dir, tmp_path, moeify_cli
         "another --out"), err
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert moeify.conversion_of(moeify.load(out)).config.num_experts == 4  # the holder's
+    assert moeify.plan_of(moeify.load(out)).config.num_experts == 4  # the holder's
     assert leftovers(tmp_path, "moe") == []
 
 
 def test_the_lock_is_reentrant_in_a_process_and_exclusive_across_processes(tmp_path):
-    from moeify.fs import output_lock
+    from moeify.io.files import output_lock
 
     out = tmp_path / "o"
     with output_lock(out), output_lock(out):
         holder = (tmp_path / ".o.lock").read_text().strip()
         assert holder == str(os.getpid())
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from moeify.fs import output_lock\n"
+            [sys.executable, "-c", "import sys; from moeify.io.files import output_lock\n"
              "try:\n with output_lock(sys.argv[1]): pass\n"
              "except Exception as e: print(e)", str(out)],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -157,7 +157,7 @@ def test_a_lock_being_taken_is_reported_with_its_holders_pid(tmp_path):
     import fcntl
     import threading
 
-    from moeify.fs import output_lock
+    from moeify.io.files import output_lock
 
     fd = os.open(tmp_path / ".o.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # taken, its holder's pid not written yet
@@ -171,7 +171,7 @@ def test_a_lock_being_taken_is_reported_with_its_holders_pid(tmp_path):
 
 
 def test_temporaries_of_live_processes_are_left_alone(tmp_path, capsys):
-    from moeify.fs import remove_stale
+    from moeify.io.files import remove_stale
 
     live = tmp_path / f".o.tmp-{os.getppid()}-abc"
     dead = tmp_path / f".o.tmp-{_dead_pid()}-xyz"
@@ -349,7 +349,7 @@ def test_disk_full_while_converting_keeps_the_previous_output(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fill(disk, 64 * 1024)
     # the free-space guard would refuse first: turn it off to meet the full disk itself
-    monkeypatch.setattr("moeify.fs.check_free_space", lambda *a, **k: None)
+    monkeypatch.setattr("moeify.io.files.check_free_space", lambda *a, **k: None)
     result = moeify_main("convert", gpt2_dir, "--experts", "16", "--out", out, "--force")
     line = one_line_error(result, f"no space left on {disk}", "choose another --out")
     assert "was not changed" in line
@@ -361,7 +361,7 @@ def test_disk_full_while_distilling_and_exporting_is_one_line(
         checkpoint, moeify_main, one_line_error, mount, monkeypatch):
     disk = mount("size=1m")
     fill(disk, 8 * 1024)
-    monkeypatch.setattr("moeify.fs.check_free_space", lambda *a, **k: None)
+    monkeypatch.setattr("moeify.io.files.check_free_space", lambda *a, **k: None)
     result = moeify_main("distill", checkpoint, "--out", disk / "student")
     one_line_error(result, f"no space left on {disk}")
     with pytest.raises(moeify.MoEError, match=f"no space left on {disk}"):
@@ -390,7 +390,7 @@ def test_python_and_cli_conversions_are_refused_for_memory_alike(gpt2_dir, tmp_p
                                                                   one_line_error, monkeypatch):
     """The memory a conversion needs is planned by the library, so a Python caller of
     `moeify.write` is refused as the command line is: one error, spelled per caller."""
-    monkeypatch.setattr("moeify.io.write.available_memory", lambda: 2**29)  # 0.5 GiB
+    monkeypatch.setattr("moeify.write.available_memory", lambda: 2**29)  # 0.5 GiB
     result = moeify_main("convert", gpt2_dir, "--experts", "4", "--out", tmp_path / "cli")
     line = one_line_error(result, "converting GPT2LMHeadModel needs about 1.0 GiB of memory "
                           "(float32, --format torch), but 0.5 GiB are available; try --dtype "
@@ -402,7 +402,7 @@ def test_python_and_cli_conversions_are_refused_for_memory_alike(gpt2_dir, tmp_p
     assert line == f"error: {refused.value.render(cli=True)}"
     assert "(float32, format='torch')" in str(refused.value)  # Python's spelling
     assert "dtype='bfloat16'" in str(refused.value) and "moeify.inspect" in str(refused.value)
-    assert moeify.conversion_of(dense) is None  # refused before any work
+    assert moeify.plan_of(dense) is None  # refused before any work
     assert sorted(tmp_path.iterdir()) == []
 
 
@@ -428,7 +428,7 @@ def test_outputs_get_the_users_umask(mask, tmp_path):
 
 
 def test_no_shard_exceeds_the_limit_and_split_tensors_read_back(tmp_path):
-    from moeify.checkpoint import load_skeleton
+    from moeify.io.checkpoint import load_skeleton
 
     torch.manual_seed(0)
     model = models.t5()

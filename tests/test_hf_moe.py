@@ -14,7 +14,7 @@ import transformers
 
 import moeify
 from moeify import MoEConfig
-from moeify.hf_moe import (
+from moeify.hf.decoder_moe import (
     default_arch,
     pooled_load_balancing_loss,
     save_hf_moe,
@@ -80,7 +80,7 @@ def exported(request, tmp_path_factory):
     export = save_hf_moe(moe, out, arch=arch)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     return dict(moe=moe, hf=hf.eval(), info=info, arch=arch, out=out, export=export,
-                config=moeify.conversion_of(moe).config)
+                config=moeify.plan_of(moe).config)
 
 
 def test_loads_with_no_missing_or_unexpected_keys(exported):

@@ -13,7 +13,7 @@ import torch
 
 import moeify
 from moeify.io.shards import tensor_digest
-from moeify.sources import load_source, weights_fingerprint
+from moeify.io.sources import load_source, weights_fingerprint
 from tests import models
 
 EXPERT = "encoder.block.1.layer.1.DenseReluDense.experts.w_in"

@@ -5,8 +5,8 @@ import pytest
 import moeify
 from moeify import MoEConfig
 from moeify.passes import ProgramPass
-from moeify.pipeline import PassError, Pipeline, default_pipeline
-from moeify.program import Program
+from moeify.compiler.pipeline import PassError, Pipeline, default_pipeline
+from moeify.compiler.program import Program
 from tests import models
 
 

@@ -209,7 +209,7 @@ def test_verify_of_a_factory_that_builds_other_weights_says_so(tmp_path, monkeyp
 
     model = models.NanoGPT()
     moeify.convert(model, MoEConfig(num_experts=4), seq_len=8)
-    from moeify.sources import Source
+    from moeify.io.sources import Source
 
     moeify.save(model, tmp_path / "ck", source=Source("factory", "tests.models:NanoGPT",
                                                       weights="sha256:" + "0" * 64))

@@ -24,7 +24,7 @@ every reader here reassembles them.
 | read | `read_index`, `ShardReader` (one tensor at a time, row slices, or all), `stored_entries` (each tensor's entries) |
 | hash | `tensor_digest` (a tensor in memory), `stored_digest` (its entries read raw from the files); the writer computes the same digest as it writes |
 
-Writers write into a directory that `moeify.fs.atomic_directory` renames into place when
+Writers write into a directory that `moeify.io.files.atomic_directory` renames into place when
 complete, so an interrupted write leaves no partial output.
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from moeify.errors import MoEError
-from moeify.sources import non_finite
+from moeify.io.sources import non_finite
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30
@@ -333,7 +333,7 @@ class _TensorBytes:
             piece = self.pending[:count]
             try:
                 handle.write(piece)
-            except OSError as error:  # name the shard in the message (`moeify.fs`)
+            except OSError as error:  # name the shard in the message (`moeify.io.files`)
                 error.filename = error.filename or handle.name
                 raise
             self.hasher.update(piece)

@@ -46,18 +46,18 @@ import torch
 from torch import nn
 
 from moeify import __version__
-from moeify.api import switch_layers
-from moeify.checkpoint import load_skeleton
+from moeify.compiler.plan import plan_of
 from moeify.errors import MoEError, Param
-from moeify.fs import atomic_file, check_output
+from moeify.io.checkpoint import load_skeleton
+from moeify.io.files import atomic_file, check_output
+from moeify.onnx.external_data import external_data_name, graph_bytes
 from moeify.onnx.moe_op import MOE_OP, check_moe_op, describe, ort_experts, translation_table
+from moeify.onnx.postprocess import check_postprocess_args, postprocess, summary
 from moeify.onnx.sharding import annotate_expert_sharding, check_sharding
-from moeify.conversion import conversion_of
+from moeify.switch import switch_layers
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
-# protobuf cannot serialize a message past 2 GiB: heavier graphs keep weights outside
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
 # the parameters messages name (`moeify.errors`); the destination is ``path`` in Python and
 # ``--onnx`` on the command line
 PATH, SEQ_LEN = Param("path", "--onnx"), Param("seq_len")
@@ -171,19 +171,6 @@ def _stream_weights(program, weights, stored: dict[str, torch.dtype]) -> None:
 
         value.const_value = ir.LazyTensor(read, dtype=current.dtype, shape=current.shape,
                                           name=name)
-
-
-def _graph_bytes(program) -> int:
-    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
-               if v.const_value is not None)
-
-
-def external_data_name(program, path: Path, external_data: bool | None) -> str | None:
-    """The external data file for the graph ``program`` saved at ``path``
-    (``<name>.data``), or None: when ``external_data`` says so, by default when the graph
-    is over the 2 GB protobuf can hold."""
-    large = _graph_bytes(program) > EXTERNAL_DATA_BYTES if external_data is None else external_data
-    return f"{path.name}.data" if large else None
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -414,7 +401,6 @@ def export_onnx(
     """
     import onnx
 
-    from moeify.onnx.postprocess import check_postprocess_args, postprocess, summary
 
     check_export_args(seq_len, batch_size, opset)
     check_postprocess_args(quantize, quantize_all)
@@ -431,10 +417,10 @@ def export_onnx(
         if moe_op == "static":
             model, weights = load_skeleton(model)
         else:  # the operator's weight layout is computed from the loaded experts
-            from moeify.checkpoint import load
+            from moeify.io.checkpoint import load
 
             model = load(model)
-    conversion = conversion_of(model)
+    conversion = plan_of(model)
     named_layers = switch_layers(model)
     layers = [layer for _, layer in named_layers]
     declared = {layer.tokens_per_group for layer in layers} - {None}
@@ -489,8 +475,8 @@ def export_onnx(
         metadata.update(routing_metadata(c, c.group_size or seq_len))
         metadata["moe_op"] = describe(named_layers, static)
     # staged beside `path` under the destination's lock, space checked; moved into place
-    # (external data first, the graph last) when the block succeeds (`moeify.fs`)
-    with atomic_file(path, force=force, need=_graph_bytes(program), what=PATH) as tmp:
+    # (external data first, the graph last) when the block succeeds (`moeify.io.files`)
+    with atomic_file(path, force=force, need=graph_bytes(program), what=PATH) as tmp:
         staged = Path(tmp) / path.name
         _save_ir(program.model, staged, data)
         metadata["source_dtype"] = _source_dtype(model, stored)  # stored: read while saved

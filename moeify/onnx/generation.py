@@ -43,19 +43,11 @@ import torch
 from torch import nn
 
 from moeify import __version__
-from moeify.api import switch_layers
+from moeify.compiler.plan import plan_of
 from moeify.config import config_param
-from moeify.conversion import conversion_of
 from moeify.errors import MoEError, Param
-from moeify.fs import atomic_directory, check_output
-from moeify.onnx.generator import FORMAT, MANIFEST
-from moeify.onnx.moe_op import (
-    describe,
-    ort_experts,
-    refuse_static,
-    translation_table,
-    unsupported,
-)
+from moeify.io.checkpoint import load
+from moeify.io.files import atomic_directory, check_output
 from moeify.onnx.export import (
     DEFAULT_OPSET,
     _check_written,
@@ -66,12 +58,22 @@ from moeify.onnx.export import (
     check_moe_op_args,
     declarations_restored,
     exporter_name,
-    external_data_name,
     is_causal_lm,
     max_positions,
     routing_metadata,
     set_metadata,
 )
+from moeify.onnx.external_data import external_data_name
+from moeify.onnx.generator import FORMAT, MANIFEST
+from moeify.onnx.moe_op import (
+    describe,
+    ort_experts,
+    refuse_static,
+    translation_table,
+    unsupported,
+)
+from moeify.onnx.postprocess import check_postprocess_args, postprocess, summary
+from moeify.switch import switch_layers
 
 TASKS = ("text-generation", "text2text-generation")
 # the destination directory messages name: ``out`` in Python, ``--onnx`` on the command line
@@ -200,7 +202,7 @@ def _export_graph(wrapper: nn.Module, example: tuple, inputs: list[str], outputs
     kind = describe(layers, static)
     _save_ir(program.model, path, external_data_name(program, path, external_data))
     proto = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
-    conversion = conversion_of(wrapper.model)
+    conversion = plan_of(wrapper.model)
     metadata = {"moeify_version": __version__, "inputs": ",".join(inputs),
                 "moeify_converted": "true" if conversion is not None else "false",
                 "exporter": exporter_name(opset)}
@@ -253,8 +255,6 @@ def export_generation(
     graph's weights in ``<file>.data`` beside it (ONNX external data); by default only
     for a graph over 2 GB, which protobuf cannot hold in one file.
     """
-    from moeify.checkpoint import load
-    from moeify.onnx.postprocess import check_postprocess_args
 
     check_export_args(seq_len, None, opset)
     check_postprocess_args(quantize, quantize_all)
@@ -278,7 +278,7 @@ def export_generation(
         raise MoEError("{seq_len!r} leaves no room to generate within the model's {limit} "
                        "positions: export with {param} < {limit}",
                        seq_len=param.given(seq_len), param=param, limit=limit)
-    conversion = conversion_of(model)
+    conversion = plan_of(model)
     if conversion is not None and conversion.config.group_size is not None:
         raise MoEError(
             "the model routes fixed groups of {size} tokens ({group_size}), but a decode "
@@ -312,7 +312,6 @@ def export_generation(
 
 def _postprocess(tmp: Path, graphs: dict[str, Any], **options: Any) -> dict[str, str]:
     """Quantize / optimize every staged graph; the summary line of each, by graph."""
-    from moeify.onnx.postprocess import postprocess, summary
 
     done = {}
     for name, graph in graphs.items():
@@ -436,7 +435,7 @@ def _manifest(model, task: str, seq_len: int, graphs: dict[str, Any], opset: int
         value = getattr(config, name, None) if value is None else value
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    conversion = conversion_of(model)
+    conversion = plan_of(model)
     c = conversion.config if conversion is not None else None
     manifest: dict[str, Any] = {
         "format": FORMAT,

@@ -54,7 +54,7 @@ not fused (the graph's NaN guard would then give 0 where Attention gives NaN).
 
 The output keeps the input's ``metadata_props`` and adds ``optimized`` (the fusions
 applied). Written like `moeify.export_onnx` writes: staged beside ``dst`` and moved into
-place when complete (`moeify.fs.atomic_file`), checked with ``onnx.checker`` first; an
+place when complete (`moeify.io.files.atomic_file`), checked with ``onnx.checker`` first; an
 existing ``dst`` is replaced only with ``force``. A graph whose weights are external data
 is optimized in memory and written with its weights in ``<dst>.data``; one over 2 GB of
 weights is refused (ORT's fusions run ONNX shape inference, which serializes the whole
@@ -77,8 +77,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moeify.errors import MoEError, Param
-from moeify.fs import atomic_file, check_output, refuse_existing
-from moeify.onnx.export import EXTERNAL_DATA_BYTES
+from moeify.io.files import atomic_file, check_output, refuse_existing
+from moeify.onnx.external_data import EXTERNAL_DATA_BYTES, has_external_data
 from moeify.onnx.sharding import check_sharding
 
 # model type -> the exported graph it is for (its ``inputs`` metadata)
@@ -176,12 +176,6 @@ def _check_in_onnx_runtime(path: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def has_external_data(model_path: str | os.PathLike) -> bool:
-    """Whether the graph file keeps weights in external data (read without them)."""
-    header = onnx.load(str(model_path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
 
 
 def ensure_ms_opset(model: onnx.ModelProto) -> None:

@@ -54,14 +54,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moeify.errors import MoEError, Param
-from moeify.onnx.export import EXTERNAL_DATA_BYTES
+from moeify.onnx.external_data import EXTERNAL_DATA_BYTES, has_external_data
 from moeify.onnx.optimize import (
     MS_DOMAIN,
     check_destination,
     check_expert_subgraph,
     ensure_ms_opset,
     find_expert_subgraph,
-    has_external_data,
     load_graph,
     metadata,
     prune,

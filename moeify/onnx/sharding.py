@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import onnx
 
+from moeify.compiler.plan import ShardingPlan
 from moeify.errors import MoEError, Param
-from moeify.conversion import ShardingPlan
 
 CONFIGURATION = "moeify-expert-parallel"
 

@@ -4,15 +4,15 @@ over pure functions for routing, capacity, dispatch/combine and losses."""
 from moeify.switch.dispatch import Sizes
 from moeify.switch.dispatchers import (
     BATCHED_COST,
-    DispatchPath,
     Dispatcher,
+    DispatchPath,
     ExpertChoiceDispatcher,
     LocalDispatcher,
     expert_block,
 )
 from moeify.switch.expert_choice import ExpertChoiceRouting, route_expert_choice
 from moeify.switch.experts import DenseFFNWeights, Experts
-from moeify.switch.layer import SwitchFFN
+from moeify.switch.layer import SwitchFFN, switch_layers
 from moeify.switch.losses import load_balancing_loss, router_z_loss
 from moeify.switch.router import ExpertChoiceRouter, Router, RoutingRecord, TokenChoiceRouter
 from moeify.switch.routing import Routing, expert_capacity, route
@@ -42,5 +42,6 @@ __all__ = [
     "route_expert_choice",
     "router_z_loss",
     "seeded_generator",
+    "switch_layers",
     "upcycled_tensors",
 ]

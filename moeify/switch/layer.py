@@ -30,8 +30,8 @@ from moeify.config import Activation, MoEConfig, RouterKind
 from moeify.errors import MoEError
 from moeify.switch.dispatch import Sizes
 from moeify.switch.dispatchers import (
-    DispatchPath,
     Dispatcher,
+    DispatchPath,
     ExpertChoiceDispatcher,
     LocalDispatcher,
 )
@@ -352,3 +352,8 @@ def is_tracing(x: Tensor) -> bool:
 def is_exporting(x: Tensor) -> bool:
     """Whether this forward produces a graph that cannot hold module state writes."""
     return captured(x) or torch.compiler.is_exporting()
+
+
+def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
+    """Every Switch layer in ``model`` with its qualified name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SwitchFFN)]

@@ -77,4 +77,4 @@ def test_experts_that_do_not_divide_over_the_devices_are_refused(exported):
     proto = onnx.load(str(exported[1]))
     del proto.configuration[:]
     with pytest.raises(moeify.MoEError, match="4 experts, which do not divide over 3 devices"):
-        annotate_expert_sharding(proto, 3, moeify.conversion_of(exported[0]).sharding)
+        annotate_expert_sharding(proto, 3, moeify.plan_of(exported[0]).sharding)

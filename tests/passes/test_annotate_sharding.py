@@ -4,14 +4,14 @@ import pytest
 
 import moeify
 from moeify import MoEConfig
-from moeify.conversion import ShardingPlan
+from moeify.compiler.plan import ShardingPlan
 from tests import models
 
 
 def test_plan_shards_expert_weights_and_replicates_the_rest():
     model = models.llama()
     moeify.convert(model, MoEConfig(num_experts=4))
-    plan = moeify.conversion_of(model).sharding
+    plan = moeify.plan_of(model).sharding
     names = [name for name, _ in model.named_parameters()]
     assert [p.name for p in plan.params] == names  # every parameter, once
     sharded = {p.name for p in plan.sharded()}

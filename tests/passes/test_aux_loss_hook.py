@@ -8,7 +8,7 @@ import torch
 import moeify
 from moeify import MoEConfig
 from moeify.passes import RegisterAuxLossHook
-from moeify.program import Program
+from moeify.compiler.program import Program
 from tests import models
 
 

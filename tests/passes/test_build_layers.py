@@ -6,8 +6,8 @@ import torch
 import moeify
 from moeify import MoEConfig, SwitchFFN
 from moeify.passes import BuildSwitchLayers
-from moeify.pipeline import Pipeline, analysis_pipeline
-from moeify.program import Program
+from moeify.compiler.pipeline import Pipeline, analysis_pipeline
+from moeify.compiler.program import Program
 from tests import models
 
 

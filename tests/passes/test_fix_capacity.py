@@ -6,7 +6,7 @@ import torch
 import moeify
 from moeify import MoEConfig
 from moeify.passes import FixCapacity
-from moeify.program import Program
+from moeify.compiler.program import Program
 from tests import models
 
 

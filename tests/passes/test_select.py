@@ -4,9 +4,9 @@ import torch
 import moeify
 from moeify import MoEConfig
 from moeify.passes import select_sites
-from moeify.conversion import FFNSite
+from moeify.compiler.plan import FFNSite
 from moeify.config import Activation
-from moeify.trace import Projection, ProjectionKind
+from moeify.compiler.trace import Projection, ProjectionKind
 from tests import models
 
 P = Projection("p", ProjectionKind.LINEAR, 4, 8, False)

@@ -60,7 +60,7 @@ def test_sorted_and_padded_paths_agree_with_gradients_for_top1_and_top2():
 def test_expert_block_is_the_one_experts_per_rank_rule():
     import pytest
 
-    from moeify.conversion import ShardingPlan
+    from moeify.compiler.plan import ShardingPlan
     from moeify.errors import MoEError
     from moeify.switch import expert_block
 

@@ -258,18 +258,18 @@ def test_distill_merges_expert_choice_experts_back_to_the_dense_model():
 
 
 def test_hf_formats_refuse_expert_choice(tmp_path):
-    from moeify import hf_moe
-    from moeify.hf_switch import save_hf_switch
+    from moeify.hf import decoder_moe
+    from moeify.hf.switch_transformers import save_hf_switch
 
     model = models.t5(layers=2).eval()
     with pytest.raises(moeify.MoEError, match="format='hf' is not possible.*token choice"):
-        hf_moe.target_config(hf_moe.SWITCH_TRANSFORMERS, model, CONVERT)
+        decoder_moe.target_config(decoder_moe.SWITCH_TRANSFORMERS, model, CONVERT)
     moeify.convert(model, CONVERT, seq_len=SEQ)
     with pytest.raises(moeify.MoEError, match="expert choice.*token choice"):
         save_hf_switch(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     with pytest.raises(moeify.MoEError, match="token choice"):
-        hf_moe.target_config(hf_moe.MIXTRAL, models.llama(layers=2), CONVERT)
+        decoder_moe.target_config(decoder_moe.MIXTRAL, models.llama(layers=2), CONVERT)
 
 
 def test_expert_parallelism_refuses_expert_choice_layers():

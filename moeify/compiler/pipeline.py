@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase
 
+from moeify.compiler.plan import ConversionPlan, plan_of, record_plan
+from moeify.compiler.program import Program, Progress
 from moeify.errors import MoEError
 from moeify.passes import (
     AnnotateSharding,
@@ -24,7 +27,7 @@ from moeify.passes import (
     ReplaceModules,
     SelectSites,
 )
-from moeify.program import Program
+from moeify.switch import switch_layers
 
 
 class PassError(MoEError):
@@ -78,3 +81,28 @@ def transform_pipeline(*, lazy: bool = False) -> Pipeline:
 def default_pipeline() -> Pipeline:
     """The whole standard conversion: analysis then transformation."""
     return analysis_pipeline() + transform_pipeline()
+
+
+def apply_program(
+    model: nn.Module, plan: ConversionPlan, *, lazy: bool = False,
+    progress: Progress | None = None,
+) -> Program:
+    """Carry out ``plan`` on ``model`` in place (`moeify.apply` without the finishing
+    touches), returning the `Program` it ran. ``lazy`` builds the Switch layers on the
+    meta device and keeps each site's dense weights in ``program.dense`` (what the
+    streaming checkpoint writer materializes layers from)."""
+    if not isinstance(model, nn.Module):
+        raise MoEError(f"moeify converts a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, ConversionPlan):
+        raise MoEError(f"apply takes a moeify.ConversionPlan, got {type(plan).__name__}")
+    if plan_of(model) is not None or switch_layers(model):
+        raise MoEError("the model is already converted (it has Switch layers); apply the "
+                       "plan to the dense source model")
+    if not plan.selected:
+        raise MoEError("the plan selects no FFN site: nothing to apply (see its rejections "
+                       "with moeify inspect)")
+    plan.check_model(model)
+    program = Program.from_plan(model, plan, progress=progress)
+    transform_pipeline(lazy=lazy)(program)
+    record_plan(model, program.plan)
+    return program

@@ -24,7 +24,6 @@ is recorded by its resolved absolute path.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import hashlib
 import importlib

@@ -13,7 +13,7 @@ Two strategies, tried in this order (docs/compiler.md, section 1, has why):
    modules joined by untraceable code (BERT's ``intermediate`` -> ``output.dense``).
 
 Both produce `Graph` records: an fx graph, the module that owns it, and for every
-node the module paths it ran inside. The FFN analysis (`moeify.passes.find_ffn`)
+node the module paths it ran inside. The FFN analysis (`moeify.passes.match_ffn`)
 reads nothing else.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from moeify.conversion import Projection, ProjectionKind
+from moeify.compiler.plan import Projection, ProjectionKind
 from moeify.switch import SwitchFFN
 
 # --- projections: the linear-like modules an FFN is built from ---------------------------

@@ -4,15 +4,15 @@
 
 | format  | what is written                                            | how                     |
 | ------- | ---------------------------------------------------------- | ----------------------- |
-| torch   | a moeify checkpoint directory (`moeify.checkpoint`)        | streamed                |
+| torch   | a moeify checkpoint directory (`moeify.io.checkpoint`)        | streamed                |
 | hf      | Hugging Face classes, by ``hf_arch``: switch_transformers  | in memory               |
-|         | (T5 v1.0, `moeify.hf_switch`); mixtral or qwen2_moe        | streamed                |
-|         | (Llama / Mistral / Qwen2, `moeify.hf_moe`)                 |                         |
+|         | (T5 v1.0, `moeify.hf.switch_transformers`); mixtral or qwen2_moe        | streamed                |
+|         | (Llama / Mistral / Qwen2, `moeify.hf.decoder_moe`)                 |                         |
 | onnx    | one ``.onnx`` graph (+ external data) with the capacity    | in memory, then traced  |
 |         | fixed at the plan's ``seq_len`` (`moeify.onnx.export`)     |                         |
 
 Streamed: the plan is applied with the Switch layers on the meta device and each
-layer's tensors are made when the writer reaches them (`moeify.stream`): the dense
+layer's tensors are made when the writer reaches them (`moeify.io.streaming`): the dense
 model plus one Switch layer in memory. In memory: the whole converted model is built
 first.
 
@@ -21,7 +21,7 @@ skeleton on the meta device is enough): the format's requirements (an ``hf_arch`
 fits, the HF layout of the plan, a declared ``seq_len`` where the output fixes one),
 the memory the conversion needs (`check_memory`, for Python callers and the command
 line alike), and the destination, checked once and held until the write ends
-(`moeify.fs.claim_output`: path, inputs it must not overlap, existing output without
+(`moeify.io.files.claim_output`: path, inputs it must not overlap, existing output without
 ``force``, the one-writer lock, free space for `ConversionPlan.nbytes`).
 
 `Writer` splits this in two for a caller that loads the weights after deciding, as the
@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from moeify.api import apply, apply_program
-from moeify.checkpoint import save
-from moeify.conversion import ConversionPlan, conversion_of
+from moeify.compiler.plan import ConversionPlan, plan_of
+from moeify.compiler.program import Progress
+from moeify.compiler.report import ConversionReport
 from moeify.errors import MoEError, Param
-from moeify.fs import GiB, claim_output
-from moeify.hf_moe import (
+from moeify.hf.decoder_moe import (
     ARCH,
     FORMAT,
     SWITCH_TRANSFORMERS,
@@ -57,12 +57,12 @@ from moeify.hf_moe import (
     no_target,
     save_hf_moe,
 )
-from moeify.hf_switch import MODEL_CLASS, save_hf_switch
+from moeify.hf.switch_transformers import MODEL_CLASS, save_hf_switch
+from moeify.io.checkpoint import save
+from moeify.io.files import GiB, claim_output
 from moeify.io.shards import DEFAULT_SHARD_BYTES
-from moeify.program import Progress
-from moeify.report import ConversionReport
-from moeify.sources import Source
-from moeify.stream import LayerTensors
+from moeify.io.sources import Source
+from moeify.io.streaming import LayerTensors
 
 FORMATS = ("torch", "hf", "onnx")
 # the parameters messages name, spelled for the caller (`moeify.errors`)
@@ -198,7 +198,7 @@ class Writer:
                  inputs: Iterable[str | os.PathLike] = (),
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.converting = plan is not None
-        self.plan = plan if plan is not None else conversion_of(model)
+        self.plan = plan if plan is not None else plan_of(model)
         if self.plan is None:
             raise MoEError("the model is not converted: pass the plan to convert it by "
                            "(moeify.plan)")

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeify.compiler.plan import plan_of
 from moeify.errors import MoEError, Param
-from moeify.api import switch_layers
-from moeify.conversion import conversion_of
+from moeify.switch import switch_layers
 
 Rule = Literal["mean", "usage"]
 RULES: tuple[Rule, ...] = ("mean", "usage")
@@ -90,7 +90,7 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
     if rule not in RULES:
         raise MoEError("{rule!r} is not one of {rules}", rule=RULE.given(rule),
                        rules=", ".join(RULES))
-    conversion = conversion_of(moe_model)
+    conversion = plan_of(moe_model)
     if conversion is None:
         raise MoEError("distill takes a converted model (moeify.convert or moeify.load)")
     layers = dict(switch_layers(moe_model))

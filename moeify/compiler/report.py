@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moeify.config import Init, MoEConfig, RouterKind
-from moeify.conversion import (
+from moeify.compiler.plan import (
     ConversionPlan,
     Rejection,
     expert_params,
     layer_config,
     weight_bytes,
 )
+from moeify.config import Init, MoEConfig, RouterKind
 
 
 @dataclass(frozen=True)

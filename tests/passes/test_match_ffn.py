@@ -13,8 +13,8 @@ import moeify
 from moeify import MoEConfig
 from moeify.api import _normalize_inputs
 from moeify.passes import FindFFN
-from moeify.passes.find_ffn import assign_stacks
-from moeify.program import Program
+from moeify.passes.match_ffn import assign_stacks
+from moeify.compiler.program import Program
 from tests import models
 
 
@@ -159,7 +159,7 @@ def test_inspect_on_the_meta_device_touches_no_weights():
     assert report.params_moe == report.params_dense + 4 * (7 * ffn + 8 * 16)
     assert report.active_params_per_token == report.params_dense + 4 * 8 * 16
     assert (site.capacity_train, site.capacity_eval) == (10, 16)
-    assert moeify.conversion_of(model) is None
+    assert moeify.plan_of(model) is None
 
 
 def test_meta_bert_inspect_follows_the_export_dataflow():

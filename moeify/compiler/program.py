@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from moeify.compiler.plan import ConversionPlan, FFNAnalysis, FFNSite, ShardingPlan
+from moeify.compiler.trace import Graph, TraceResult
 from moeify.config import MoEConfig
-from moeify.conversion import ConversionPlan, FFNAnalysis, FFNSite, ShardingPlan
 from moeify.switch import DenseFFNWeights, SwitchFFN
-from moeify.trace import Graph, TraceResult
 
 Progress = Callable[[str, int, int], None]
 

@@ -100,7 +100,7 @@ class FFNSite:
     found_by: how the dataflow was obtained, e.g. "fx.symbolic_trace of h.0.mlp".
     causal: the FFN runs in a causal stack, whose attention hides later tokens (GPT-2,
         Llama, T5's decoder): expert choice cannot route it (`layer_config`). Found from
-        the markers transformers' modules carry, see `moeify.passes.find.is_causal_site`.
+        the markers transformers' modules carry, see `moeify.passes.find_ffn.is_causal_site`.
     """
 
     path: str
@@ -530,12 +530,12 @@ class ConversionPlan:
 CONVERSION_ATTR = "_moeify_conversion"
 
 
-def conversion_of(model: nn.Module) -> ConversionPlan | None:
+def plan_of(model: nn.Module) -> ConversionPlan | None:
     """The plan a converted model was built from (None for a dense model)."""
     return model.__dict__.get(CONVERSION_ATTR)
 
 
-def record_conversion(model: nn.Module, plan: ConversionPlan) -> None:
+def record_plan(model: nn.Module, plan: ConversionPlan) -> None:
     """Keep ``plan`` on ``model`` (saving, exporting and distributing read it)."""
     model.__dict__[CONVERSION_ATTR] = plan
 

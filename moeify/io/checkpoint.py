@@ -14,7 +14,7 @@ The shard files and the index are `moeify.io.shards`' format (planned, streamed 
 hashed there, one shard at a time: no shard is assembled in memory). The directory is
 assembled under a temporary name beside the target and renamed into place: an
 interrupted write leaves no partial output, and the previous output stays intact until
-the rename (`moeify.fs`: the destination is locked for the whole write, free space is
+the rename (`moeify.io.files`: the destination is locked for the whole write, free space is
 checked first, and temporaries of killed writers are removed by the next write).
 
 Loading applies the stored plan to the source architecture built on the meta device,
@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +40,15 @@ import torch
 from torch import nn
 
 from moeify import __version__
-from moeify.api import apply
+from moeify.compiler.pipeline import apply_program
+from moeify.compiler.plan import ConversionPlan, plan_of
 from moeify.config import MoEConfig
-from moeify.conversion import ConversionPlan, conversion_of
 from moeify.errors import MoEError
-from moeify.fs import atomic_directory
+from moeify.io.files import atomic_directory
 from moeify.io.shards import (
     DEFAULT_SHARD_BYTES,
     DIGEST_PREFIX,
+    INDEX_FILE,
     ShardReader,
     nbytes,
     plan_shards,
@@ -52,7 +56,7 @@ from moeify.io.shards import (
     read_json,
     write_shards,
 )
-from moeify.sources import CHECKPOINT_FILE, Source, build_hf
+from moeify.io.sources import CHECKPOINT_FILE, Source, _from_factory, build_hf
 
 FORMAT_VERSION = 2
 
@@ -124,9 +128,9 @@ def save(
     """Write a converted model as a moeify checkpoint directory (see the module docs).
 
     ``fetch(name)``: the chunks of a parameter still on the meta device (the streaming
-    converter's Switch layers, `moeify.stream`).
+    converter's Switch layers, `moeify.io.streaming`).
     """
-    plan = conversion_of(model)
+    plan = plan_of(model)
     if plan is None:
         raise MoEError("the model is not converted: run moeify.convert before moeify.save")
     source = source or hf_source_of(model)
@@ -261,7 +265,6 @@ def _dense_skeleton(source: Source, file: Path | None = None) -> nn.Module:
 
 
 def _factory_skeleton(source: Source, where: str) -> nn.Module:
-    from moeify.sources import _from_factory
 
     module_name, _, attr = source.ref.partition(":")
     try:
@@ -318,7 +321,8 @@ def load_skeleton(
             )
         model = _dense_skeleton(meta.source, meta.file)
     _params_to_meta(model)
-    apply(model, meta.plan)
+    apply_program(model, meta.plan)
+    install_save_pretrained(model)
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return model.eval(), ShardReader(path, index, meta.aliases,
                                      digests=meta.digests if check_digests else None,
@@ -347,3 +351,71 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+# --- save_pretrained on converted transformers models -----------------------------------
+#
+# ``save_pretrained`` on a converted transformers model writes a moeify checkpoint.
+#
+# A converted model keeps its transformers class (`moeify.apply`), so its inherited
+# ``save_pretrained`` would write a ``config.json`` and weights that the dense class loads
+# with ``from_pretrained``: silently, with freshly initialized FFNs in place of the Switch
+# layers (transformers only logs the missing and unexpected keys). `moeify.apply` therefore
+# gives every converted transformers model a ``save_pretrained`` of its own (an instance
+# attribute; the class is untouched), which writes the moeify checkpoint into the
+# directory instead: ``moeify.load(directory)`` reads it back exactly, and
+# ``AutoModel*.from_pretrained`` refuses it (there is no ``config.json``). The dense class's
+# own ``from_pretrained`` falls back to its default config: it fails on any shape that
+# differs, and otherwise reports the Switch layers' keys as unexpected and the FFNs' as
+# missing (transformers' load report). ``Trainer`` checkpoints go
+# through the same method, and its resume and best-model reloading read the shards through
+# the standard ``model.safetensors.index.json``.
+
+# what a previous save left in the directory and this one replaces
+_OWN_FILES = ("model-*.safetensors", INDEX_FILE, CHECKPOINT_FILE)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Give a converted transformers model the moeify ``save_pretrained``."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Write ``model`` as a moeify checkpoint into ``save_directory`` (created if needed).
+
+    Other files in the directory (a ``Trainer``'s optimizer and scheduler states) are
+    kept; a previous moeify checkpoint there is replaced file by file, ``moeify.json``
+    last. ``state_dict``, when given, must hold the model's own tensors (what
+    ``Trainer`` passes); the other transformers options (sharding, hub upload,
+    serialization format) do not apply to a moeify checkpoint and are ignored.
+    """
+    if not is_main_process:
+        return
+    if state_dict is not None:
+        own = model.state_dict()
+        foreign = sorted(set(state_dict) - set(own))
+        if foreign:
+            raise MoEError(f"save_pretrained got a state_dict with tensors the converted model "
+                           f"does not have ({foreign[0]}, ...): save the model itself")
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise MoEError(f"{directory} is a file: save_pretrained writes a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".moeify-save-", dir=directory))
+    try:
+        save(model, staging / "checkpoint")
+        for pattern in _OWN_FILES:
+            for old in directory.glob(pattern):
+                old.unlink()
+        written = sorted(p for p in (staging / "checkpoint").iterdir() if p.name != CHECKPOINT_FILE)
+        for path in written + [staging / "checkpoint" / CHECKPOINT_FILE]:
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The tensors of Switch layers, one layer in memory at a time: what the streamed writers write.
 
 t5-base with 64 experts is ~15 GB of float32 weights: more than fits beside the dense
-model on a 24 GB machine if built at once. A streamed write (`moeify.io.write`, formats
+model on a 24 GB machine if built at once. A streamed write (`moeify.write`, formats
 ``torch`` and ``hf`` mixtral / qwen2_moe) applies the plan with the Switch layers left on
 the meta device (each site's dense weights kept in the `Program`), then writes tensor by
 tensor: non-expert weights straight from the model, each Switch layer's tensors from
@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from moeify.compiler.program import Program
 from moeify.errors import MoEError
-from moeify.program import Program
 from moeify.switch import TensorSource, upcycled_tensors
 
 
@@ -58,7 +58,7 @@ class LayerTensors:
 
     def fetch(self, name: str) -> Iterable[torch.Tensor]:
         """The chunks of the meta parameter ``name`` (a full model name), in its dtype:
-        the ``fetch`` of `moeify.checkpoint.save`."""
+        the ``fetch`` of `moeify.io.checkpoint.save`."""
         path = next((p for p in self.paths if name.startswith(p + ".")), None)
         if path is None:
             raise MoEError(f"{name} is on the meta device but belongs to no converted site")

@@ -1,9 +1,9 @@
 """Write a converted decoder as a Hugging Face Mixtral or Qwen2-MoE checkpoint.
 
 ``--format hf --hf-arch mixtral|qwen2_moe`` (``moeify.write(..., format="hf")`` in
-Python, `moeify.io.write`, which runs `save_hf_moe`) writes a directory that
+Python, `moeify.write`, which runs `save_hf_moe`) writes a directory that
 ``AutoModelForCausalLM.from_pretrained`` loads with no missing or unexpected keys, and
-that computes what moeify's module computes in eval mode (`moeify.hf_switch` keeps T5's
+that computes what moeify's module computes in eval mode (`moeify.hf.switch_transformers` keeps T5's
 ``switch_transformers`` target).
 
 The targets (transformers 5.x classes, checked against the installed source):
@@ -38,9 +38,9 @@ Key mapping (``P = model.layers.{i}.mlp``; moeify stores experts as ``x @ W``)::
                                                   self_attn.{q,k,v}_proj.bias zeros if absent
     everything else keeps its name (lm_head.weight left out when embeddings are tied)
 
-The writer streams: converting a dense model (`moeify.io.write`), the plan is applied
+The writer streams: converting a dense model (`moeify.write`), the plan is applied
 with the Switch layers on the meta device and each layer's tensors come from
-`moeify.switch.upcycled_tensors` when the writer reaches them (`moeify.stream`; peak
+`moeify.switch.upcycled_tensors` when the writer reaches them (`moeify.io.streaming`; peak
 memory: the dense model plus one layer), in the dtype asked for, into numbered
 safetensors shards with the standard ``model.safetensors.index.json``, beside
 ``config.json`` and ``generation_config.json``, assembled atomically.
@@ -87,12 +87,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moeify import conversion
+from moeify.compiler.plan import expert_width as site_expert_width
+from moeify.compiler.plan import plan_of
 from moeify.config import Activation, Gate, MoEConfig, RouterKind, config_param
 from moeify.errors import MoEError, Param
-from moeify.fs import atomic_directory
+from moeify.io.files import atomic_directory
 from moeify.io.shards import DEFAULT_SHARD_BYTES, plan_shards, write_shards
-from moeify.stream import LayerTensors
+from moeify.io.streaming import LayerTensors
+from moeify.switch import switch_layers
 
 SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE = "switch_transformers", "mixtral", "qwen2_moe"
 HF_ARCHES = (SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE)
@@ -116,7 +118,7 @@ _ACTS = {
     Activation.RELU: ("relu",),
 }
 _CAPACITY_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
-# the parameters messages name: ``hf_arch='mixtral'`` in Python (`moeify.io.write`), ``--hf-arch
+# the parameters messages name: ``hf_arch='mixtral'`` in Python (`moeify.write`), ``--hf-arch
 # mixtral`` on the command line (`moeify.errors`)
 ARCH, FORMAT = Param("hf_arch"), Param("format")
 
@@ -346,7 +348,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
     if any(s.activation != activation for s in sites) or source.hidden_act not in _ACTS[activation]:
         raise _fail("the experts' activation ({activation}) is not the source's hidden_act "
                     "{hidden_act!r}", activation=activation.value, hidden_act=source.hidden_act)
-    expert_width = conversion.expert_width(sites[0], c)
+    expert_width = site_expert_width(sites[0], c)
     if arch == MIXTRAL and c.top_k != 2:
         raise _top1_mixtral()
 
@@ -454,7 +456,6 @@ def _expert_chunks(sources: list[Any], dtype: torch.dtype) -> Iterator[Tensor]:
 def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
                program=None) -> dict[str, _Tensor]:
     """Every tensor of the target checkpoint, in order, from a converted ``model``."""
-    from moeify.api import switch_layers
 
     switch = dict(switch_layers(model))
     values = LayerTensors(model, program)
@@ -560,16 +561,15 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
     arch: ``mixtral`` or ``qwen2_moe`` (default: mixtral where it fits, else qwen2_moe).
     dtype: of every written tensor (default: the model's embedding dtype).
     program: the `Program` of a lazy apply (Switch layers on the meta device): their
-        tensors are made one layer at a time while writing (`moeify.stream`).
+        tensors are made one layer at a time while writing (`moeify.io.streaming`).
     """
-    from moeify.conversion import conversion_of
 
-    plan = conversion_of(model)
+    plan = plan_of(model)
     if plan is None:
         raise MoEError("the model is not converted: run moeify.convert first")
     arch = arch or default_arch(model)
     if arch == SWITCH_TRANSFORMERS:
-        raise MoEError("use moeify.hf_switch.save_hf_switch (or moeify.write) for "
+        raise MoEError("use moeify.hf.switch_transformers.save_hf_switch (or moeify.write) for "
                        "switch_transformers")
     dtype = dtype or _model_dtype(model)
     layout = hf_layout(model, plan, arch, dtype=dtype)

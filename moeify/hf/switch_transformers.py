@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeify.compiler.plan import plan_of
 from moeify.config import Gate, Init, RouterKind, config_param
 from moeify.errors import MoEError, Param
-from moeify.fs import atomic_directory
-from moeify.conversion import conversion_of
-from moeify.hf_moe import FORMAT, _fail as _refused
+from moeify.hf.decoder_moe import FORMAT
+from moeify.hf.decoder_moe import _fail as _refused
+from moeify.io.files import atomic_directory
 
 MODEL_CLASS = "SwitchTransformersForConditionalGeneration"  # the class a checkpoint loads as
 
@@ -49,7 +50,7 @@ def switch_config(model: nn.Module):
     """The ``SwitchTransformersConfig`` equivalent to a converted T5 v1.0 model."""
     import transformers
 
-    conversion = conversion_of(model)
+    conversion = plan_of(model)
     if conversion is None:
         raise MoEError("the model is not converted: run moeify.convert first")
     if not isinstance(model, transformers.T5ForConditionalGeneration):
