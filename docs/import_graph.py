@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # module-name prefix -> part; the longest matching prefix wins. Edit with the layout.
 PARTS = {
+    "moeify._lazy": "foundation",
     "moeify.errors": "foundation",
     "moeify.config": "foundation",
     "moeify.switch": "layer",
@@ -35,7 +36,7 @@ PARTS = {
     "moeify.hf": "HF formats",
     "moeify.onnx": "ONNX",
     "moeify.distributed": "distributed",
-    "moeify.write": "writer",
+    "moeify.writer": "writer",
     "moeify.verify": "verify",
     "moeify.distillation": "distill",
     "moeify.cli": "CLI",

@@ -6,8 +6,9 @@ does not pay for importing torch until something needs it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeify._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -42,8 +43,8 @@ _EXPORTS = {
     "set_seq_len": "moeify.api",
     "routing_stats": "moeify.api",
     "switch_layers": "moeify.api",
-    "write": "moeify.write",
-    "Written": "moeify.write",
+    "write": "moeify.writer",
+    "Written": "moeify.writer",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -72,16 +73,7 @@ if TYPE_CHECKING:
     from moeify.io.checkpoint import load, save
     from moeify.onnx.export import export_onnx
     from moeify.switch import DenseFFNWeights, SwitchFFN
-    from moeify.write import Written, write
+    from moeify.writer import Written, write
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'moeify' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -251,7 +251,7 @@ def convert(
     import moeify
     from moeify.hf import decoder_moe
     from moeify.io.sources import check_finite, load_source
-    from moeify.write import Writer, check_format
+    from moeify.writer import Writer, check_format
 
     check_format(format, hf_arch, seq_len=seq_len)  # before loading anything
     console = _console()

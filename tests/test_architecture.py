@@ -48,3 +48,14 @@ def test_the_architecture_page_shows_the_current_graph(import_graph, graph):
     page = (ROOT / "docs" / "architecture.md").read_text()
     assert import_graph.table(import_graph.collapse(graph), "part") in page, (
         "docs/architecture.md is out of date: paste the output of python docs/import_graph.py")
+
+
+def test_no_public_name_is_also_a_submodule():
+    """``moeify.write`` the function and a module ``moeify/write.py`` cannot share a name:
+    once the module is imported, the attribute is the module."""
+    import moeify
+
+    root = ROOT / "moeify"
+    submodules = {p.stem for p in root.glob("*.py")} | {
+        p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    assert sorted(set(moeify.__all__) & submodules) == []

@@ -390,7 +390,7 @@ def test_python_and_cli_conversions_are_refused_for_memory_alike(gpt2_dir, tmp_p
                                                                   one_line_error, monkeypatch):
     """The memory a conversion needs is planned by the library, so a Python caller of
     `moeify.write` is refused as the command line is: one error, spelled per caller."""
-    monkeypatch.setattr("moeify.write.available_memory", lambda: 2**29)  # 0.5 GiB
+    monkeypatch.setattr("moeify.writer.available_memory", lambda: 2**29)  # 0.5 GiB
     result = moeify_main("convert", gpt2_dir, "--experts", "4", "--out", tmp_path / "cli")
     line = one_line_error(result, "converting GPT2LMHeadModel needs about 1.0 GiB of memory "
                           "(float32, --format torch), but 0.5 GiB are available; try --dtype "

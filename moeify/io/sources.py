@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.errors import MoEError
+from moeify.errors import MoEError, Param
 
 CHECKPOINT_FILE = "moeify.json"
+# fresh weights for a preset: ``random_init=True`` in Python, ``--random-init`` on the CLI
+RANDOM_INIT = Param("random_init").given(True)
 
 # Architecture facts of well-known checkpoints (from their published config.json), so
 # `--random-init` and `inspect` work offline. Values not listed take transformers'
@@ -212,9 +214,9 @@ def _load_source(ref: str, *, random_init: bool, dtype, device) -> tuple[nn.Modu
     if random_init:
         if ref not in PRESETS:
             raise MoEError(
-                f"no built-in architecture for {ref!r} to build with --random-init; presets: "
-                + ", ".join(sorted(PRESETS))
-                + "; or pass a local model directory"
+                "no built-in architecture for {ref!r} to build with {random_init}; presets: "
+                "{presets}; or pass a local model directory",
+                ref=ref, random_init=RANDOM_INIT, presets=", ".join(sorted(PRESETS)),
             )
         return _from_preset(ref, dtype=dtype, device=device)
     return _from_hub(ref, dtype=dtype, device=device)
@@ -306,14 +308,13 @@ def _from_hub(ref: str, *, dtype, device) -> tuple[nn.Module, Source]:
     try:
         config = transformers.AutoConfig.from_pretrained(ref, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached: say how to get it
-        hint = (
-            f"; or build the architecture with fresh weights: --random-init"
-            if ref in PRESETS else ""
-        )
+        hint = "; or build the architecture with fresh weights: {random_init}"
         raise MoEError(
-            f"model {ref!r} is not a local directory and is not in the Hugging Face cache "
-            f"(this machine has no network): download it elsewhere with "
-            f"`huggingface-cli download {ref}` and pass its directory{hint}"
+            "model {ref!r} is not a local directory and is not in the Hugging Face cache "
+            "(this machine has no network): download it elsewhere with "
+            "`huggingface-cli download {ref}` and pass its directory"
+            + (hint if ref in PRESETS else ""),
+            ref=ref, random_init=RANDOM_INIT,
         ) from None
     model_class = _model_class_for(config)
     source = Source("hub", ref, model_class, config.to_dict())

@@ -6,8 +6,9 @@ onnxruntime only, so a deployment that generates from exported graphs needs no t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeify._lazy import lazy_exports
 
 _EXPORTS = {
     "OnnxRunner": "moeify.onnx.export",
@@ -28,13 +29,4 @@ if TYPE_CHECKING:
     from moeify.onnx.quantize import quantize_graph
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'moeify.onnx' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

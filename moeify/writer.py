@@ -2,14 +2,14 @@
 
 `write` is the one entry point; the ``moeify convert`` command runs it too:
 
-| format  | what is written                                            | how                     |
-| ------- | ---------------------------------------------------------- | ----------------------- |
-| torch   | a moeify checkpoint directory (`moeify.io.checkpoint`)        | streamed                |
-| hf      | Hugging Face classes, by ``hf_arch``: switch_transformers  | in memory               |
-|         | (T5 v1.0, `moeify.hf.switch_transformers`); mixtral or qwen2_moe        | streamed                |
-|         | (Llama / Mistral / Qwen2, `moeify.hf.decoder_moe`)                 |                         |
-| onnx    | one ``.onnx`` graph (+ external data) with the capacity    | in memory, then traced  |
-|         | fixed at the plan's ``seq_len`` (`moeify.onnx.export`)     |                         |
+| format | what is written                                                 | how                    |
+| ------ | --------------------------------------------------------------- | ---------------------- |
+| torch  | a moeify checkpoint directory (`moeify.io.checkpoint`)          | streamed               |
+| hf     | Hugging Face classes, by ``hf_arch``: switch_transformers       | in memory              |
+|        | (T5 v1.0, `moeify.hf.switch_transformers`); mixtral or          | streamed               |
+|        | qwen2_moe (Llama / Mistral / Qwen2, `moeify.hf.decoder_moe`)    |                        |
+| onnx   | one ``.onnx`` graph (+ external data) with the capacity fixed   | in memory, then traced |
+|        | at the plan's ``seq_len`` (`moeify.onnx.export`)                |                        |
 
 Streamed: the plan is applied with the Switch layers on the meta device and each
 layer's tensors are made when the writer reaches them (`moeify.io.streaming`): the dense
