@@ -275,6 +275,8 @@ def convert(
     data = {**report.to_dict(), "source": source.ref, "out": str(out), "format": format}
     if format == "hf":
         data["hf"] = written.hf_dict()
+    if written.tokenizer is not None:
+        data["tokenizer"] = list(written.tokenizer)
     if json_out:
         typer.echo(json.dumps(data))
         return
@@ -282,9 +284,13 @@ def convert(
     if written.hf is not None:
         for note in written.hf.notes:
             console.print(f"{written.hf_arch}: {note}", markup=False)
-        console.print(f"wrote {out} ({written.hf.model_class})")
-        return
-    console.print(f"wrote {out}")
+    if written.tokenizer:
+        console.print(f"tokenizer: {', '.join(written.tokenizer)}", markup=False)
+    elif written.tokenizer is not None:
+        console.print(f"tokenizer: none in {model}, none written: transformers' pipelines "
+                      "and llama.cpp's converter need one; copy the model's tokenizer files "
+                      f"into {out}", markup=False)
+    console.print(f"wrote {out}" + (f" ({written.hf.model_class})" if written.hf else ""))
 
 
 @app.command()
@@ -396,6 +402,7 @@ def export(
 
         with console.status(f"exporting {onnx_path}"):
             manifest = export_generation(loaded, onnx_path, seq_len=seq_len, task=task,
+                                         tokenizer=model,
                                          opset=opset, force=force, optimize=optimize,
                                          quantize=quantize, quantize_all=quantize_all,
                                          moe_op=moe_op)
@@ -404,6 +411,8 @@ def export(
         else:
             files = ", ".join(graph["file"] for graph in manifest["graphs"].values())
             console.print(f"wrote {onnx_path} ({manifest['task']}): {files}, generation.json")
+            console.print("tokenizer: " + (", ".join(manifest["tokenizer"]) or
+                                           f"none in {model}, none written"), markup=False)
             if moe_op != "static":
                 for name, graph in manifest["graphs"].items():
                     console.print(f"{name}: experts {graph['moe_op']}")

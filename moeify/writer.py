@@ -14,7 +14,8 @@
 Streamed: the plan is applied with the Switch layers on the meta device and each
 layer's tensors are made when the writer reaches them (`moeify.io.streaming`): the dense
 model plus one Switch layer in memory. In memory: the whole converted model is built
-first.
+first. The directory formats (torch, hf) also get the source's tokenizer files
+(`moeify.io.tokenizer`); `Written.tokenizer` says which, and none found is reported.
 
 Every decision is taken before any work, from the model's architecture alone (a
 skeleton on the meta device is enough): the format's requirements (an ``hf_arch`` that
@@ -63,6 +64,7 @@ from moeify.io.files import GiB, claim_output
 from moeify.io.shards import DEFAULT_SHARD_BYTES
 from moeify.io.sources import Source
 from moeify.io.streaming import LayerTensors
+from moeify.io.tokenizer import find_tokenizer
 
 FORMATS = ("torch", "hf", "onnx")
 # the parameters messages name, spelled for the caller (`moeify.errors`)
@@ -160,6 +162,8 @@ class Written:
     report: the conversion's `ConversionReport`.
     hf_arch: the HF target (format ``hf``). hf: for mixtral and qwen2_moe, the
         `HFExport` (model class, notes on what did not map, bytes).
+    tokenizer: the tokenizer files copied in (empty: the source has none; None: the
+        format is a single file, format ``onnx``).
     """
 
     path: Path
@@ -167,6 +171,7 @@ class Written:
     report: ConversionReport
     hf_arch: str | None = None
     hf: HFExport | None = None
+    tokenizer: tuple[str, ...] | None = None
 
     def hf_dict(self) -> dict[str, Any] | None:
         """The HF target as a JSON object (format ``hf``; None otherwise)."""
@@ -238,13 +243,15 @@ class Writer:
         self.claim.__exit__(*exc)
 
     def write(self, model: nn.Module, *, source: Source | None = None,
-              progress: Progress | None = None) -> Written:
+              progress: Progress | None = None, tokenizer: Any = None) -> Written:
         """Convert ``model`` (in place) by the plan, if there is one, and write it.
 
         model: the model the `Writer` was made for, with its weights.
         source: where the model came from, recorded by format ``torch`` (default: what
             its transformers config says).
         progress: called with (stage, done, total) while applying and writing.
+        tokenizer: where the tokenizer files come from (a directory, a moeify checkpoint,
+            a cached hub id; `moeify.io.tokenizer.find_tokenizer`); default: ``source``.
         """
         if not self.claim.lock.held:
             raise RuntimeError("Writer.write runs inside `with writer:` (the destination "
@@ -258,26 +265,28 @@ class Writer:
         else:
             report = apply(model, self.plan, progress=progress).report
         hf = None
+        found = find_tokenizer(tokenizer if tokenizer is not None else source)
+        copied = None if self.format == "onnx" else (() if found is None else found.names)
         if self.format == "torch":
             fetch = None if program is None else LayerTensors(model, program).fetch
             save(model, self.out, source=source, force=self.force, fetch=fetch,
-                 max_shard_bytes=self.max_shard_bytes, progress=progress)
+                 max_shard_bytes=self.max_shard_bytes, progress=progress, tokenizer=found)
         elif self.format == "onnx":
             from moeify.onnx.export import export_onnx  # onnx: imported when used
 
             export_onnx(model, self.out, seq_len=self.plan.seq_len, force=self.force)
         elif self.hf_arch == SWITCH_TRANSFORMERS:
-            save_hf_switch(model, self.out, force=self.force)
+            save_hf_switch(model, self.out, force=self.force, tokenizer=found)
         else:
             hf = save_hf_moe(model, self.out, arch=self.hf_arch, force=self.force,
-                             program=program, progress=progress)
-        return Written(self.out, self.format, report, self.hf_arch, hf)
+                             program=program, progress=progress, tokenizer=found)
+        return Written(self.out, self.format, report, self.hf_arch, hf, copied)
 
 
 def write(model: nn.Module, out: str | os.PathLike, *, plan: ConversionPlan | None = None,
           format: str = "torch", hf_arch: str | None = None, force: bool = False,
           source: Source | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-          progress: Progress | None = None) -> Written:
+          progress: Progress | None = None, tokenizer: Any = None) -> Written:
     """Write ``model`` to ``out`` in ``format``: converted by ``plan`` (in place) when one
     is given, else as it is (it must be converted already).
 
@@ -289,4 +298,4 @@ def write(model: nn.Module, out: str | os.PathLike, *, plan: ConversionPlan | No
     """
     with Writer(model, out, plan=plan, format=format, hf_arch=hf_arch, force=force,
                 max_shard_bytes=max_shard_bytes) as writer:
-        return writer.write(model, source=source, progress=progress)
+        return writer.write(model, source=source, progress=progress, tokenizer=tokenizer)

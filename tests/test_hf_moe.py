@@ -95,9 +95,85 @@ def test_loads_with_no_missing_or_unexpected_keys(exported):
     assert hf.config.num_experts_per_tok == config.top_k
     assert hf.config.router_aux_loss_coef == config.aux_loss_coef
     if exported["arch"] == "qwen2_moe":
-        assert hf.config.shared_expert_intermediate_size == 0
+        assert hf.config.shared_expert_intermediate_size == 1
         assert hf.config.norm_topk_prob == (config.top_k == 2)
         assert any("shared expert" in note for note in exported["export"].notes)
+        for layer in hf.model.layers:  # the shared expert adds exactly nothing
+            if hasattr(layer.mlp, "shared_expert"):
+                assert not layer.mlp.shared_expert.down_proj.weight.any()
+                assert layer.mlp.shared_expert_gate.weight.all()
+
+
+# The published layout per target, as the checkpoints on the hub store it and llama.cpp's
+# convert_hf_to_gguf.py (conversion/llama.py, conversion/qwen.py), vLLM's loaders
+# (get_expert_mapping: w1/w2/w3, gate_proj/down_proj/up_proj) and transformers 4.x read it:
+# names per sparse layer i and expert j, shapes over E experts, width d, expert width f.
+PUBLISHED = {
+    "mixtral": {
+        "model.layers.{i}.block_sparse_moe.gate.weight": ("E", "d"),
+        "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight": ("f", "d"),
+        "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight": ("f", "d"),
+        "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight": ("d", "f"),
+    },
+    "qwen2_moe": {
+        "model.layers.{i}.mlp.gate.weight": ("E", "d"),
+        "model.layers.{i}.mlp.experts.{j}.gate_proj.weight": ("f", "d"),
+        "model.layers.{i}.mlp.experts.{j}.up_proj.weight": ("f", "d"),
+        "model.layers.{i}.mlp.experts.{j}.down_proj.weight": ("d", "f"),
+        "model.layers.{i}.mlp.shared_expert.gate_proj.weight": (1, "d"),
+        "model.layers.{i}.mlp.shared_expert.up_proj.weight": (1, "d"),
+        "model.layers.{i}.mlp.shared_expert.down_proj.weight": ("d", 1),
+        "model.layers.{i}.mlp.shared_expert_gate.weight": (1, "d"),
+    },
+}
+# config.json keys the readers take the MoE shape from
+PUBLISHED_CONFIG = {
+    "mixtral": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "num_local_experts": "E", "num_experts_per_tok": "k", "intermediate_size": "f"},
+    "qwen2_moe": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+                  "num_experts": "E", "num_experts_per_tok": "k", "moe_intermediate_size": "f",
+                  "shared_expert_intermediate_size": 1},
+}
+
+
+def test_files_hold_the_published_layout(exported):
+    """Read from the files, not through transformers: the expert tensors and config keys
+    are those of the published checkpoints; nothing of transformers 5's fused form."""
+    arch, moe, out = exported["arch"], exported["moe"], exported["out"]
+    config = exported["config"]
+    layers = [int(path.split(".")[2]) for path, _ in moeify.switch_layers(moe)]
+    first = moeify.switch_layers(moe)[0][1]
+    sizes = {"E": config.num_experts, "d": moe.config.hidden_size, "f": first.experts.d_ff,
+             "k": config.top_k}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    tensors = _tensors(out)
+    for i in layers:
+        for pattern, shape in PUBLISHED[arch].items():
+            for j in range(config.num_experts if "{j}" in pattern else 1):
+                name = pattern.format(i=i, j=j)
+                assert name in names, name
+                assert tuple(tensors[name].shape) == tuple(sizes.get(s, s) for s in shape), name
+    assert not [n for n in names if "gate_up_proj" in n or n.endswith("experts.down_proj")]
+    moe_names = {n for n in names if ".experts." in n or n.endswith(".gate.weight")
+                 or ".shared_expert" in n}
+    want = {p.format(i=i, j=j) for i in layers for p in PUBLISHED[arch]
+            for j in range(config.num_experts)}
+    assert moe_names == want
+    written = json.loads((out / "config.json").read_text())
+    for key, value in PUBLISHED_CONFIG[arch].items():
+        assert written[key] == (sizes[value] if value in ("E", "k", "f") else value), key
+    # each expert's matrices are the moeify expert's, transposed to nn.Linear layout
+    path, layer = moeify.switch_layers(moe)[-1]
+    prefix = path.removesuffix(".mlp") + (".block_sparse_moe" if arch == "mixtral" else ".mlp")
+    gate, up, down = [p.split(".")[-2] for p in list(PUBLISHED[arch])[1:4]]
+    for j in range(config.num_experts):
+        torch.testing.assert_close(tensors[f"{prefix}.experts.{j}.{gate}.weight"],
+                                   layer.experts.w_gate[j].T, rtol=0, atol=0)
+        torch.testing.assert_close(tensors[f"{prefix}.experts.{j}.{up}.weight"],
+                                   layer.experts.w_in[j].T, rtol=0, atol=0)
+        torch.testing.assert_close(tensors[f"{prefix}.experts.{j}.{down}.weight"],
+                                   layer.experts.w_out[j].T, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("padded", [False, True])

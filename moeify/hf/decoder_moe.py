@@ -22,21 +22,33 @@ layers N-1, 2N-1, ...: HF's ``(i + 1) % step == 0``) or, for any other set, onto
 ``mlp_only_layers``; top-1 with the raw router probability is ``norm_topk_prob=False``,
 top-2 (renormalised over the pair) or the normalized gate is ``norm_topk_prob=True``;
 dropless. Its attention has q/k/v biases: a Llama or Mistral source gets zeros (what
-mergekit writes), so the model is the same. Its MoE block always adds a shared expert with
-a sigmoid gate: it is written with ``shared_expert_intermediate_size=0``, zero-size
-matrices whose output is exactly 0, so it adds nothing and costs nothing.
+mergekit writes), so the model is the same. Layers left dense and renormalised top-k are
+valid Qwen2-MoE for transformers and vLLM; llama.cpp's Qwen2-MoE needs a router in every
+layer and never renormalises the top-k, which the notes say.
 
-Key mapping (``P = model.layers.{i}.mlp``; moeify stores experts as ``x @ W``)::
+Key layout: the one of the published checkpoints (Mistral AI's Mixtral, Qwen's
+Qwen1.5-MoE), which transformers 5 converts from when loading (its
+``conversion_mapping``: ``.block_sparse_moe.`` -> ``.mlp.``, per-expert matrices merged
+into ``experts.gate_up_proj`` / ``experts.down_proj``) and which transformers 4.x,
+llama.cpp's ``convert_hf_to_gguf.py`` and vLLM's loaders read as they are. moeify stores
+experts as ``x @ W``; ``M`` is ``model.layers.{i}.block_sparse_moe`` (mixtral) or
+``model.layers.{i}.mlp`` (qwen2_moe), ``j`` an expert::
 
-    P.router.weight            [E, d]          -> P.gate.weight              [E, d]
-    P.experts.w_gate, w_in     [E, d, f] each  -> P.experts.gate_up_proj     [E, 2f, d]
-                                                  (per expert: w_gate[e].T rows, then w_in[e].T)
-    P.experts.w_out            [E, f, d]       -> P.experts.down_proj        [E, d, f]
-    qwen2_moe only:                               P.shared_expert.{gate,up}_proj.weight [0, d],
-                                                  P.shared_expert.down_proj.weight [d, 0],
-                                                  P.shared_expert_gate.weight [1, d] (zeros);
-                                                  self_attn.{q,k,v}_proj.bias zeros if absent
+    router.weight          [E, d]     -> M.gate.weight                            [E, d]
+    experts.w_gate[j]      [d, f]     -> M.experts.{j}.w1 | gate_proj .weight     [f, d]
+    experts.w_in[j]        [d, f]     -> M.experts.{j}.w3 | up_proj .weight       [f, d]
+    experts.w_out[j]       [f, d]     -> M.experts.{j}.w2 | down_proj .weight     [d, f]
+    qwen2_moe only:                      M.shared_expert.{gate,up}_proj.weight    [1, d] zeros
+                                         M.shared_expert.down_proj.weight         [d, 1] zeros
+                                         M.shared_expert_gate.weight              [1, d] ones
+                                         self_attn.{q,k,v}_proj.bias zeros if absent
     everything else keeps its name (lm_head.weight left out when embeddings are tied)
+
+Qwen2-MoE always adds a sigmoid-gated shared expert. With no shared expert asked for it
+is written one unit wide with an all-zero down projection, so its output is exactly 0:
+llama.cpp reads a width of 0 as "not set" (and then expects the dense width), and
+computes the gate's sigmoid as ``silu(x) / x``, which is NaN at a zero gate, hence the
+gate row of ones.
 
 The writer streams: converting a dense model (`moeify.write`), the plan is applied
 with the Switch layers on the meta device and each layer's tensors come from
@@ -79,7 +91,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +106,7 @@ from moeify.errors import MoEError, Param
 from moeify.io.files import atomic_directory
 from moeify.io.shards import DEFAULT_SHARD_BYTES, plan_shards, write_shards
 from moeify.io.streaming import LayerTensors
+from moeify.io.tokenizer import Tokenizer
 from moeify.switch import switch_layers
 
 SWITCH_TRANSFORMERS, MIXTRAL, QWEN2_MOE = "switch_transformers", "mixtral", "qwen2_moe"
@@ -118,6 +131,13 @@ _ACTS = {
     Activation.RELU: ("relu",),
 }
 _CAPACITY_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
+# the published per-expert layout: (MoE block, gate/activated, up/linear, down) names
+EXPERT_NAMES = {
+    MIXTRAL: ("block_sparse_moe", "w1", "w3", "w2"),
+    QWEN2_MOE: ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+# the shared expert written when none is asked for (qwen2_moe): one unit wide, see above
+SHARED_WIDTH = 1
 # the parameters messages name: ``hf_arch='mixtral'`` in Python (`moeify.write`), ``--hf-arch
 # mixtral`` on the command line (`moeify.errors`)
 ARCH, FORMAT = Param("hf_arch"), Param("format")
@@ -360,7 +380,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
             num_local_experts=c.num_experts, num_experts_per_tok=c.top_k,
             intermediate_size=expert_width, router_aux_loss_coef=c.aux_loss_coef,
             router_jitter_noise=c.jitter_eps, output_router_logits=False,
-            sliding_window=window if not source.model_type == "qwen2" else None,
+            sliding_window=window if source.model_type != "qwen2" else None,
         )
         if c.jitter_eps:
             notes.append(
@@ -374,7 +394,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
         fields.update(
             num_experts=c.num_experts, num_experts_per_tok=c.top_k,
             moe_intermediate_size=expert_width, intermediate_size=source.intermediate_size,
-            shared_expert_intermediate_size=0,
+            shared_expert_intermediate_size=SHARED_WIDTH,
             decoder_sparse_step=step or 1,
             mlp_only_layers=[] if step else [i for i in range(num_layers) if i not in sparse],
             norm_topk_prob=not (c.top_k == 1 and c.gate == Gate.SOFTMAX),
@@ -386,8 +406,19 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
             fields.update(use_sliding_window=True, sliding_window=window,
                           max_window_layers=num_layers,
                           layer_types=["sliding_attention"] * num_layers)
-        notes.append("shared expert written with shared_expert_intermediate_size=0: its "
-                     "output is exactly 0, it adds nothing and costs nothing")
+        notes.append(f"shared expert written {SHARED_WIDTH} unit wide with an all-zero down "
+                     "projection (its output is exactly 0) and a gate of ones: the form "
+                     "llama.cpp loads (it reads width 0 as unset and a zero gate gives NaN)")
+        dense = [i for i in range(num_layers) if i not in sparse]
+        if dense:
+            notes.append(f"layers {dense} left dense: transformers and vLLM run "
+                         "this; llama.cpp's Qwen2-MoE needs a router in every layer "
+                         "(convert with every=1, --every 1, for llama.cpp)")
+        if fields["norm_topk_prob"]:
+            notes.append("norm_topk_prob=True (top-k renormalised): transformers and vLLM "
+                         "renormalise, llama.cpp's Qwen2-MoE does not and computes other "
+                         "outputs (for llama.cpp: top_k=1 with the softmax gate, or "
+                         "hf_arch='mixtral', --hf-arch mixtral, from Llama or Mistral)")
         if source.model_type != "qwen2":
             notes.append("q/k/v biases written as zeros (qkv_bias=True; the source has none)")
         if c.jitter_eps:
@@ -440,19 +471,6 @@ class _Tensor:
         self.shape, self.chunks = shape, chunks
 
 
-def _expert_chunks(sources: list[Any], dtype: torch.dtype) -> Iterator[Tensor]:
-    """Per expert e: the transposes of ``sources[j][e]`` stacked on rows, in ``dtype``.
-    A plain copy (``repeat``) is built once and written E times."""
-    if all(s.repeat is not None for s in sources):
-        block = torch.cat([s.tensor.T for s in sources], dim=0).to(dtype).contiguous()
-        for _ in range(sources[0].repeat):
-            yield block
-        return
-    for e in range(sources[0].shape[0]):
-        parts = [(s.tensor if s.repeat is not None else s.tensor[e]).T for s in sources]
-        yield torch.cat(parts, dim=0).to(dtype).contiguous()
-
-
 def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
                program=None) -> dict[str, _Tensor]:
     """Every tensor of the target checkpoint, in order, from a converted ``model``."""
@@ -471,6 +489,8 @@ def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
 
     def zeros(*shape: int) -> _Tensor:
         return _Tensor(shape, lambda: [torch.zeros(shape, dtype=dtype)])
+
+    block, w_gate, w_in, w_out = EXPERT_NAMES[layout.arch]
 
     for name, tensor in state.items():
         if tied and name == "lm_head.weight":
@@ -492,33 +512,65 @@ def hf_tensors(model: nn.Module, layout: Layout, *, dtype: torch.dtype,
         def router(path=path):
             return [values.get(path)["router.weight"].tensor.to(dtype)]
 
-        def gate_up(path=path):
-            v = values.get(path)
-            return _expert_chunks([v["experts.w_gate"], v["experts.w_in"]], dtype)
+        def expert(key: str, j: int, path=path):
+            """Expert j's matrix ``key`` in nn.Linear layout ([out, in])."""
+            source = values.get(path)[key]
+            matrix = source.tensor if source.repeat is not None else source.tensor[j]
+            return [matrix.T.to(dtype).contiguous()]
 
-        def down(path=path):
-            return _expert_chunks([values.get(path)["experts.w_out"]], dtype)
-
-        out[f"{path}.gate.weight"] = _Tensor((E, d), router)
-        out[f"{path}.experts.gate_up_proj"] = _Tensor((E, 2 * f, d), gate_up)
-        out[f"{path}.experts.down_proj"] = _Tensor((E, d, f), down)
+        prefix = path.removesuffix(".mlp") + "." + block
+        out[f"{prefix}.gate.weight"] = _Tensor((E, d), router)
+        for j in range(E):
+            for key, part, shape in (("experts.w_gate", w_gate, (f, d)),
+                                     ("experts.w_in", w_in, (f, d)),
+                                     ("experts.w_out", w_out, (d, f))):
+                out[f"{prefix}.experts.{j}.{part}.weight"] = _Tensor(
+                    shape, lambda key=key, j=j, expert=expert: expert(key, j))
         if layout.arch == QWEN2_MOE:
-            out[f"{path}.shared_expert.gate_proj.weight"] = zeros(0, d)
-            out[f"{path}.shared_expert.up_proj.weight"] = zeros(0, d)
-            out[f"{path}.shared_expert.down_proj.weight"] = zeros(d, 0)
-            out[f"{path}.shared_expert_gate.weight"] = zeros(1, d)
+            width = layout.config.shared_expert_intermediate_size
+            out[f"{prefix}.shared_expert.gate_proj.weight"] = zeros(width, d)
+            out[f"{prefix}.shared_expert.up_proj.weight"] = zeros(width, d)
+            out[f"{prefix}.shared_expert.down_proj.weight"] = zeros(d, width)
+            out[f"{prefix}.shared_expert_gate.weight"] = _Tensor(
+                (1, d), lambda: [torch.ones((1, d), dtype=dtype)])
     return out
 
 
-def _check_against_hf(layout: Layout, tensors: dict[str, _Tensor]) -> None:
-    """The names and shapes must be exactly what the target class holds."""
+def published_layout(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of the target's published checkpoints: the class's
+    own state dict (experts fused), with each layer's fused experts written per expert
+    under `EXPERT_NAMES`."""
     import transformers
 
     with torch.device("meta"):
         target = getattr(transformers, layout.model_class)(layout.config)
-    expected = {n: tuple(t.shape) for n, t in target.state_dict().items()}
+    block, w_gate, w_in, w_out = EXPERT_NAMES[layout.arch]
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, tensor in target.state_dict().items():
+        match = re.fullmatch(r"(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj"
+                             r"|experts\.down_proj)", name)
+        if match is None:
+            expected[name] = tuple(tensor.shape)
+            continue
+        prefix, part = f"{match.group(1)}.{block}", match.group(2)
+        if part == "gate.weight":
+            expected[f"{prefix}.gate.weight"] = tuple(tensor.shape)
+        elif part == "experts.gate_up_proj":  # [E, 2f, d]: gate rows, then up rows
+            experts, two_f, d = tensor.shape
+            for j in range(experts):
+                expected[f"{prefix}.experts.{j}.{w_gate}.weight"] = (two_f // 2, d)
+                expected[f"{prefix}.experts.{j}.{w_in}.weight"] = (two_f // 2, d)
+        else:  # experts.down_proj [E, d, f]
+            for j in range(tensor.shape[0]):
+                expected[f"{prefix}.experts.{j}.{w_out}.weight"] = tuple(tensor.shape[1:])
     if getattr(layout.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
+    return expected
+
+
+def _check_against_hf(layout: Layout, tensors: dict[str, _Tensor]) -> None:
+    """The names and shapes must be exactly those of the published layout."""
+    expected = published_layout(layout)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(n for n in set(expected) & set(tensors) if expected[n] != tensors[n].shape)
@@ -555,13 +607,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None,
                 dtype: torch.dtype | None = None, force: bool = False, program=None,
-                progress=None) -> HFExport:
+                progress=None, tokenizer: Tokenizer | None = None) -> HFExport:
     """Write a converted Llama/Mistral/Qwen2 ``model`` as an HF ``arch`` checkpoint.
 
     arch: ``mixtral`` or ``qwen2_moe`` (default: mixtral where it fits, else qwen2_moe).
     dtype: of every written tensor (default: the model's embedding dtype).
     program: the `Program` of a lazy apply (Switch layers on the meta device): their
         tensors are made one layer at a time while writing (`moeify.io.streaming`).
+    tokenizer: the source's tokenizer files, copied in (`moeify.io.tokenizer`).
     """
 
     plan = plan_of(model)
@@ -590,6 +643,8 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
         can_generate = getattr(model, "can_generate", lambda: False)()
         if generation is not None and can_generate:
             generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.copy_to(tmp)
     return HFExport(Path(path), arch, layout.model_class, tuple(layout.notes), nbytes)
 
 

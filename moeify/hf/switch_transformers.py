@@ -36,6 +36,7 @@ from moeify.errors import MoEError, Param
 from moeify.hf.decoder_moe import FORMAT
 from moeify.hf.decoder_moe import _fail as _refused
 from moeify.io.files import atomic_directory
+from moeify.io.tokenizer import Tokenizer
 
 MODEL_CLASS = "SwitchTransformersForConditionalGeneration"  # the class a checkpoint loads as
 
@@ -130,8 +131,10 @@ def switch_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write ``model`` (a converted T5 v1.0) as a SwitchTransformers checkpoint directory."""
+def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = False,
+                   tokenizer: Tokenizer | None = None) -> Path:
+    """Write ``model`` (a converted T5 v1.0) as a SwitchTransformers checkpoint directory,
+    with ``tokenizer``'s files (`moeify.io.tokenizer`) when given."""
     import transformers
 
     config = switch_config(model)
@@ -148,4 +151,6 @@ def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = F
     need = sum(t.numel() * t.element_size() for t in state.values())
     with atomic_directory(path, force=force, need=need) as tmp:  # locked, space checked
         switch.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.copy_to(tmp)
     return Path(path)

@@ -45,6 +45,7 @@ from moeify.compiler.plan import ConversionPlan, plan_of
 from moeify.config import MoEConfig
 from moeify.errors import MoEError
 from moeify.io.files import atomic_directory
+from moeify.io.tokenizer import Tokenizer
 from moeify.io.shards import (
     DEFAULT_SHARD_BYTES,
     DIGEST_PREFIX,
@@ -124,11 +125,13 @@ def save(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
     fetch: Callable[[str], Iterable[torch.Tensor]] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a converted model as a moeify checkpoint directory (see the module docs).
 
     ``fetch(name)``: the chunks of a parameter still on the meta device (the streaming
-    converter's Switch layers, `moeify.io.streaming`).
+    converter's Switch layers, `moeify.io.streaming`). ``tokenizer``: the source's
+    tokenizer files, copied in beside the weights (`moeify.io.tokenizer`).
     """
     plan = plan_of(model)
     if plan is None:
@@ -149,6 +152,8 @@ def save(
         digests = write_shards(tmp, plan_shards(specs, max_shard_bytes), tensors_of, progress)
         meta = checkpoint_meta(plan, source, aliases, specs, digests)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.copy_to(tmp)
     return Path(path)
 
 

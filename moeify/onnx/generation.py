@@ -48,6 +48,7 @@ from moeify.config import config_param
 from moeify.errors import MoEError, Param
 from moeify.io.checkpoint import load
 from moeify.io.files import atomic_directory, check_output
+from moeify.io.tokenizer import find_tokenizer
 from moeify.onnx.export import (
     DEFAULT_OPSET,
     _check_written,
@@ -236,6 +237,7 @@ def export_generation(
     quantize_all: bool = False,
     moe_op: str = "static",
     external_data: bool | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Export a (converted) generator to the directory ``out``; returns the manifest.
 
@@ -253,7 +255,10 @@ def export_generation(
     node, in every graph (a decode step then reads only its tokens' experts); each
     graph's ``moe_op`` entry in the manifest says which layers. ``external_data``: each
     graph's weights in ``<file>.data`` beside it (ONNX external data); by default only
-    for a graph over 2 GB, which protobuf cannot hold in one file.
+    for a graph over 2 GB, which protobuf cannot hold in one file. ``tokenizer``: where
+    the tokenizer files come from (`moeify.io.tokenizer.find_tokenizer`; default: the
+    checkpoint directory ``model`` names), copied beside the graphs; the manifest's
+    ``tokenizer`` lists them (empty: none was found).
     """
 
     check_export_args(seq_len, None, opset)
@@ -265,6 +270,9 @@ def export_generation(
     out = Path(out)
     check_output(out, inputs=[] if isinstance(model, nn.Module) else [model], force=force,
                  what=OUT)
+    if tokenizer is None and not isinstance(model, nn.Module):
+        tokenizer = model
+    tokenizer = find_tokenizer(tokenizer)
     if not isinstance(model, nn.Module):
         model = load(model)
     own = task_of(model)
@@ -306,6 +314,7 @@ def export_generation(
                                 model_type="t5" if own == "text2text-generation" else "gpt2")
             if done:
                 manifest["postprocess"] = done
+            manifest["tokenizer"] = [] if tokenizer is None else list(tokenizer.copy_to(tmp))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

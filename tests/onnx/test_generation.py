@@ -13,9 +13,11 @@ import torch
 
 import moeify
 from moeify import MoEConfig
+from moeify.io.tokenizer import find_tokenizer
 from moeify.onnx import OnnxGenerator, export_generation
 from tests import models
 from tests.onnx._cases import DROPPING, PROMPTS, SEQ, padded
+from tests.tokenizer_files import save_tokenizer
 
 BUILDERS = {
     "gpt2": lambda: models.gpt2(layers=2),
@@ -157,12 +159,17 @@ def test_checkpoint_directory_exports_through_the_cli_and_generates_without_torc
     torch.manual_seed(0)
     model = models.t5(gated=True, layers=2).eval()  # T5 v1.1: gated-GELU FFN
     moeify.convert(model, DROPPING)
-    moeify.save(model, tmp_path / "ckpt")
+    tokenizer = find_tokenizer(save_tokenizer(tmp_path / "tokenizer"))
+    moeify.save(model, tmp_path / "ckpt", tokenizer=tokenizer)  # the checkpoint carries it
     out = tmp_path / "onnx"
     result = moeify_cli("export", tmp_path / "ckpt", "--task", "text2text-generation",
                         "--onnx", out, "--seq-len", SEQ)
     assert result.returncode == 0, result.stderr
     assert "decoder.onnx" in result.stderr  # (stdout is kept for --json)
+    manifest = json.loads((out / "generation.json").read_text())
+    assert manifest["tokenizer"] == list(tokenizer.names)  # and so does the export
+    for name in tokenizer.names:
+        assert (out / name).read_bytes() == tokenizer.files[name].read_bytes()
     ids, mask = padded(PROMPTS, left=False)
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
