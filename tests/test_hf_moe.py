@@ -163,6 +163,9 @@ def test_files_hold_the_published_layout(exported):
     written = json.loads((out / "config.json").read_text())
     for key, value in PUBLISHED_CONFIG[arch].items():
         assert written[key] == (sizes[value] if value in ("E", "k", "f") else value), key
+    # RoPE in the top-level form too: transformers 4.x and vLLM on it read only that, and
+    # would otherwise take the class's default base
+    assert written["rope_theta"] == moe.config.rope_parameters["rope_theta"]
     # each expert's matrices are the moeify expert's, transposed to nn.Linear layout
     path, layer = moeify.switch_layers(moe)[-1]
     prefix = path.removesuffix(".mlp") + (".block_sparse_moe" if arch == "mixtral" else ".mlp")

@@ -54,7 +54,8 @@ CASES = {
 # Changed on purpose: mixtral and qwen2_moe outputs are written in the published per-expert
 # layout (block_sparse_moe.experts.{j}.w1/w2/w3, mlp.experts.{j}.gate_proj/up_proj/down_proj)
 # that llama.cpp, vLLM and transformers 4.x read; qwen2_moe's no-op shared expert is one unit
-# wide with a gate of ones (shared_expert_intermediate_size=1), the form llama.cpp loads.
+# wide with a gate of ones (shared_expert_intermediate_size=1), the form llama.cpp loads;
+# their config.json also states RoPE in the top-level form (rope_theta) transformers 4.x reads.
 PINNED = {
     'bert-onnx': {
         'model.onnx': '9f2d141f61e3d645',
@@ -72,13 +73,13 @@ PINNED = {
         'ckpt/moeify.json': 'c86d831c9c38d464',
     },
     'llama-mixtral-top2': {
-        'hf/config.json': '8cb9a84ea0aac870',
+        'hf/config.json': '6132191f0393eaf7',
         'hf/generation_config.json': 'f2d764a3f6046977',
         'hf/model-00001-of-00001.safetensors': 'cf82a148606837f7',
         'hf/model.safetensors.index.json': '1bfef0710244cfd1',
     },
     'qwen2-qwen2-moe': {
-        'hf/config.json': '0a8300c3e022d8a6',
+        'hf/config.json': 'f62f792af9239fbb',
         'hf/generation_config.json': 'f2d764a3f6046977',
         'hf/model-00001-of-00001.safetensors': 'c4da7bf0148829de',
         'hf/model.safetensors.index.json': 'bad0f1d421513fad',

@@ -89,6 +89,7 @@ the HF term is k times moeify's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -449,7 +450,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
     if dtype is not None:
         target.dtype = dtype
     target.architectures = [_TARGET_CLASS[arch]]
-    carried = set(fields) | set(_READ) | set(_WINDOW)
+    carried = set(fields) | set(_CARRIED) | set(_READ) | set(_WINDOW)
     generic = set(transformers.PretrainedConfig().to_dict())
     skipped = sorted(k for k in source.to_diff_dict()
                      if k not in carried and k not in generic and k != "pretraining_tp")
@@ -583,6 +584,24 @@ def _check_against_hf(layout: Layout, tensors: dict[str, _Tensor]) -> None:
 # --- writing -------------------------------------------------------------------------------
 
 
+def write_config(config: Any, directory: Path) -> None:
+    """``config.json`` as transformers 5 writes it, plus the RoPE settings in the
+    top-level form of the published checkpoints (``rope_theta``; ``rope_scaling`` for a
+    scaled RoPE): transformers 4.x, vLLM releases built on it and llama.cpp's converter
+    read those, and without them take the class's default base (Mixtral 1e6, Qwen2-MoE
+    1e4), which rotates every position wrongly. transformers 5 reads either form."""
+    config.save_pretrained(directory)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in rope:
+        return
+    file = directory / "config.json"
+    data = json.loads(file.read_text())
+    data["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 @dataclass(frozen=True)
 class HFExport:
     """What `save_hf_moe` wrote."""
@@ -638,7 +657,7 @@ def save_hf_moe(model: nn.Module, path: str | os.PathLike, *, arch: str | None =
         raise MoEError("a tensor was split across shards, which HF cannot read")
     with atomic_directory(path, force=force, need=nbytes) as tmp:
         write_shards(tmp, shards, lambda name: tensors[name].chunks(), progress)
-        layout.config.save_pretrained(tmp)
+        write_config(layout.config, tmp)
         generation = getattr(model, "generation_config", None)
         can_generate = getattr(model, "can_generate", lambda: False)()
         if generation is not None and can_generate:
