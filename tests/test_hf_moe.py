@@ -21,6 +21,7 @@ from moeify.hf.decoder_moe import (
     target_config,
 )
 from tests import models
+from tests.models import randomize
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(num_experts=4, noise=0.5)  # experts that differ: a wrong expert order shows
@@ -34,17 +35,6 @@ CASES = {
     "llama-mixtral-granular": (models.llama, "mixtral", {"num_experts": 8, "top_k": 2,
                                                          "granularity": 2}),
 }
-
-
-def randomize(model, seed=0):
-    """Every weight away from its init (biases and norms included), so a tensor written
-    to the wrong place changes the outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model
 
 
 def sharpen_routers(model, seed=1):
