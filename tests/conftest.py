@@ -49,6 +49,15 @@ class MoeifyCLI:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a test marked ``slow`` run first, each module's tests still together
+    and in order (module fixtures are set up once): under pytest-xdist the long tests then
+    start early, and the two workers end together instead of one finishing a long test
+    alone while the other waits."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: getattr(item, "module", None) not in slow)
+
+
 @pytest.fixture(scope="session")
 def moeify_cli() -> MoeifyCLI:
     """The command line in a child process: ``moeify_cli("inspect", path, "--json")``."""

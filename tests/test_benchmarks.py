@@ -248,6 +248,7 @@ def test_bench_dispatch_quick_times_every_kernel_at_every_point():
     assert all(float(ms) > 0 for r in rows for ms in r[5:8]), rows
 
 
+@pytest.mark.slow
 def test_bench_onnx_verdicts_agree_with_its_numbers_and_quantized_experts_pass():
     out = run_benchmark("bench_onnx.py", "--repeats", "1", "--batches", "1", "--seq-len", "32",
                         "--optimize", "--quantize", "int4", "int8")
@@ -269,6 +270,7 @@ def test_bench_onnx_verdicts_agree_with_its_numbers_and_quantized_experts_pass()
     assert values["batch 1: ORT MoE / ORT dense"] == float(row[5])
 
 
+@pytest.mark.slow
 def test_bench_onnx_export_streams_and_keeps_static_shapes(tmp_path):
     out = run_benchmark("bench_onnx_export.py", "--model", "t5-small", "--experts", "2",
                         "--seq-len", "16", "--json", tmp_path / "r.json", timeout=900)
@@ -295,6 +297,7 @@ def test_bench_onnx_export_streams_and_keeps_static_shapes(tmp_path):
         "check_model(full_check=True) passed": "PASS"}
 
 
+@pytest.mark.slow
 def test_bench_expert_parallel_exchanges_the_bytes_the_routing_predicts():
     out = run_benchmark("bench_expert_parallel.py", "--steps", "1", timeout=900)
     rows = {r[0]: r[1:] for r in table_rows(out, r"\d process.*")}

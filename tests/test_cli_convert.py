@@ -136,8 +136,11 @@ def test_truncated_shard_is_reported_with_its_file(t5_dir, tmp_path):
       "--seq-len", "512", "--out", "x"],
      ["needs about", "--format torch (streams one layer at a time)"]),
 ])
-def test_bad_input_is_one_clear_line(args, fragments, tmp_path, moeify_cli, one_line_error):
-    one_line_error(moeify_cli(*args, cwd=tmp_path), *fragments)
+def test_bad_input_is_one_clear_line(args, fragments, tmp_path, monkeypatch, moeify_main,
+                                     one_line_error):
+    monkeypatch.chdir(tmp_path)  # refusals before any work: in this process
+    one_line_error(moeify_main(*args), *fragments)
+    assert not any(tmp_path.iterdir())
 
 
 def test_directories_that_are_not_models(tmp_path, t5_dir, moeify_cli, one_line_error):
@@ -365,6 +368,7 @@ def test_bfloat16_conversion_writes_bfloat16_weights_and_float32_routers(t5_dir,
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.slow
 def test_export_command_writes_an_onnx_graph_that_runs(t5_dir, tmp_path, moeify_cli,
                                                        one_line_error):
     from moeify.onnx import OnnxRunner

@@ -74,6 +74,7 @@ def test_every_fenced_block_names_a_language_the_tests_know(page):
         assert language in LANGUAGES, f"{page_id(page)}:{line}: ```{language}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_page_blocks_run_in_order(page, tiny_models, tmp_path, monkeypatch, moeify_main):
     blocks = [b for b in fenced_blocks(page.read_text()) if b[1] in ("python", "bash")]

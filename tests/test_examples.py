@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -33,6 +35,7 @@ def run_example(name: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_convert_gpt2_and_train_lowers_the_loss():
     out = run_example("convert_gpt2_and_train.py", "--steps", "30", "--experts", "4")
     assert "4 FFN sites, 2 converted to 4 experts" in out

@@ -142,7 +142,7 @@ def _without_digests(meta: dict) -> dict:
     (_without_digests, "no tensor digests recorded"),
 ])
 def test_a_checkpoint_of_an_earlier_moeify_is_refused_with_the_fix(
-        written_by, problem, converted, tmp_path, moeify_cli, one_line_error):
+        written_by, problem, converted, tmp_path, moeify_main, one_line_error):
     ck = copy_of(converted, tmp_path)
     file = ck / "moeify.json"
     file.write_text(json.dumps(written_by(meta_of(ck))))
@@ -151,7 +151,7 @@ def test_a_checkpoint_of_an_earlier_moeify_is_refused_with_the_fix(
     with pytest.raises(moeify.MoEError) as raised:
         moeify.load(ck)
     assert str(raised.value) == expected
-    assert one_line_error(moeify_cli("verify", ck)) == f"error: {expected}"
+    assert one_line_error(moeify_main("verify", ck)) == f"error: {expected}"
 
 
 def test_a_source_without_a_fingerprint_is_used_and_verify_says_it_is_unproven(
@@ -330,7 +330,7 @@ def _drop(*path):
      "cannot rebuild the source's transformers config"),
 ])
 def test_a_damaged_moeify_json_is_one_line_naming_the_file(damage, fragment, converted,
-                                                          tmp_path, moeify_cli, one_line_error):
+                                                          tmp_path, moeify_main, one_line_error):
     ck = copy_of(converted, tmp_path)
     file = ck / "moeify.json"
     if isinstance(damage, bytes):
@@ -345,33 +345,33 @@ def test_a_damaged_moeify_json_is_one_line_naming_the_file(damage, fragment, con
     if "class" in fragment or "config" in fragment and "rebuild" in fragment:
         # the description reads, the model does not rebuild: verify still checks the
         # shards' integrity and fails its reload check with the reason
-        result = moeify_cli("verify", ck, "--json")
+        result = moeify_main("verify", ck, "--json")
         assert result.returncode == 1, result.stderr
         checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
         assert checks["integrity"]["status"] == "pass"
         assert checks["reload"]["status"] == "fail"
         assert str(file) in checks["reload"]["detail"] and fragment in checks["reload"]["detail"]
     else:
-        one_line_error(moeify_cli("verify", ck), str(file), fragment)
-    one_line_error(moeify_cli("export", ck, "--onnx", tmp_path / "m.onnx", "--seq-len", "8"),
+        one_line_error(moeify_main("verify", ck), str(file), fragment)
+    one_line_error(moeify_main("export", ck, "--onnx", tmp_path / "m.onnx", "--seq-len", "8"),
                    str(file), fragment)
 
 
 def test_a_damaged_index_is_one_line_naming_the_file(
-        converted, tmp_path, moeify_cli, one_line_error):
+        converted, tmp_path, moeify_main, one_line_error):
     ck = copy_of(converted, tmp_path)
     index = ck / "model.safetensors.index.json"
     index.write_text("{")
     with pytest.raises(moeify.MoEError, match="index.json is not valid JSON"):
         moeify.load(ck)
     index.write_text("{}")
-    one_line_error(moeify_cli("verify", ck), str(index), "no \"weight_map\"")
+    one_line_error(moeify_main("verify", ck), str(index), "no \"weight_map\"")
 
 
 @pytest.mark.parametrize("model", ["./no/such/dir", "/no/such/model-dir", "~/no-such-model-xyz",
                                    "a/b/c", "models/"])
 def test_a_missing_local_path_is_not_taken_for_a_hub_id(
-        model, tmp_path, moeify_cli, one_line_error):
-    one_line_error(moeify_cli("inspect", model, cwd=tmp_path), "no such directory")
-    one_line_error(moeify_cli("convert", model, "--out", tmp_path / "o", cwd=tmp_path),
-                   "no such directory")
+        model, tmp_path, monkeypatch, moeify_main, one_line_error):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(moeify_main("inspect", model), "no such directory")
+    one_line_error(moeify_main("convert", model, "--out", tmp_path / "o"), "no such directory")

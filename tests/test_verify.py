@@ -106,6 +106,7 @@ def tamper_expert(ck: Path, name: str) -> None:
 
 @pytest.mark.parametrize("dtype, random_init", [("bf16", False), ("fp16", False),
                                                 ("bf16", True)])
+@pytest.mark.slow
 def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
         dtype, random_init, gpt2_dir, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
@@ -133,22 +134,23 @@ def test_half_precision_conversions_pass_verify_and_a_tampered_one_fails(
     assert checks["dense identity"]["status"] == "fail"
 
 
+@pytest.mark.slow
 def test_onnx_parity_runs_on_a_graph_beside_or_given_and_catches_a_tampered_one(
-        gpt2_dir, tmp_path, moeify_cli):
+        gpt2_dir, tmp_path, moeify_cli, moeify_main):
     import onnx
     from onnx import numpy_helper
 
     ck = tmp_path / "ck"
     assert moeify_cli("convert", gpt2_dir, "--experts", "4", "--seq-len", "8", "--out",
                       ck).returncode == 0
-    result = moeify_cli("verify", ck, "--json")
+    result = moeify_main("verify", ck, "--json")
     skipped = checks_of(result)["onnx parity"]
     assert skipped["status"] == "skip" and "--onnx" in skipped["detail"]
 
     graph = tmp_path / "ck.onnx"  # beside the checkpoint: found without --onnx
     result = moeify_cli("export", ck, "--onnx", graph, "--seq-len", "8")
     assert result.returncode == 0, result.stderr
-    result = moeify_cli("verify", ck, "--json")
+    result = moeify_main("verify", ck, "--json")
     assert result.returncode == 0, result.stderr
     parity = checks_of(result)["onnx parity"]
     assert parity["status"] == "pass", parity
@@ -164,14 +166,15 @@ def test_onnx_parity_runs_on_a_graph_beside_or_given_and_catches_a_tampered_one(
     initializer.CopyFrom(numpy_helper.from_array(values, initializer.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(proto, str(tampered))
-    result = moeify_cli("verify", ck, "--onnx", tampered, "--json")
+    result = moeify_main("verify", ck, "--onnx", tampered, "--json")
     assert result.returncode == 1
     parity = checks_of(result)["onnx parity"]
     assert parity["status"] == "fail" and "max |onnxruntime - torch|" in parity["detail"]
-    result = moeify_cli("verify", ck, "--onnx", tmp_path / "missing.onnx", "--json")
+    result = moeify_main("verify", ck, "--onnx", tmp_path / "missing.onnx", "--json")
     assert result.returncode == 1 and "no such ONNX file" in checks_of(result)["onnx parity"]["detail"]
 
 
+@pytest.mark.slow
 def test_a_bf16_checkpoint_and_its_float32_graph_agree(gpt2_dir, tmp_path, moeify_cli):
     ck = tmp_path / "ck"
     assert moeify_cli("convert", gpt2_dir, "--dtype", "bf16", "--experts", "4", "--seq-len", "8",

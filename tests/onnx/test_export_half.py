@@ -156,6 +156,7 @@ def test_export_command_refuses_bad_shapes_in_one_line(tmp_path, moeify_cli):
         assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_issue_14_bf16_checkpoint_exports_from_the_command_line_quietly(tmp_path, moeify_cli):
     """``moeify convert DIR --dtype bf16`` then ``moeify export``: a checked float32 graph
     that matches, and stderr holds moeify's own line only (no exporter warnings)."""

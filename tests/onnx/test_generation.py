@@ -186,6 +186,7 @@ def test_checkpoint_directory_exports_through_the_cli_and_generates_without_torc
     np.testing.assert_array_equal(np.array(json.loads(run.stdout)), expected)
 
 
+@pytest.mark.slow
 def test_bench_generation_reports_tokens_per_second_and_agreement():
     from pathlib import Path
 

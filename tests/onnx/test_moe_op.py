@@ -145,6 +145,7 @@ def test_the_export_swaps_the_dispatcher_and_puts_the_layers_own_back():
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.slow
 def test_layers_the_operator_cannot_express_keep_the_static_form(tmp_path):
     # top-2 with capacity below the group length: the prefill keeps the static form, the
     # decode step (one token per group: nothing can drop) takes the operator

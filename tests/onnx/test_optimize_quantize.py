@@ -227,6 +227,7 @@ def test_gpt2_optimizes_and_quantizes_gemm_weights(tmp_path):
     assert np.abs(run(tmp_path / "q.onnx", feeds) - run(path, feeds)).max() <= 0.05
 
 
+@pytest.mark.slow
 def test_optimized_minilm_matches_and_fuses_every_layer(minilm, tmp_path):
     model, path, feeds = minilm
     out = tmp_path / "opt.onnx"
