@@ -119,8 +119,16 @@ def _parse_indices(text: str) -> tuple[int, ...]:
 
 # Field types Typer does not parse itself: type -> (parser of the option's text, metavar).
 # int, float, str, their Optional forms and the enums (choices) it handles.
+def _parse_switch(text: str) -> bool:
+    values = {"on": True, "off": False, "true": True, "false": False}
+    if text.lower() not in values:
+        raise typer.BadParameter(f"{text!r} is not on or off")
+    return values[text.lower()]
+
+
 _PARSERS: dict[Any, tuple[Callable[[str], Any], str]] = {
     tuple[int, ...] | None: (_parse_indices, "<i,j,...>"),
+    bool | None: (_parse_switch, "<on|off>"),
 }
 
 

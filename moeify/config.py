@@ -23,8 +23,9 @@ from moeify.errors import MoEError, Param
 class Gate(str, enum.Enum):
     """How the chosen experts' outputs are weighted.
 
-    ``softmax`` (Switch): top-1 output times that expert's router probability; top-2
-    weights are the pair's probabilities renormalized over the pair (GShard).
+    ``softmax`` (Switch): top-1 output times that expert's router probability; top-k
+    (k >= 2) weights are the chosen experts' probabilities renormalized over the k
+    choices (GShard's pair, Mixtral's top-k).
     ``normalized``: weights renormalized over the experts a token actually reaches, so
     they sum to 1 (top-1: weight 1). An upcycled model then computes exactly the dense
     function at init, but at top-1 the task loss gives the router no gradient.
@@ -115,8 +116,10 @@ class ConfigError(MoEError):
 def config_param(name: str) -> Param:
     """Field ``name`` of `MoEConfig` as a message names it: ``MoEConfig.top_k`` in
     Python, its option ``--top-k`` on the command line."""
-    option = next(f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig) if f.name == name)
-    return Param(name, option, owner=MoEConfig.__name__)
+    field = next(f for f in dataclasses.fields(MoEConfig) if f.name == name)
+    # a setting that is on, off or unset (its default decides) is typed with a value
+    return Param(name, field.metadata["cli"][0], owner=MoEConfig.__name__,
+                 switch=field.type == "bool | None")
 
 
 def _field(default: Any, *cli: str, help: str) -> Any:
@@ -142,7 +145,14 @@ class MoEConfig:
     num_experts: experts per Switch layer (E >= 2).
     capacity_factor / eval_capacity_factor: slots per expert as a multiple of an even
         share of a group's tokens, in training / in evaluation (paper: 1.25 / 2.0).
-    top_k: experts per token, 1 (Switch) or 2 (GShard random routing).
+    top_k: experts per token, 1 (Switch) to ``num_experts``: 2 is GShard's, 8 of 128
+        Qwen3-MoE's. Slots of an expert are filled by choice rank first (every first
+        choice of a group before any second choice, ...), then by position, and the
+        capacity grows with k (`expert_capacity`).
+    random_routing: GShard's random routing of the second expert in training (kept with
+        probability ``2 * p2 / (p1 + p2)``; top-2 only). None: on for ``top_k=2`` (the
+        Switch/GShard recipe), off otherwise; the HF targets, whose classes keep every
+        choice, set it off.
     router: ``token-choice`` or ``expert-choice``, see `RouterKind`. With expert choice
         each expert takes ``C = capacity(T)`` tokens of a group of T (the same formula,
         the capacity factor taking top_k's role: a token gets ``capacity_factor``
@@ -195,7 +205,11 @@ class MoEConfig:
         1.25, "--capacity", help="Training capacity factor: slots per expert as a multiple of T/E."
     )
     eval_capacity_factor: float = _field(2.0, "--eval-capacity", help="Evaluation capacity factor.")
-    top_k: int = _field(1, "--top-k", help="Experts per token: 1 (Switch) or 2 (GShard).")
+    top_k: int = _field(1, "--top-k", help="Experts per token: 1 (Switch), 2 (GShard), any k "
+                        "up to --experts (fine-grained MoE).")
+    random_routing: bool | None = _field(
+        None, "--random-routing", help="on or off: GShard's random second expert in training "
+        "(top-2 only); default: on for --top-k 2, off otherwise.")
     router: RouterKind = _field(
         RouterKind.TOKEN_CHOICE, "--router", help="token-choice (each token picks its top-k "
         "experts) or expert-choice (each expert takes the top-C tokens of a group, Zhou et "
@@ -261,7 +275,15 @@ class MoEConfig:
 
         # One field at a time, in declaration order, then the checks that relate fields.
         _require_int("num_experts", self.num_experts, lambda v: v >= 2, ">= 2")
-        _require_int("top_k", self.top_k, lambda v: v in (1, 2), "1 or 2 (Switch or GShard)")
+        _require_int("top_k", self.top_k, lambda v: v >= 1, ">= 1")
+        if self.random_routing is not None and not isinstance(self.random_routing, bool):
+            raise ConfigError("{random_routing!r} must be true, false or None",
+                              random_routing=self.random_routing)
+        if self.random_routing and self.top_k != 2:
+            raise ConfigError(
+                "{random_routing!r} is GShard's rule for a second expert (kept with "
+                "probability 2 * p2 / (p1 + p2)), defined for top-2 only; got {top_k!r}",
+                random_routing=True, top_k=self.top_k)
         _require_int("min_capacity", self.min_capacity, lambda v: v >= 1, ">= 1")
         if self.group_size is not None:
             _require_int("group_size", self.group_size, lambda v: v >= 1, ">= 1 or None")
@@ -305,15 +327,15 @@ class MoEConfig:
             if self.top_k % G:
                 raise ConfigError(
                     "{granularity!r} needs top_k a multiple of it (a token picks whole copies "
-                    "of the G slices at init), got {top_k!r}; moeify routes top-1 or top-2, "
-                    "so granularity 2 goes with {top_k_2}", granularity=G, top_k=self.top_k,
-                    top_k_2=config_param("top_k").given(2))
+                    "of the G slices at init), got {top_k!r}; for example {top_k_g}",
+                    granularity=G, top_k=self.top_k, top_k_g=config_param("top_k").given(G))
             if self.num_experts % G:
                 raise ConfigError("{num_experts!r} must be a multiple of {granularity!r} (each "
                                   "copy of the dense FFN is G experts)",
                                   num_experts=self.num_experts, granularity=G)
-        if self.top_k > self.num_experts:  # unreachable while top_k <= 2 <= num_experts
-            raise ConfigError("{top_k!r} exceeds {num_experts!r}",
+        if self.top_k > self.num_experts:
+            raise ConfigError("{top_k!r} exceeds {num_experts!r}: a token cannot choose "
+                              "more experts than there are",
                               top_k=self.top_k, num_experts=self.num_experts)
 
     def _check_expert_choice(self) -> None:
@@ -349,6 +371,12 @@ class MoEConfig:
             top_k=self.top_k,
             min_capacity=self.min_capacity,
         )
+
+    @property
+    def uses_random_routing(self) -> bool:
+        """Whether training keeps the second expert at random (GShard): ``random_routing``,
+        by default on for top-2."""
+        return self.top_k == 2 if self.random_routing is None else self.random_routing
 
     def resolve_expert_dropout(self, source_dropout: float = 0.0) -> float:
         """The experts' dropout rate for a site whose dense FFN applies ``source_dropout``

@@ -47,6 +47,7 @@ class Param:
     option: str = ""
     owner: str = ""
     value: Any = _NO_VALUE
+    switch: bool = False  # typed with a value, on or off (``--random-routing off``)
 
     def __post_init__(self) -> None:
         if not self.option:
@@ -62,6 +63,8 @@ class Param:
         if not cli:
             name = f"{self.owner}.{self.name}" if self.owner else self.name
             return name if value is _NO_VALUE else f"{name}={value!r}"
+        if self.switch and isinstance(value, bool):
+            return f"{self.option} {'on' if value else 'off'}"
         if value is _NO_VALUE or value is True:
             return self.option
         if value is False:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import moeify
-from moeify.config import MoEConfig
+from moeify.config import MoEConfig, config_param
 
 
 def test_help_does_not_import_torch():
@@ -44,6 +44,7 @@ CONFIG_OPTIONS = {  # the names users type; renaming one breaks their scripts
     "z_loss_coef": "--z-loss-coef", "expert_dropout": "--expert-dropout",
     "router_dtype": "--router-dtype", "seed": "--seed", "dropless": "--dropless",
     "drop_ratio": "--drop-ratio", "granularity": "--granularity", "router": "--router",
+    "random_routing": "--random-routing",
 }
 
 
@@ -63,7 +64,7 @@ def test_each_config_field_is_one_option_with_the_dataclass_default(command):
     assert sorted(p.name for p in from_config) == sorted(fields)  # each field exactly once
     for param in from_config:
         field = fields[param.name]
-        assert param.opts[0] == CONFIG_OPTIONS[param.name] == field.metadata["cli"][0]
+        assert param.opts[0] == CONFIG_OPTIONS[param.name] == config_param(param.name).option
         assert param.default == field.default, param.name
         assert param.help == field.metadata["help"]
     taken = [opt for p in params for opt in p.opts]
@@ -80,13 +81,13 @@ def test_help_lists_every_config_option_with_its_default():
     blocks: dict[str, str] = {}  # option -> its help, over the lines rich wraps it to
     for line in result.output.splitlines():
         text = line.strip("│ ")
-        if text.startswith("--"):
+        if line.startswith("│ --"):  # an option's first line (wrapped help is indented)
             option = text.split()[0]
             blocks[option] = ""
         if blocks:
             blocks[option] += " " + text
     for field in dataclasses.fields(MoEConfig):
-        block = blocks[field.metadata["cli"][0]]
+        block = blocks[config_param(field.name).option]
         if field.default is not None and field.default is not False:  # a flag: off unless given
             default = getattr(field.default, "value", field.default)
             assert f"[default: {default}]" in block, block
@@ -96,7 +97,8 @@ def test_help_lists_every_config_option_with_its_default():
     (["--experts", "0"], ["--experts 0 must be an integer >= 2"]),  # not "--top-k exceeds"
     (["--experts", "1"], ["--experts 1 must be an integer >= 2"]),
     (["--capacity", "0"], ["--capacity 0.0 must be a finite number > 0"]),
-    (["--top-k", "3"], ["--top-k 3 must be an integer 1 or 2"]),
+    (["--top-k", "9"], ["--top-k 9 exceeds --experts 8"]),
+    (["--top-k", "3", "--random-routing", "on"], ["--random-routing on is GShard's rule", "--top-k 3"]),
     (["--layers", "1,1"], ["--layers 1,1 must list distinct layer indices >= 0"]),
     (["--group-size", "0"], ["--group-size 0 must be an integer >= 1"]),
     (["--router-dtype", "bfloat16"], ["--router-dtype 'bfloat16' is not one of 'float32'"]),
@@ -123,3 +125,16 @@ def test_option_text_that_does_not_parse_is_a_usage_error(args, fragments, moeif
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stderr).split())  # unwrap rich's box
     for fragment in fragments:
         assert fragment in text, text
+
+
+def test_the_report_states_whether_top2_keeps_the_second_expert_at_random(moeify_main):
+    def report(*args):
+        result = moeify_main("inspect", "t5-small", *args)
+        assert result.returncode == 0, result.stderr
+        return " ".join((result.stdout + result.stderr).split())
+
+    assert "in training the second is kept at random (GShard)" in report("--top-k", "2")
+    assert "each token picks its top-2 experts; both kept in training" in report(
+        "--top-k", "2", "--random-routing", "off")
+    result = moeify_main("inspect", "t5-small", "--experts", "16", "--top-k", "4", "--json")
+    assert result.returncode == 0 and '"top_k": 4' in result.stdout

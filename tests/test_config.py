@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from moeify import Gate, Init, MoEConfig
-from moeify.config import ConfigError
+from moeify.config import ConfigError, config_param
 from moeify.errors import MoEError
 
 
@@ -16,8 +16,11 @@ from moeify.errors import MoEError
         ("num_experts", 1, "num_experts=1 must be an integer >= 2"),
         ("num_experts", 2.5, "num_experts=2.5 must be an integer"),
         ("num_experts", "8", "num_experts='8' must be an integer"),
-        ("top_k", 3, "top_k=3 must be an integer 1 or 2"),
-        ("top_k", 0, "top_k=0"),
+        ("top_k", 9, "top_k=9 exceeds MoEConfig.num_experts=8: a token cannot choose"),
+        ("top_k", 0, "top_k=0 must be an integer >= 1"),
+        ("random_routing", True, r"random_routing=True is GShard's rule .* top-2 only; got "
+                                 "MoEConfig.top_k=1"),
+        ("random_routing", "yes", "random_routing='yes' must be true, false or None"),
         ("capacity_factor", 0, "capacity_factor=0 must be a finite number > 0"),
         ("eval_capacity_factor", -1.0, "eval_capacity_factor=-1.0"),
         ("capacity_factor", float("nan"), "capacity_factor=nan"),
@@ -63,9 +66,25 @@ def test_config_module_imports_nothing_from_the_switch_layer_or_torch():
 def test_every_field_declares_its_command_line_option():
     import dataclasses
 
-    names = [f.metadata["cli"][0] for f in dataclasses.fields(MoEConfig)]
+    names = [config_param(f.name).option for f in dataclasses.fields(MoEConfig)]
     assert all(n.startswith("--") for n in names) and len(set(names)) == len(names)
     assert all(f.metadata["help"] for f in dataclasses.fields(MoEConfig))
+
+
+def test_any_top_k_and_the_random_routing_default():
+    assert MoEConfig(num_experts=128, top_k=8).top_k == 8
+    assert MoEConfig(top_k=2).uses_random_routing  # GShard, the Switch recipe's top-2
+    assert not MoEConfig(top_k=2, random_routing=False).uses_random_routing
+    assert not MoEConfig(top_k=4).uses_random_routing and not MoEConfig().uses_random_routing
+    with pytest.raises(ConfigError) as caught:
+        MoEConfig(top_k=4, random_routing=True)
+    assert caught.value.render(cli=True).startswith("--random-routing on is GShard's rule")
+    assert "--top-k 4" in caught.value.render(cli=True)
+    # granular upcycling at any G: top-k a multiple of it
+    assert MoEConfig(num_experts=64, top_k=8, granularity=8).granularity == 8
+    with pytest.raises(ConfigError, match=r"granularity=8 needs top_k a multiple of it.*"
+                       r"MoEConfig.top_k=8"):
+        MoEConfig(num_experts=64, top_k=4, granularity=8)
 
 
 def test_top2_needs_only_two_experts():

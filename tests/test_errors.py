@@ -24,7 +24,7 @@ def test_every_error_kind_is_a_moe_error():
 
 def test_except_moe_error_catches_a_bad_config():
     try:
-        MoEConfig(num_experts=4, top_k=3)
+        MoEConfig(num_experts=4, top_k=5)
     except moeify.MoEError as error:
         caught = error
     assert isinstance(caught, ConfigError) and caught.field == "top_k"
@@ -96,10 +96,10 @@ def test_hf_target_errors_name_parameters_or_options():
         target_config("mixtral", models.llama(), MoEConfig(top_k=1), explicit={"top_k"})
     error = caught.value
     assert str(error).startswith("hf_arch='mixtral' cannot take MoEConfig.top_k=1: ")
-    assert "use MoEConfig.top_k=2 (the default for mixtral), or hf_arch='qwen2_moe'" in str(error)
+    assert "use MoEConfig.top_k=2 (the default for mixtral) or more, or hf_arch='qwen2_moe'" in str(error)
     cli = error.render(cli=True)
     assert cli.startswith("--hf-arch mixtral cannot take --top-k 1: ")
-    assert "use --top-k 2 (the default for mixtral), or --hf-arch qwen2_moe" in cli
+    assert "use --top-k 2 (the default for mixtral) or more, or --hf-arch qwen2_moe" in cli
 
 
 def test_an_existing_destination_names_the_callers_parameter_and_force(tmp_path):

@@ -34,6 +34,9 @@ CASES = {
     # granular upcycling: 4 copies x 2 halves of the FFN, Mixtral's intermediate_size d_ff/2
     "llama-mixtral-granular": (models.llama, "mixtral", {"num_experts": 8, "top_k": 2,
                                                          "granularity": 2}),
+    # fine-grained routing: any top-k
+    "llama-mixtral-top4": (models.llama, "mixtral", {"num_experts": 8, "top_k": 4}),
+    "qwen2-qwen2_moe-top3": (models.qwen2, "qwen2_moe", {"num_experts": 8, "top_k": 3}),
 }
 
 
@@ -86,7 +89,7 @@ def test_loads_with_no_missing_or_unexpected_keys(exported):
     assert hf.config.router_aux_loss_coef == config.aux_loss_coef
     if exported["arch"] == "qwen2_moe":
         assert hf.config.shared_expert_intermediate_size == 1
-        assert hf.config.norm_topk_prob == (config.top_k == 2)
+        assert hf.config.norm_topk_prob == (config.top_k >= 2)
         assert any("shared expert" in note for note in exported["export"].notes)
         for layer in hf.model.layers:  # the shared expert adds exactly nothing
             if hasattr(layer.mlp, "shared_expert"):
@@ -298,6 +301,10 @@ def test_target_config_fills_defaults_and_refuses_explicit_conflicts():
     llama = models.llama()
     filled = target_config("mixtral", llama, MoEConfig(num_experts=4), explicit={"num_experts"})
     assert (filled.top_k, filled.every, filled.dropless, filled.z_loss_coef) == (2, 1, True, 0.0)
+    assert not filled.uses_random_routing  # HF keeps every choice in training
+    top4 = target_config("mixtral", llama, MoEConfig(num_experts=8, top_k=4),
+                         explicit={"num_experts", "top_k"})
+    assert (top4.top_k, top4.every, top4.dropless) == (4, 1, True)
     assert filled.jitter_eps == MoEConfig().jitter_eps  # mapped to router_jitter_noise
     with pytest.raises(moeify.MoEError, match="auxiliary loss alone"):
         target_config("mixtral", llama, MoEConfig(top_k=1), explicit={"top_k"})
@@ -368,7 +375,7 @@ def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path, moeify_cli):
      ["cannot take --top-k 1", "renormalises", "a single expert's weight is always 1",
       "auxiliary loss alone"]),
     (["meta-llama/Llama-3.2-1B", "--every", "2"],
-     ["--hf-arch mixtral requires --top-k 2, --every 1", "conflicting: --every 2"]),
+     ["--hf-arch mixtral requires --top-k >= 2, --every 1", "conflicting: --every 2"]),
     (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen2_moe", "--capacity", "1.25"],
      ["--hf-arch qwen2_moe requires --dropless", "conflicting: --capacity"]),
 ])

@@ -116,7 +116,11 @@ class ConversionReport:
         applies and where causal sites keep token choice."""
         c = self.config
         if c.router == RouterKind.TOKEN_CHOICE:
-            return f"token choice: each token picks its top-{c.top_k} expert" + "s" * (c.top_k > 1)
+            text = f"token choice: each token picks its top-{c.top_k} expert" + "s" * (c.top_k > 1)
+            if c.top_k == 2:
+                text += ("; in training the second is kept at random (GShard)"
+                         if c.uses_random_routing else "; both kept in training")
+            return text
         parts = []
         for kind in (RouterKind.EXPERT_CHOICE, RouterKind.TOKEN_CHOICE):
             sites = [s for s in self.sites if s.router == kind.value]

@@ -10,17 +10,19 @@ The targets (transformers 5.x classes, checked against the installed source):
 
 ``mixtral`` (`MixtralForCausalLM`), from Llama or Mistral (SwiGLU FFN, bias-free
 attention): every decoder layer is sparse; the router takes the softmax over all experts
-in float32, the top-2, and renormalises the pair; nothing is dropped. That is moeify's
-top-2 softmax gate in eval mode with ``dropless``, so this target needs ``top_k=2``,
-``every=1``, ``dropless`` (filled in when not set; set otherwise, refused). Top-1 is
-refused: Mixtral renormalises over the top-k, so a single expert's weight is always 1 and
-the router would learn from the auxiliary loss alone.
+in float32, the top-k (``num_experts_per_tok``), and renormalises over the k; nothing is
+dropped. That is moeify's softmax gate for k >= 2 with ``dropless``, so this target needs
+``top_k >= 2`` (2 when not set), ``every=1``, ``dropless`` (filled in when not set; set
+otherwise, refused). Top-1 is refused: Mixtral renormalises over the top-k, so a single
+expert's weight is always 1 and the router would learn from the auxiliary loss alone.
+GShard's random second expert (``random_routing``) is set off unless asked for: HF's
+classes keep every choice in training.
 
 ``qwen2_moe`` (`Qwen2MoeForCausalLM`), from Llama, Mistral or Qwen2: Switch-style
 routing. moeify's layer choice maps onto ``decoder_sparse_step`` (``every=N`` selects
 layers N-1, 2N-1, ...: HF's ``(i + 1) % step == 0``) or, for any other set, onto
 ``mlp_only_layers``; top-1 with the raw router probability is ``norm_topk_prob=False``,
-top-2 (renormalised over the pair) or the normalized gate is ``norm_topk_prob=True``;
+top-k for k >= 2 (renormalised over the k) or the normalized gate is ``norm_topk_prob=True``;
 dropless. Its attention has q/k/v biases: a Llama or Mistral source gets zeros (what
 mergekit writes), so the model is the same. Layers left dense and renormalised top-k are
 valid Qwen2-MoE for transformers and vLLM; llama.cpp's Qwen2-MoE needs a router in every
@@ -154,7 +156,7 @@ def _top1_mixtral() -> MoEError:
     return MoEError(
         "{mixtral} cannot take {top_1}: Mixtral renormalises the router's top-k probabilities, "
         "so a single expert's weight is always 1 and the router would learn from the "
-        "auxiliary loss alone; use {top_2} (the default for mixtral), or {qwen2_moe}, which "
+        "auxiliary loss alone; use {top_2} (the default for mixtral) or more, or {qwen2_moe}, which "
         "routes top-1 with the raw router probability", mixtral=ARCH.given(MIXTRAL),
         top_1=config_param("top_k").given(1), top_2=config_param("top_k").given(2),
         qwen2_moe=ARCH.given(QWEN2_MOE))
@@ -259,8 +261,10 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
     if arch == MIXTRAL:
         if "top_k" in explicit and config.top_k == 1:
             raise _top1_mixtral()
-        wanted: dict[str, Any] = {"top_k": 2, "every": 1, "dropless": True}
-        required = [field("top_k", 2), field("every", 1) + " (every decoder layer)",
+        wanted: dict[str, Any] = {"every": 1, "dropless": True}
+        if "top_k" not in explicit:
+            wanted["top_k"] = 2
+        required = [field("top_k") + " >= 2", field("every", 1) + " (every decoder layer)",
                     field("dropless", True)]
         all_layers = tuple(range(layers))
         if "layers" in explicit and config.layers is not None and config.layers != all_layers:
@@ -274,6 +278,7 @@ def target_config(arch: str, model: nn.Module, config: MoEConfig,
         conflicts = []
     # training-only settings a target has no place for: off unless asked for
     wanted["z_loss_coef"] = 0.0
+    wanted["random_routing"] = False
     if arch == QWEN2_MOE:
         wanted["jitter_eps"] = 0.0
     for name in ("top_k", "every", "dropless"):
@@ -370,7 +375,7 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
         raise _fail("the experts' activation ({activation}) is not the source's hidden_act "
                     "{hidden_act!r}", activation=activation.value, hidden_act=source.hidden_act)
     expert_width = site_expert_width(sites[0], c)
-    if arch == MIXTRAL and c.top_k != 2:
+    if arch == MIXTRAL and c.top_k < 2:
         raise _top1_mixtral()
 
     fields = {k: getattr(source, k) for k in _CARRIED if getattr(source, k, None) is not None}
@@ -438,9 +443,9 @@ def hf_layout(model: nn.Module, plan, arch: str, *, dtype: torch.dtype | None = 
         notes.append(f"router weights written in {str(dtype).removeprefix('torch.')} with "
                      "the rest: HF computes the router logits in the model's dtype (moeify "
                      "in float32)")
-    if c.top_k == 2:
-        notes.append("GShard's random second expert (moeify, training only) has no HF "
-                     "counterpart: HF always keeps both choices")
+    if c.uses_random_routing:
+        notes.append("random_routing (GShard's random second expert, moeify, training only) "
+                     "has no HF counterpart: HF always keeps every choice")
     if c.group_size is not None:
         notes.append(f"group_size={c.group_size} not written: HF routes every token at "
                      "once (dropless: the output is the same; the aux loss pools all tokens)")

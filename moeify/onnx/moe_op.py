@@ -13,7 +13,7 @@ around it:
 - the router, the routing and the capacity stay in the graph as in the static form
   (float32 logits, slot positions, ``kept``); the operator receives the same float32
   logits and computes the same softmax gate: top-1 ``p * expert(x)``
-  (``normalize_routing_weights=0``), top-2 the pair renormalized
+  (``normalize_routing_weights=0``), top-k (k >= 2) renormalized over the k
   (``normalize_routing_weights=1``), a normalized gate ``normalize_routing_weights=1``;
 - its output is multiplied by the ``kept`` mask: a token that overflowed its expert's
   capacity (or a padding token) gets 0 and the residual carries it, as in the static
@@ -28,7 +28,7 @@ the static form):
 | ReLU, tanh GELU (``gelu_new``), SiLU experts, biases or not | ``relu`` / ``gelu`` / ``silu`` |
 | gated SiLU (Llama's SwiGLU) | ``swiglu`` (interleaved fc1, alpha 1, beta 0, no limit) |
 | exact (erf) GELU, gated GELU / ReLU | none: the operator's gelu is the tanh form |
-| top-2 with capacity < group length | none: one choice of a pair can drop alone |
+| top-k (k >= 2) with capacity < group length | none: one of a token's choices can drop alone |
 | expert choice | none: experts choose tokens |
 
 A graph with the operator runs on ONNX Runtime only (``onnx.checker`` knows no schema
@@ -94,10 +94,11 @@ def unsupported(layer: nn.Module) -> str | None:
         kind = f"gated {experts.activation.value}" if experts.gated else experts.activation.value
         return f"{kind} experts: the operator's only gated form is SwiGLU (gated SiLU)"
     tokens = layer.tokens_per_group
-    if config.top_k == 2 and config.capacity(tokens, training=False) < tokens:
-        return (f"top-2 routing with capacity {config.capacity(tokens, training=False)} < "
-                f"{tokens} tokens per group: one choice of a pair can drop without the "
-                "other, which the operator cannot express")
+    if config.top_k >= 2 and config.capacity(tokens, training=False) < tokens:
+        return (f"top-{config.top_k} routing with capacity "
+                f"{config.capacity(tokens, training=False)} < {tokens} tokens per group: one "
+                "of a token's choices can drop without the others, which the operator "
+                "cannot express")
     return None
 
 
@@ -196,7 +197,7 @@ class OrtDispatcher(Dispatcher):
         self.fallback = layer.dispatcher
         self.activation = _ACTIVATION_TYPES[(experts.activation, experts.gated)]
         self.k = config.top_k
-        self.normalize = config.top_k == 2 or config.gate == Gate.NORMALIZED
+        self.normalize = config.top_k >= 2 or config.gate == Gate.NORMALIZED
         with torch.no_grad():
             w_in, b_in = experts.w_in.detach(), experts.b_in
             if experts.gated:  # rows 2i, 2i+1 = gate column i, linear column i
@@ -219,7 +220,7 @@ class OrtDispatcher(Dispatcher):
                                      self.fc2_bias, self.k, self.activation, self.normalize)
         y = y.unflatten(0, x.shape[:2])  # [G, T, d]
         if routing.valid is not None or sizes.expert_capacity < sizes.tokens_per_group:
-            # top-1: the one choice; top-2 reaches here only where nothing can drop
+            # top-1: the one choice; top-k reaches here only where nothing can drop
             y = y * routing.kept.any(dim=-1, keepdim=True).to(y.dtype)
         return y, None
 

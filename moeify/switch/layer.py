@@ -100,7 +100,8 @@ class SwitchFFN(nn.Module):
         local = dispatcher.local_experts(config.num_experts)
         router_class = ExpertChoiceRouter if expert_choice else TokenChoiceRouter
         if router is None:
-            options = {} if expert_choice else {"top_k": config.top_k, "gate": config.gate}
+            options = {} if expert_choice else {"top_k": config.top_k, "gate": config.gate,
+                                                "random_routing": config.uses_random_routing}
             router = router_class(
                 d_model, config.num_experts, jitter_eps=config.jitter_eps,
                 router_dtype="float64" if dtype == torch.float64 else config.router_dtype,

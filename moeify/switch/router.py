@@ -130,25 +130,28 @@ class Router(nn.Module):
 
 
 class TokenChoiceRouter(Router):
-    """Tokens choose their top-``top_k`` experts (Switch top-1, GShard top-2)."""
+    """Tokens choose their top-``top_k`` experts (Switch top-1, GShard top-2, any k);
+    ``random_routing``: GShard's random second expert in training (top-2)."""
 
     def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1,
                  gate: Gate = Gate.SOFTMAX, jitter_eps: float = 0.0,
-                 router_dtype: str = "float32",
+                 router_dtype: str = "float32", random_routing: bool | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__(d_model, num_experts, jitter_eps=jitter_eps,
                          router_dtype=router_dtype, device=device)
         self.top_k, self.gate = top_k, Gate(gate)
+        self.random_routing = top_k == 2 if random_routing is None else random_routing
 
     def configure(self, config: MoEConfig) -> None:
         super().configure(config)
         self.top_k, self.gate = config.top_k, config.gate
+        self.random_routing = config.uses_random_routing
 
     def route(self, x: Tensor, sizes: Sizes, *, group_capacity: Tensor | None = None,
               valid: Tensor | None = None) -> Routing:
         router_logits = self(x)  # [G, T, E] float32
         uniform = None
-        if self.training and self.top_k == 2:
+        if self.training and self.random_routing:
             uniform = torch.rand_like(router_logits[..., 0])  # GShard random routing
         capacity = sizes.expert_capacity if group_capacity is None else group_capacity
         return route(
@@ -179,7 +182,8 @@ class TokenChoiceRouter(Router):
         )
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, gate={self.gate.value}"
+        random = ", random_routing=True" if self.random_routing else ""
+        return f"top_k={self.top_k}, gate={self.gate.value}{random}"
 
 
 class ExpertChoiceRouter(Router):

@@ -3,7 +3,7 @@
 Pure functions over tensors. Shapes use the paper's names:
 
     G  groups            T  tokens_per_group     d  d_model
-    E  num_experts       C  expert_capacity      k  top_k (1 or 2)
+    E  num_experts       C  expert_capacity      k  top_k (1 <= k <= E)
 
 Nothing here reads a tensor's shape to decide a size: the capacity and the group length
 arrive as Python ints, so every function traces (fx, export, compile, ONNX) to a graph
@@ -104,34 +104,28 @@ def route(
 ) -> Routing:
     """Tokens choose experts; earlier tokens claim slots first.
 
-    router_logits: [G, T, E]. top_k: 1 (Switch) or 2 (GShard).
-    second_uniform: [G, T] uniform samples for GShard random routing (training): the
-        second expert is kept iff ``u < 2 * g2`` with ``g2 = p2 / (p1 + p2)``, i.e. with
-        probability proportional to its weight. None keeps every second choice (eval).
+    router_logits: [G, T, E]. top_k: 1 (Switch), 2 (GShard), any k <= E.
+    second_uniform: [G, T] uniform samples for GShard random routing (training, top-2):
+        the second expert is kept iff ``u < 2 * g2`` with ``g2 = p2 / (p1 + p2)``, i.e.
+        with probability proportional to its weight. None keeps every choice.
     expert_capacity: an int, or [G, 1, 1] per group (`group_capacities`).
     valid: [G, T] bool, the real tokens (None: all); padding tokens choose nothing.
-    All first choices of a group fill capacity before any second choice. A choice whose
-    slot would be >= ``expert_capacity`` is dropped; a token with no kept choice gets
-    output 0 from the layer, so the residual carries it.
+    The k choices are the k largest probabilities, best first (ties: the lower expert
+    index). All first choices of a group fill capacity before any second choice, all
+    second choices before any third, and so on. A choice whose slot would be >=
+    ``expert_capacity`` is dropped; a token with no kept choice gets output 0 from the
+    layer, so the residual carries it.
     """
     probs = torch.softmax(router_logits, dim=-1)  # [G, T, E]
-    first = probs.argmax(dim=-1, keepdim=True)  # [G, T, 1]
-    if top_k == 1:
-        expert_index = first
-        gate_probs = probs.gather(-1, first)  # [G, T, 1]
-        chosen = torch.ones_like(first, dtype=torch.bool)
-    else:
-        masked = probs.scatter(-1, first, -1.0)  # the first choice cannot be second
-        second = masked.argmax(dim=-1, keepdim=True)
-        expert_index = torch.cat([first, second], dim=-1)  # [G, T, 2]
-        gate_probs = probs.gather(-1, expert_index)  # [G, T, 2]
-        chosen_first = torch.ones_like(first, dtype=torch.bool)
-        if second_uniform is None:
-            chosen_second = torch.ones_like(second, dtype=torch.bool)
-        else:
-            g2 = gate_probs[..., 1:] / gate_probs.sum(-1, keepdim=True)
-            chosen_second = second_uniform.unsqueeze(-1).to(g2.dtype) < 2.0 * g2
-        chosen = torch.cat([chosen_first, chosen_second], dim=-1)
+    expert_index = top_experts(probs, top_k)  # [G, T, k]
+    gate_probs = probs.gather(-1, expert_index)  # [G, T, k]
+    chosen = torch.ones_like(expert_index, dtype=torch.bool)
+    if second_uniform is not None:
+        if top_k != 2:
+            raise ValueError(f"random routing decides a second expert: top_k=2, not {top_k}")
+        g2 = gate_probs[..., 1:] / gate_probs.sum(-1, keepdim=True)
+        chosen_second = second_uniform.unsqueeze(-1).to(g2.dtype) < 2.0 * g2
+        chosen = torch.cat([chosen[..., :1], chosen_second], dim=-1)
 
     if valid is not None:
         chosen = chosen & valid.unsqueeze(-1)
@@ -139,6 +133,22 @@ def route(
     kept = chosen & (position < expert_capacity)
     combine_weights = gate_weights(gate_probs, kept, top_k=top_k, gate=gate)
     return Routing(router_logits, probs, expert_index, position, kept, combine_weights, valid)
+
+
+def top_experts(probs: Tensor, top_k: int) -> Tensor:
+    """The ``top_k`` experts of each token, best first: [..., E] -> [..., k] int64.
+
+    One argmax per rank, each excluding the experts already taken (scores are
+    probabilities, so -1 excludes): ties go to the lower index at every rank, the same
+    on every backend and in every exported graph (ArgMax), where ``topk``'s tie order is
+    unspecified.
+    """
+    choices = [probs.argmax(dim=-1, keepdim=True)]
+    masked = probs
+    for _ in range(top_k - 1):
+        masked = masked.scatter(-1, choices[-1], -1.0)
+        choices.append(masked.argmax(dim=-1, keepdim=True))
+    return choices[0] if top_k == 1 else torch.cat(choices, dim=-1)
 
 
 def slot_positions(
@@ -161,8 +171,8 @@ def slot_positions(
 def gate_weights(gate_probs: Tensor, kept: Tensor, *, top_k: int, gate: Gate) -> Tensor:
     """Weights of each choice's expert output, [G, T, k]; 0 where not kept.
 
-    softmax: top-1 keeps the raw probability (Switch); top-2 renormalizes over the chosen
-    pair (GShard), whether or not the second one was dropped afterwards.
+    softmax: top-1 keeps the raw probability (Switch); top-k (k >= 2) renormalizes over
+    the k chosen (GShard's pair, Mixtral), whether or not some were dropped afterwards.
     normalized: renormalized over the kept choices, so the kept weights sum to 1.
     """
     kept_f = kept.to(gate_probs.dtype)

@@ -8,9 +8,9 @@ import moeify
 from tests.distributed import harness, workers
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_forward_aux_losses_and_gradients_equal_one_process(world, tmp_path):
-    values = harness.all_ok(harness.run(workers.equivalence, world, tmp=tmp_path))
+@pytest.mark.parametrize("world, top_k", [(2, 1), (4, 1), (2, 3)])
+def test_forward_aux_losses_and_gradients_equal_one_process(world, top_k, tmp_path):
+    values = harness.all_ok(harness.run(workers.equivalence, world, top_k, tmp=tmp_path))
     assert all(v["checked"] > 10 and v["dtype"] == "torch.float32" for v in values)
     sent = [tuple(rows) for v in values for rows in v["rows_sent"]]
     assert len(set(sent)) > 1  # ranks send uneven counts

@@ -70,6 +70,27 @@ def test_converted_models_match_onnx_runtime_with_drops(name, build, tmp_path):
         assert scatter_destinations_are_distinct(path, feeds) >= 1
 
 
+def test_any_top_k_exports_with_its_static_capacity_and_drops(tmp_path):
+    """Top-3 of 8: C = ceil(1.0 * 3 * 12 / 8) = 5 slots per expert and sequence, rank-major
+    priority and drops, the same in the graph as in PyTorch."""
+    torch.manual_seed(0)
+    model = models.llama(layers=2).eval()
+    moeify.convert(model, MoEConfig(num_experts=8, top_k=3, eval_capacity_factor=1.0,
+                                    min_capacity=1), seq_len=SEQ)
+    for _, layer in moeify.switch_layers(model):  # confident routers: experts overflow
+        torch.nn.init.normal_(layer.router.weight, std=2.0)
+    path = tmp_path / "top3.onnx"
+    metadata = moeify.export_onnx(model, path, seq_len=SEQ)
+    assert (metadata["top_k"], metadata["expert_capacity"]) == ("3", "5")
+    assert (8, "batch", 5) in expert_shapes(onnx.load(str(path)), 8)
+    runner = OnnxRunner(path)
+    inputs = random_inputs(runner.inputs, 3, seed=3)
+    expected = reference(model, inputs).numpy()
+    # choices overflow their experts (a token loses some of its 3 choices)
+    assert any(sum(s.tokens_per_expert) < 3 * s.num_tokens for s in moeify.routing_stats(model))
+    assert np.abs(runner.run(**inputs) - expected).max() <= 1e-4
+
+
 def test_runner_refuses_another_sequence_length(tmp_path):
     model = models.bert(layers=2).eval()
     moeify.convert(model, DROPPING, seq_len=SEQ)

@@ -54,6 +54,8 @@ CASES = {
                             MoEConfig(num_experts=4, top_k=2, dropless=True)),
     "gpt2-granular": (lambda: models.gpt2(layers=2),
                       MoEConfig(num_experts=8, top_k=2, granularity=2, dropless=True)),
+    "llama-top3-dropless": (lambda: models.llama(layers=2),
+                            MoEConfig(num_experts=8, top_k=3, dropless=True)),
 }
 
 

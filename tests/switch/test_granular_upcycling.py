@@ -127,3 +127,21 @@ def test_distill_joins_the_slices_back_into_the_dense_ffn():
     outputs(moe, ids)
     usage = moeify.distill(moe, rule="usage")  # copies weighted by their slices' tokens
     assert torch.allclose(outputs(usage, ids), outputs(dense, ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("experts, top_k, G", [(16, 4, 4), (64, 8, 8), (32, 8, 4)])
+def test_any_granularity_is_the_dense_ffn_at_init_and_picks_whole_copies(experts, top_k, G):
+    """He et al.'s fine-grained recipe (e.g. 64 experts, top-8, G = 8): a token's top-k
+    takes k / G whole copies (all G slices of each), with weights renormalized over the k,
+    so each slice's output scaled by G gives back the dense FFN."""
+    torch.manual_seed(0)
+    dense = models.llama(layers=2).eval()  # d_ff 40: slices of 10 or 5
+    moe = copy.deepcopy(dense)
+    moeify.convert(moe, MoEConfig(num_experts=experts, top_k=top_k, granularity=G,
+                                  dropless=True))
+    ids = torch.randint(2, models.VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    assert (outputs(moe, ids) - outputs(dense, ids)).abs().max() <= 1e-5
+    for stats in moeify.routing_stats(moe):
+        counts = torch.tensor(stats.tokens_per_expert).view(experts // G, G)
+        assert int(counts.sum()) == top_k * stats.num_tokens
+        assert (counts == counts[:, :1]).all()  # every slice of a copy, or none

@@ -7,7 +7,7 @@ import torch
 
 from moeify.config import Gate
 from moeify.switch.dispatch import Sizes, slot_tokens
-from moeify.switch.routing import expert_capacity, route
+from moeify.switch.routing import expert_capacity, route, top_experts
 
 
 def logits_choosing(choices, num_experts):
@@ -131,3 +131,34 @@ def test_groups_route_independently():
     assert r.kept[:, :, 0].tolist() == [[True, False, True]] * 2
     sizes = Sizes(num_experts=2, expert_capacity=1, tokens_per_group=3, top_k=1)
     assert slot_tokens(r, sizes).tolist() == [[[0], [0]], [[2], [2]]]
+
+
+def test_top_k_any_k_fills_slots_by_choice_rank_then_position():
+    # Four tokens, four experts, k = 3, two slots each. Choices (best first):
+    # t0: 0, 1, 2   t1: 0, 2, 3   t2: 1, 0, 3   t3: 0, 1, 2
+    logits = logits_choosing([[0, 1, 2], [0, 2, 3], [1, 0, 3], [0, 1, 2]], 4)
+    r = route(logits, num_experts=4, top_k=3, expert_capacity=2, gate=Gate.SOFTMAX)
+    assert r.expert_index[0].tolist() == [[0, 1, 2], [0, 2, 3], [1, 0, 3], [0, 1, 2]]
+    # Rank 1 first: expert 0 <- t0, t1 (t3's first choice drops), expert 1 <- t2. Rank 2:
+    # expert 1 <- t0 (full now), expert 2 <- t1, expert 0 full (t2's drops), expert 1 full
+    # (t3's drops). Rank 3: expert 2 <- t0 (full now), expert 3 <- t1, t2; t3's expert 2 drops.
+    assert r.kept[0].tolist() == [[True, True, True], [True, True, True],
+                                  [True, False, True], [False, False, False]]
+    assert r.position[0][r.kept[0]].tolist() == [0, 1, 1, 1, 0, 0, 0, 1]
+    # The softmax gate at k >= 2 renormalizes over the k chosen (dropped ones weigh 0).
+    p = torch.softmax(logits, -1)[0]
+    chosen = p.gather(-1, r.expert_index[0])
+    torch.testing.assert_close(r.combine_weights[0],
+                               chosen / chosen.sum(-1, keepdim=True) * r.kept[0])
+    # the capacity grows with k: ceil(cf * k * T / E)
+    assert expert_capacity(64, num_experts=128, capacity_factor=1.25, top_k=8) == 5
+
+
+def test_top_experts_breaks_ties_to_the_lower_index_at_every_rank():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4]])
+    assert top_experts(probs, 3).tolist() == [[0, 1, 2], [1, 3, 0]]
+    assert top_experts(probs, 1).tolist() == [[0], [1]]
+    # random routing decides a second expert: top-2 only
+    with pytest.raises(ValueError, match="top_k=2"):
+        route(torch.randn(1, 2, 4), num_experts=4, top_k=3, expert_capacity=2,
+              gate=Gate.SOFTMAX, second_uniform=torch.rand(1, 2))
