@@ -80,7 +80,10 @@ def main() -> None:
     # The model, its FSDP2 state and the work it holds are gone with train()'s frame (the
     # collection clears their reference cycles) before the groups go: torch 2.13's gloo
     # otherwise aborts the process at exit, after the work is done, in about one run in five.
+    # The barrier keeps every rank's groups up until all ranks are done with them: a rank
+    # that tears its connections down while a peer still reads them aborts that peer.
     gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

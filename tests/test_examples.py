@@ -27,6 +27,15 @@ def test_upcycle_minilm_layer_reproduces_the_dense_ffn_on_real_weights():
     assert dropped[-1] < dropped[0]  # ... so fewer tokens overflow their expert
 
 
+def failure(result: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun job said: each rank's own error lines (a C++ abort's message
+    comes early, before torchrun's long summary), then the end of stderr."""
+    lines = result.stderr.splitlines()
+    causes = [line for line in lines if any(word in line for word in (
+        "Error", "error:", "terminate called", "what():", "Traceback", "Exception"))]
+    return "\n".join(causes[:40]) + "\n...\n" + result.stderr[-2000:]
+
+
 def run_example(name: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600,
@@ -59,7 +68,7 @@ def test_expert_parallel_example_trains_under_torchrun():
          "--standalone", str(EXAMPLES / "expert_parallel.py"), "--steps", "6"],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     out = result.stdout
     assert "2 ranks (gloo); 2 Switch layers; rank 0 holds experts 0..1 of 4" in out
     losses = [float(v) for v in re.findall(r"loss (\S+)  aux", out)]
@@ -91,7 +100,7 @@ def test_expert_parallel_example_on_a_2x2_mesh_saves_a_checkpoint_one_process_lo
          "--steps", "3", "--save", str(tmp_path / "ckpt")],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     out = result.stdout
     assert "4 ranks (gloo); 2 Switch layers; rank 0 holds experts 0..1 of 4; mesh dp=2 x " \
            "ep=2, dense parameters sharded by FSDP2" in out, out
