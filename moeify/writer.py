@@ -265,7 +265,9 @@ class Writer:
         else:
             report = apply(model, self.plan, progress=progress).report
         hf = None
-        found = find_tokenizer(tokenizer if tokenizer is not None else source)
+        found = None  # a single .onnx file has no directory to carry a tokenizer
+        if self.format != "onnx":
+            found = find_tokenizer(tokenizer if tokenizer is not None else source)
         copied = None if self.format == "onnx" else (() if found is None else found.names)
         if self.format == "torch":
             fetch = None if program is None else LayerTensors(model, program).fetch

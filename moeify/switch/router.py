@@ -135,12 +135,12 @@ class TokenChoiceRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1,
                  gate: Gate = Gate.SOFTMAX, jitter_eps: float = 0.0,
-                 router_dtype: str = "float32", random_routing: bool | None = None,
+                 router_dtype: str = "float32", random_routing: bool = False,
                  device: torch.device | str | None = None) -> None:
         super().__init__(d_model, num_experts, jitter_eps=jitter_eps,
                          router_dtype=router_dtype, device=device)
         self.top_k, self.gate = top_k, Gate(gate)
-        self.random_routing = top_k == 2 if random_routing is None else random_routing
+        self.random_routing = random_routing  # MoEConfig.uses_random_routing states the default
 
     def configure(self, config: MoEConfig) -> None:
         super().configure(config)
