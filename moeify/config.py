@@ -21,18 +21,33 @@ from moeify.errors import MoEError, Param
 
 
 class Gate(str, enum.Enum):
-    """How the chosen experts' outputs are weighted.
+    """How the chosen experts' outputs are weighted, from their scores (`Scoring`).
 
-    ``softmax`` (Switch): top-1 output times that expert's router probability; top-k
-    (k >= 2) weights are the chosen experts' probabilities renormalized over the k
-    choices (GShard's pair, Mixtral's top-k).
+    ``softmax`` (Switch): top-1 output times that expert's score; top-k (k >= 2) weights
+    are the chosen experts' scores renormalized over the k choices (GShard's pair,
+    Mixtral's top-k, DeepSeek-V3's sigmoid top-8).
     ``normalized``: weights renormalized over the experts a token actually reaches, so
     they sum to 1 (top-1: weight 1). An upcycled model then computes exactly the dense
     function at init, but at top-1 the task loss gives the router no gradient.
+    ``raw``: every choice weighted by its own score at any k, never renormalized
+    (DeepSeek-V2, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob=False``).
     """
 
     SOFTMAX = "softmax"
     NORMALIZED = "normalized"
+    RAW = "raw"
+
+
+class Scoring(str, enum.Enum):
+    """How router logits become the scores that select and weigh the experts.
+
+    ``softmax`` (Switch, GShard, Mixtral, Qwen): probabilities over the E experts.
+    ``sigmoid`` (DeepSeek-V3): an independent score ``sigmoid(logit)`` per expert, so
+    one expert's score does not depend on the others'.
+    """
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
 
 
 class Init(str, enum.Enum):
@@ -153,6 +168,19 @@ class MoEConfig:
         probability ``2 * p2 / (p1 + p2)``; top-2 only). None: on for ``top_k=2`` (the
         Switch/GShard recipe), off otherwise; the HF targets, whose classes keep every
         choice, set it off.
+    scoring: ``softmax`` or ``sigmoid``, see `Scoring`; the ``gate`` then weighs the
+        chosen experts' scores.
+    routed_scaling: a constant multiplying the routed experts' combined output
+        (DeepSeek-V3's ``routed_scaling_factor``; 1 elsewhere). Upcycled experts have
+        their output projections divided by it, so an upcycled layer still starts as the
+        dense FFN.
+    bias_balancing: auxiliary-loss-free load balancing (Wang et al. 2024, DeepSeek-V3):
+        a per-expert bias, a buffer outside autograd, is added to the scores for the
+        *selection* only (the combine weights keep the unbiased scores); after each
+        optimizer step ``bias += bias_update_rate * sign(mean load - load)`` from the
+        loads the router asked for since the previous update (`moeify.balance_experts`
+        registers that update on an optimizer). Token choice only.
+    bias_update_rate: the bias's step per update (DeepSeek-V3: 1e-3).
     router: ``token-choice`` or ``expert-choice``, see `RouterKind`. With expert choice
         each expert takes ``C = capacity(T)`` tokens of a group of T (the same formula,
         the capacity factor taking top_k's role: a token gets ``capacity_factor``
@@ -186,6 +214,19 @@ class MoEConfig:
     jitter_eps: multiplicative router-input jitter U(1-eps, 1+eps), training only.
     aux_loss_coef / z_loss_coef: weights of the load-balancing loss (alpha) and the
         router z-loss (beta).
+    seq_aux_loss_coef: weight of DeepSeek-V3's complementary sequence-wise balance loss
+        (the load-balancing loss computed per sequence over the top-k choices, with the
+        scores normalized per token), next to the batch-level one; 0: off.
+    shared_experts: N always-on experts (DeepSeekMoE, Qwen2-MoE) added to every token's
+        output, computed as one FFN N expert widths wide. Upcycled (``init="copy"`` or
+        ``"drop"``), shared expert ``j`` is slice ``j % G`` of the dense FFN (a whole
+        copy with ``granularity`` 1), so N must be a multiple of G: the shared experts
+        hold N / G copies of the dense FFN, the routed experts one, and every output
+        projection is scaled by ``G / (N + G)`` so that the layer starts as the dense
+        FFN. ``init="random"`` draws them fresh; ``"partition"`` is refused.
+    shared_gate: Qwen2-MoE's ``shared_expert_gate``: the shared output times
+        ``sigmoid(x . w)``, ``w`` a learned row; upcycled ``w`` is 0 (a gate of 1/2)
+        and the shared output projections are doubled to compensate.
     expert_dropout: dropout rate inside the experts, between the two matmuls. ``None``
         (the default): each site takes the dropout found inside the dense FFN it
         replaces, between its two projections (T5's FFN dropout; 0 where there is none,
@@ -210,6 +251,22 @@ class MoEConfig:
     random_routing: bool | None = _field(
         None, "--random-routing", help="on or off: GShard's random second expert in training "
         "(top-2 only); default: on for --top-k 2, off otherwise.")
+    scoring: Scoring = _field(
+        Scoring.SOFTMAX, "--scoring", help="Router scores: softmax over the experts (Switch, "
+        "Mixtral, Qwen) or a sigmoid per expert (DeepSeek-V3)."
+    )
+    routed_scaling: float = _field(
+        1.0, "--routed-scaling", help="Multiplies the routed experts' combined output "
+        "(DeepSeek-V3's routed_scaling_factor); upcycled experts are divided by it."
+    )
+    bias_balancing: bool = _field(
+        False, "--bias-balancing", help="Auxiliary-loss-free balancing: a per-expert bias on "
+        "the scores for selection only, moved by --bias-rate after each optimizer step "
+        "(moeify.balance_experts)."
+    )
+    bias_update_rate: float = _field(
+        1e-3, "--bias-rate", help="With --bias-balancing: the bias's step per optimizer step."
+    )
     router: RouterKind = _field(
         RouterKind.TOKEN_CHOICE, "--router", help="token-choice (each token picks its top-k "
         "experts) or expert-choice (each expert takes the top-C tokens of a group, Zhou et "
@@ -245,6 +302,18 @@ class MoEConfig:
     jitter_eps: float = _field(0.01, "--jitter", help="Router input jitter eps (training only).")
     aux_loss_coef: float = _field(0.01, "--aux-loss-coef", help="Load-balancing loss weight.")
     z_loss_coef: float = _field(0.001, "--z-loss-coef", help="Router z-loss weight.")
+    seq_aux_loss_coef: float = _field(
+        0.0, "--seq-aux-loss-coef", help="Weight of the sequence-wise balance loss "
+        "(DeepSeek-V3), next to the batch-level one; 0: off."
+    )
+    shared_experts: int = _field(
+        0, "--shared-experts", help="Always-on shared experts added to every token's output "
+        "(DeepSeekMoE, Qwen2-MoE), upcycled like the routed ones."
+    )
+    shared_gate: bool = _field(
+        False, "--shared-gate", help="A learned sigmoid gate on the shared experts' output "
+        "(Qwen2-MoE's shared_expert_gate)."
+    )
     expert_dropout: float | None = _field(
         None,
         "--expert-dropout",
@@ -262,7 +331,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        for name, kind in (("init", Init), ("gate", Gate), ("router", RouterKind)):
+        for name, kind in (("init", Init), ("gate", Gate), ("router", RouterKind),
+                           ("scoring", Scoring)):
             value = getattr(self, name)
             try:
                 set_(name, kind(value))
@@ -290,6 +360,7 @@ class MoEConfig:
         _require_int("every", self.every, lambda v: v >= 1, ">= 1")
         _require_int("granularity", self.granularity, lambda v: v >= 1, ">= 1")
         _require_int("seed", self.seed, lambda v: v >= 0, ">= 0")
+        _require_int("shared_experts", self.shared_experts, lambda v: v >= 0, ">= 0")
         if self.layers is not None:
             bad = [i for i in self.layers if not _is_int(i) or i < 0]
             if bad or len(set(self.layers)) != len(self.layers):
@@ -305,6 +376,9 @@ class MoEConfig:
         _require_float("jitter_eps", self.jitter_eps, unit, "in [0, 1)")
         _require_float("aux_loss_coef", self.aux_loss_coef, non_negative, ">= 0")
         _require_float("z_loss_coef", self.z_loss_coef, non_negative, ">= 0")
+        _require_float("seq_aux_loss_coef", self.seq_aux_loss_coef, non_negative, ">= 0")
+        _require_float("routed_scaling", self.routed_scaling, positive, "> 0")
+        _require_float("bias_update_rate", self.bias_update_rate, positive, "> 0")
         if self.expert_dropout is not None:
             _require_float("expert_dropout", self.expert_dropout, unit, "in [0, 1) or None")
         if self.router_dtype not in ROUTER_DTYPES:
@@ -314,8 +388,17 @@ class MoEConfig:
                 + " (the router always runs in full precision)",
                 router_dtype=self.router_dtype,
             )
-        if not isinstance(self.dropless, bool):
-            raise ConfigError("{dropless!r} must be true or false", dropless=self.dropless)
+        for name in ("dropless", "bias_balancing", "shared_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{{{name}!r}} must be true or false",
+                                  **{name: getattr(self, name)})
+        if self.shared_gate and not self.shared_experts:
+            raise ConfigError("{shared_gate!r} gates the shared experts' output, and there "
+                              "are none: set {shared_experts} or more",
+                              shared_gate=True, shared_experts=config_param(
+                                  "shared_experts").given(1))
+        if self.shared_experts:
+            self._check_shared_experts()
         if self.router == RouterKind.EXPERT_CHOICE:
             self._check_expert_choice()
         if self.granularity > 1:
@@ -338,8 +421,33 @@ class MoEConfig:
                               "more experts than there are",
                               top_k=self.top_k, num_experts=self.num_experts)
 
+    def _check_shared_experts(self) -> None:
+        N, G = self.shared_experts, self.granularity
+        if self.init == Init.PARTITION:
+            raise ConfigError(
+                "{shared_experts!r} are copies of the dense FFN or of its slices; with "
+                "{init!r} every expert is a different slice and none is left to share: use "
+                "{copy} or {random}", shared_experts=N, init=self.init,
+                copy=config_param("init").given(Init.COPY),
+                random=config_param("init").given(Init.RANDOM))
+        if self.init != Init.RANDOM and N % G:
+            raise ConfigError(
+                "{shared_experts!r} must be a multiple of {granularity!r}: shared expert j is "
+                "slice j % G of the dense FFN, so the shared experts hold N / G whole copies "
+                "of it and the layer can start as the dense FFN", shared_experts=N,
+                granularity=G)
+
     def _check_expert_choice(self) -> None:
         router = self.router
+        for name, value, default in (("scoring", self.scoring, Scoring.SOFTMAX),
+                                     ("bias_balancing", self.bias_balancing, False),
+                                     ("gate", self.gate, Gate.SOFTMAX)):
+            if value != default:
+                raise ConfigError(
+                    "{" + name + "!r} is a token-choice option; with {router!r} each expert "
+                    "takes its top-C tokens by softmax score (balanced by construction): "
+                    "use {default}", **{name: value}, router=router,
+                    default=config_param(name).given(default))
         if self.top_k != 1:
             raise ConfigError(
                 "{top_k!r} has no role with {router!r}: each expert takes its top-C tokens, "
@@ -351,11 +459,6 @@ class MoEConfig:
                 "{dropless!r} computes every choice a token makes; with {router!r} the experts "
                 "choose, C tokens each: use one of the two", dropless=self.dropless,
                 router=router)
-        if self.gate != Gate.SOFTMAX:
-            raise ConfigError(
-                "{gate!r} renormalizes a token's weights over its experts; {router!r} weighs "
-                "each (token, expert) pair by the expert's softmax score: use {softmax}",
-                gate=self.gate, router=router, softmax=config_param("gate").given(Gate.SOFTMAX))
 
     def capacity(self, tokens_per_group: int, *, training: bool) -> int:
         """Expert capacity for a group of ``tokens_per_group`` tokens (a Python int);
@@ -421,6 +524,7 @@ class MoEConfig:
         out["init"] = self.init.value
         out["gate"] = self.gate.value
         out["router"] = self.router.value
+        out["scoring"] = self.scoring.value
         if self.layers is not None:
             out["layers"] = list(self.layers)
         return out

@@ -44,7 +44,10 @@ CONFIG_OPTIONS = {  # the names users type; renaming one breaks their scripts
     "z_loss_coef": "--z-loss-coef", "expert_dropout": "--expert-dropout",
     "router_dtype": "--router-dtype", "seed": "--seed", "dropless": "--dropless",
     "drop_ratio": "--drop-ratio", "granularity": "--granularity", "router": "--router",
-    "random_routing": "--random-routing",
+    "random_routing": "--random-routing", "scoring": "--scoring",
+    "routed_scaling": "--routed-scaling", "bias_balancing": "--bias-balancing",
+    "bias_update_rate": "--bias-rate", "seq_aux_loss_coef": "--seq-aux-loss-coef",
+    "shared_experts": "--shared-experts", "shared_gate": "--shared-gate",
 }
 
 

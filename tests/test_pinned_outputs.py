@@ -56,8 +56,10 @@ CASES = {
 # that llama.cpp, vLLM and transformers 4.x read; qwen2_moe's no-op shared expert is one unit
 # wide with a gate of ones (shared_expert_intermediate_size=1), the form llama.cpp loads;
 # their config.json also states RoPE in the top-level form (rope_theta) transformers 4.x reads.
-# moeify.json records MoEConfig.random_routing (new field; None: GShard's default); weights,
-# indexes and ONNX graphs are unchanged by any-top-k routing.
+# moeify.json records MoEConfig.random_routing (new field; None: GShard's default) and the
+# fine-grained fields (scoring, routed_scaling, bias_balancing, bias_update_rate,
+# seq_aux_loss_coef, shared_experts, shared_gate); weights, indexes and ONNX graphs are
+# unchanged by any-top-k routing and by these fields at their defaults.
 PINNED = {
     'bert-onnx': {
         'model.onnx': '9f2d141f61e3d645',
@@ -65,14 +67,14 @@ PINNED = {
     'gpt2-onnx': {
         'ckpt/model-00001-of-00001.safetensors': '6084c94be2933dcb',
         'ckpt/model.safetensors.index.json': '13e1b248a5375acc',
-        'ckpt/moeify.json': '0695025fe54ae909',
+        'ckpt/moeify.json': '54deb311503bb6b4',
         'ort.onnx': '36a68ee83fbd4459',
         'static.onnx': '79b92a413d19847e',
     },
     'llama-granular-torch': {
         'ckpt/model-00001-of-00001.safetensors': 'dc17f89e8540641d',
         'ckpt/model.safetensors.index.json': 'a35191505703f09a',
-        'ckpt/moeify.json': '6165c924c019f0a1',
+        'ckpt/moeify.json': 'fc07b4d6ea9e6976',
     },
     'llama-mixtral-top2': {
         'hf/config.json': '6132191f0393eaf7',
@@ -94,7 +96,7 @@ PINNED = {
     't5-torch': {
         'ckpt/model-00001-of-00001.safetensors': 'a164e5fafdc272a3',
         'ckpt/model.safetensors.index.json': '45c320e959c6e721',
-        'ckpt/moeify.json': '2c9e18d73f099524',
+        'ckpt/moeify.json': 'cd0b3ce1ba7a1584',
     },
 }
 
