@@ -1,4 +1,4 @@
-"""Which upcycling recipe pays? Continue a dense checkpoint dense, or upcycled three ways.
+"""Which upcycling recipe pays? Continue a dense checkpoint dense, or upcycled four ways.
 
 A byte-level GPT-2 (vocabulary 256, built from a config: nothing to download) learns the
 Python standard library's own source files, every ``*.py`` of the running interpreter's
@@ -13,8 +13,13 @@ steps each, on the same batches in the same order:
             half of its hidden neurons re-initialized (``init="drop"``, r = 0.5), top-1;
   granular  granular upcycling (He et al. 2024): each FFN split in 2 halves, 8 copies of
             them = 16 experts, top-2 (``granularity=2``): the dense FFN's FLOPs per token;
+  fine      fine-grained: each FFN split in 4 quarters, 8 copies = 32 experts, top-4
+            (``granularity=4``), balanced without an auxiliary loss (DeepSeek-V3's
+            per-expert selection bias, ``bias_balancing=True`` with ``aux_loss_coef=0``,
+            updated after every optimizer step by `moeify.balance_experts`);
 
-every upcycled arm with ``moeify.aux_loss`` added to the loss. Each arm starts a fresh
+every upcycled arm with ``moeify.aux_loss`` added to the loss (for ``fine`` only its
+router z-loss). Each arm starts a fresh
 AdamW with the same hyper-parameters (the phase-1 optimizer state is not carried over:
 the upcycled models have parameters the dense one lacks) and the same schedule: a short
 linear warmup, then a cosine decay to a tenth of the peak rate. The arms run interleaved,
@@ -22,8 +27,10 @@ one step of each in turn, so load from elsewhere on the machine slows them alike
 Validation loss (mean cross-entropy per byte, in nats, over a fixed set of held-out
 batches) is measured every ``--eval-every`` steps; the script plots it against steps and
 against training seconds, and prints a table: final losses (equal steps), losses at equal
-training time (the fastest arm's total), training tokens/s, parameters and dropped
-tokens, with a verdict per arm computed from those numbers.
+training time (the fastest arm's total), training tokens/s, parameters, dropped tokens
+and the load imbalance (busiest expert's tokens over the mean, per layer, averaged over
+the layers and the last tenth of the steps), with a verdict per arm computed from those
+numbers.
 
     python examples/upcycle_vs_dense.py                # ~20 min on 2 CPU cores, writes
                                                        # examples/upcycle_vs_dense.png
@@ -54,6 +61,7 @@ import moeify  # noqa: E402
 
 VALIDATION_EVERY_NTH_FILE = 20
 TIE_NATS = 0.005  # differences smaller than this are reported as a tie
+RECIPES = ("copy", "drop", "granular", "fine")  # the upcycled arms, see the docstring
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class Curve:
     seconds: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     dropped: list[float] = field(default_factory=list)  # MoE: fraction dropped per step
+    imbalance: list[float] = field(default_factory=list)  # MoE: max / mean load per step
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -192,6 +201,8 @@ class Arm:
         if self.moe:
             stats = moeify.routing_stats(self.model)
             self.curve.dropped.append(sum(x.dropped_fraction for x in stats) / len(stats))
+            self.curve.imbalance.append(sum(load_imbalance(x.tokens_per_expert)
+                                            for x in stats) / len(stats))
 
     def record(self, step: int, val_batches: list[torch.Tensor]) -> None:
         c = self.curve
@@ -202,9 +213,17 @@ class Arm:
               f"train time {c.train_seconds:6.1f} s", flush=True)
 
 
+def load_imbalance(tokens_per_expert: tuple[int, ...]) -> float:
+    """The busiest expert's load over the mean load (1: perfectly balanced)."""
+    mean = sum(tokens_per_expert) / len(tokens_per_expert)
+    return max(tokens_per_expert) / mean if mean else float("nan")
+
+
 def make_arm(name: str, description: str, model: torch.nn.Module, s: Settings, steps: int,
              seed: int, decay: bool, params: tuple[int, int] = (0, 0)) -> Arm:
     optimizer, schedule = make_optimizer(model, s, steps, decay)
+    if any(layer.config.bias_balancing for _, layer in moeify.switch_layers(model)):
+        moeify.balance_experts(model, optimizer)  # the bias moves after every step
     return Arm(name, description, model, optimizer, schedule,
                torch.Generator().manual_seed(seed), params=params)
 
@@ -255,17 +274,20 @@ def print_results(s: Settings, arms: list[Arm]) -> None:
           "(the fastest arm's total, losses interpolated)")
     print()
     print("| arm | experts | final val loss | dense - arm | val loss at equal time | "
-          "dense - arm | train tokens/s | vs dense | parameters total / active | dropped |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "dense - arm | train tokens/s | vs dense | parameters total / active | dropped | "
+          "load max / mean |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arm in arms:
         c = arm.curve
         at_time = interpolate(c, same_time)
         dropped = f"{100 * sum(c.dropped) / len(c.dropped):.1f}%" if c.dropped else "-"
+        last = c.imbalance[-max(1, len(c.imbalance) // 10):]
+        imbalance = f"{sum(last) / len(last):.2f}" if c.imbalance else "-"
         print(f"| {arm.name} | {arm.description} | {c.losses[-1]:.4f} | "
               f"{dense.curve.losses[-1] - c.losses[-1]:+.4f} | {at_time:.4f} | "
               f"{interpolate(dense.curve, same_time) - at_time:+.4f} | {tps[arm.name]:,.0f} | "
               f"{tps[arm.name] / tps['dense']:.2f} | {arm.params[0]:,} / {arm.params[1]:,} | "
-              f"{dropped} |")
+              f"{dropped} | {imbalance} |")
     print()
     for arm in arms:
         if arm is dense:
@@ -278,7 +300,7 @@ def print_results(s: Settings, arms: list[Arm]) -> None:
 
 
 COLORS = {"dense": "tab:blue", "copy": "tab:orange", "drop": "tab:green",
-          "granular": "tab:red"}
+          "granular": "tab:red", "fine": "tab:purple"}
 
 
 def plot(path: Path, s: Settings, phase1: Curve, arms: list[Arm]) -> None:
@@ -328,8 +350,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--capacity", type=float, default=1.25)
     parser.add_argument("--noise", type=float, default=0.01, help="copy arm's noise")
     parser.add_argument("--drop-ratio", type=float, default=0.5, help="drop arm's ratio")
-    parser.add_argument("--arms", nargs="+", choices=["dense", "copy", "drop", "granular"],
-                        default=["dense", "copy", "drop", "granular"],
+    parser.add_argument("--arms", nargs="+", choices=["dense", *RECIPES],
+                        default=["dense", *RECIPES],
                         help="which continuations to compare (dense always runs)")
     parser.add_argument("--gate", choices=["softmax", "normalized"], default="softmax")
     parser.add_argument("--seed", type=int, default=0)
@@ -383,7 +405,11 @@ def main() -> None:
                  dict(num_experts=args.experts, init="drop", drop_ratio=args.drop_ratio)),
         "granular": (f"{args.experts} x 2 halves, top-2",
                      dict(num_experts=2 * args.experts, top_k=2, granularity=2)),
+        "fine": (f"{args.experts} x 4 quarters, top-4, bias balancing",
+                 dict(num_experts=4 * args.experts, top_k=4, granularity=4,
+                      bias_balancing=True, aux_loss_coef=0.0)),
     }
+    assert sorted(recipes) == sorted(RECIPES)
     for name in args.arms:
         if name == "dense":
             continue

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Init": "moeify.config",
     "MoEConfig": "moeify.config",
     "RouterKind": "moeify.config",
+    "Scoring": "moeify.config",
     "DenseFFNWeights": "moeify.switch",
     "SwitchFFN": "moeify.switch",
     "ConversionReport": "moeify.compiler.report",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "inspect": "moeify.api",
     "aux_loss": "moeify.api",
     "add_aux_loss_to_output": "moeify.api",
+    "balance_experts": "moeify.switch.balance",
     "set_expert_dropout": "moeify.api",
     "set_seq_len": "moeify.api",
     "routing_stats": "moeify.api",
@@ -67,12 +69,13 @@ if TYPE_CHECKING:
     from moeify.compiler.pipeline import default_pipeline
     from moeify.compiler.plan import ConversionPlan, FFNSite, plan_of
     from moeify.compiler.report import ConversionReport
-    from moeify.config import Activation, Gate, Init, MoEConfig, RouterKind
+    from moeify.config import Activation, Gate, Init, MoEConfig, RouterKind, Scoring
     from moeify.distillation import distill, distillation_loss
     from moeify.errors import MoEError
     from moeify.io.checkpoint import load, save
     from moeify.onnx.export import export_onnx
     from moeify.switch import DenseFFNWeights, SwitchFFN
+    from moeify.switch.balance import balance_experts
     from moeify.writer import Written, write
 
 

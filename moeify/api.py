@@ -26,7 +26,8 @@ class LayerStats:
 
     For an expert-choice layer (``router == "expert-choice"``): ``tokens_per_expert`` is
     C per group for every expert (fewer in groups with padding), ``dropped_fraction``
-    the fraction of the real tokens that no expert chose, ``load_balancing_loss`` 0.
+    the fraction of the real tokens that no expert chose, ``load_balancing_loss`` and
+    ``seq_balance_loss`` 0.
     """
 
     name: str
@@ -37,6 +38,7 @@ class LayerStats:
     load_balancing_loss: float = float("nan")  # unweighted, as recorded by the forward
     z_loss: float = float("nan")
     router: str = "token-choice"
+    seq_balance_loss: float = float("nan")  # 0 unless the layer's seq_aux_loss_coef > 0
 
 
 def _records(model: nn.Module):
@@ -56,18 +58,23 @@ def _records(model: nn.Module):
 def aux_loss(model: nn.Module) -> Tensor:
     """Weighted auxiliary loss of the last forward pass, a scalar with gradient.
 
-    ``mean over Switch layers of (aux_loss_coef * load_balancing + z_loss_coef * z_loss)``
-    over the layers that ran (a converted model clears older records at each forward);
-    averaged over layers (as t5x does) so the weight does not grow with depth. Add it to
-    the task loss before ``backward()``. An expert-choice layer's load-balancing term is
-    0 (its experts are full by construction; Zhou et al. use no such loss): it counts
-    in the mean with its z-loss alone.
+    ``mean over Switch layers of (aux_loss_coef * load_balancing + z_loss_coef * z_loss
+    + seq_aux_loss_coef * seq_balance)`` over the layers that ran (a converted model
+    clears older records at each forward); averaged over layers (as t5x does) so the
+    weight does not grow with depth. Add it to the task loss before ``backward()``. The
+    sequence-wise term (DeepSeek-V3's complementary balance loss, per sequence of the
+    layer's input) is there only where ``seq_aux_loss_coef > 0``. An expert-choice
+    layer's balance terms are 0 (its experts are full by construction; Zhou et al. use
+    no such loss): it counts in the mean with its z-loss alone. Bias balancing
+    (`balance_experts`) adds nothing here: its update is outside autograd.
     """
-    terms = [
-        layer.config.aux_loss_coef * record.load_balancing_loss
-        + layer.config.z_loss_coef * record.z_loss
-        for _, layer, record in _records(model)
-    ]
+    terms = []
+    for _, layer, record in _records(model):
+        c = layer.config
+        term = c.aux_loss_coef * record.load_balancing_loss + c.z_loss_coef * record.z_loss
+        if c.seq_aux_loss_coef > 0:
+            term = term + c.seq_aux_loss_coef * record.seq_balance_loss
+        terms.append(term)
     return torch.stack(terms).mean()
 
 
@@ -159,6 +166,7 @@ def routing_stats(model: nn.Module) -> list[LayerStats]:
             load_balancing_loss=float(record.load_balancing_loss.detach()),
             z_loss=float(record.z_loss.detach()),
             router=layer.config.router.value,
+            seq_balance_loss=float(record.seq_balance_loss.detach()),
         )
         for name, layer, record in _records(model)
     ]

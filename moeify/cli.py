@@ -247,7 +247,9 @@ def convert(
         "--hf-arch) or onnx (--out is the .onnx file).")] = "torch",
     hf_arch: Annotated[Optional[str], typer.Option(
         "--hf-arch", help="With --format hf: switch_transformers (T5 v1.0; the default for "
-        "T5), mixtral (Llama/Mistral; their default) or qwen2_moe (Llama/Mistral/Qwen2).")
+        "T5), mixtral (Llama/Mistral; their default), qwen2_moe (Llama/Mistral/Qwen2; "
+        "Qwen2's default; the only one with shared experts) or qwen3_moe (Qwen3; its "
+        "default).")
     ] = None,
     force: Force = False, json_out: JsonOut = False, explicit: frozenset = frozenset(),
 ) -> None:

@@ -12,7 +12,17 @@ FFNs is copied, and each converted FFN gets one FFN made from its experts by a r
 An upcycled teacher whose experts are still exact copies gives back the original dense
 FFN under either rule. Granular experts (``MoEConfig.granularity``) merge per copy: each
 copy's G slices joined back into one FFN, then the copies merged by the rule (a copy's
-usage is its slices' total). `distillation_loss` mixes the hard-label loss and the soft
+usage is its slices' total).
+
+Shared experts (``MoEConfig.shared_experts`` N) hold N / G whole FFNs of the dense width
+(shared expert j is slice ``j % G``), which always contribute: the layer computes
+``r * sum_c w_c FFN_c(x) + g * sum_u FFN_u(x)`` over the routed copies c (rule weights
+``w_c``, summing to 1; ``r`` the ``routed_scaling``) and the shared FFNs u, ``g`` the
+shared gate (1 without one; with one, ``sigmoid(0) = 1/2``, its value at init: a dense
+FFN cannot hold an input-dependent gate, so a trained gate is approximated by it). The
+student's FFN takes the input projections as the mean of all those FFNs weighted by
+their coefficients ``a`` (``r w_c`` and ``g``), and the output projection as their
+``a``-weighted sum, so equal FFNs give back their function exactly. `distillation_loss` mixes the hard-label loss and the soft
 teacher loss with the paper's best setting as default: weight 0.75 on the ground-truth
 labels and 0.25 on the teacher's probabilities.
 """
@@ -78,6 +88,38 @@ def _whole_copies(name: str, experts: Tensor, granularity: int) -> Tensor:
     return joined / G if name == "w_out" else joined
 
 
+def _dense_units(layer, rule: Rule) -> tuple[Tensor, dict[str, Tensor]]:
+    """The whole FFNs of dense width a Switch layer sums, and their coefficients (see
+    the module docs): the routed copies (``rule``'s weights times ``routed_scaling``),
+    then the shared experts' N / G copies (the gate's value at init, 1/2, or 1).
+    Returns ``[U]`` coefficients and each tensor name's ``[U, ...]`` stack; ``b_out``
+    is one row per unit, the shared FFN's bias on its first unit."""
+    config = layer.config
+    G = config.granularity
+    weights = _expert_weights(layer, rule).to(layer.experts.w_in.device)
+    if G > 1:  # one weight per copy: the sum over its G slices
+        weights = weights.view(-1, G).sum(1)
+    coefficients = [weights * config.routed_scaling]
+    ffns = {name: [_whole_copies(name, tensor, G)]
+            for name, tensor in layer.experts.named_parameters(recurse=False)}
+    shared = getattr(layer, "shared_experts", None)
+    if shared is not None:
+        units = config.shared_experts // G  # whole FFNs: N slices j % G, G at a time
+        gate = 1.0 if shared.gate is None else 0.5  # sigmoid(0): the gate at init
+        coefficients.append(torch.full((units,), gate, device=weights.device))
+        for name, tensor in shared.ffn.named_parameters(recurse=False):
+            tensor = tensor[0]  # the one shared FFN: [d, N f], [N f, d], [N f] or [d]
+            if name in ("w_in", "w_gate"):
+                unit = tensor.unflatten(1, (units, -1)).transpose(0, 1)  # [units, d, f]
+            elif name == "b_out":  # added once: on the first unit, zeros on the others
+                unit = torch.cat([tensor[None], tensor.new_zeros(units - 1, *tensor.shape)])
+                unit = unit / gate  # the coefficient multiplies it back
+            else:  # w_out [N f, d] -> [units, f, d]; b_in / b_gate [N f] -> [units, f]
+                unit = tensor.unflatten(0, (units, -1))
+            ffns[name].append(unit)
+    return torch.cat(coefficients), {name: torch.cat(parts) for name, parts in ffns.items()}
+
+
 @torch.no_grad()
 def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
             rule: Rule = "mean") -> nn.Module:
@@ -102,25 +144,26 @@ def distill(moe_model: nn.Module, *, dense: nn.Module | None = None,
         layer = layers.get(site.path)
         if layer is None:
             raise MoEError(f"{site.path} is not a Switch layer in this model")
-        weights = _expert_weights(layer, rule).to(layer.experts.w_in.device)
-        G = layer.config.granularity
-        if G > 1:  # one weight per copy: the sum over its G slices
-            weights = weights.view(-1, G).sum(1)
+        coefficients, ffns = _dense_units(layer, rule)
         modules = dict(student.named_modules())
         projections = {"in": site.up, "out": site.down, "gate": site.gate}
         for kind, proj in projections.items():
             if proj is None:
                 continue
             module = modules[proj.path]
-            w = _whole_copies(f"w_{kind}", getattr(layer.experts, f"w_{kind}"), G)  # [E, in, out]
-            merged = torch.einsum("e,eio->io", weights.to(w.dtype), w)
+            w = ffns[f"w_{kind}"]  # [units, in, out]
+            merged = torch.einsum("u,uio->io", coefficients.to(w.dtype), w)
+            if kind != "out":  # input projections: the coefficient-weighted mean
+                merged = merged / coefficients.sum().to(w.dtype)
             target = merged.T if proj.kind.value == "linear" else merged
             module.weight.copy_(target.to(module.weight.dtype))
             ffn_params.add(f"{proj.path}.weight")
-            b = getattr(layer.experts, f"b_{kind}")
+            b = ffns.get(f"b_{kind}")
             if b is not None and getattr(module, "bias", None) is not None:
-                b = _whole_copies(f"b_{kind}", b, G)
-                module.bias.copy_((weights.to(b.dtype) @ b).to(module.bias.dtype))
+                merged_b = coefficients.to(b.dtype) @ b
+                if kind != "out":
+                    merged_b = merged_b / coefficients.sum().to(b.dtype)
+                module.bias.copy_(merged_b.to(module.bias.dtype))
                 ffn_params.add(f"{proj.path}.bias")
     missing = []
     for name, value in student_state.items():

@@ -4,7 +4,7 @@
 | --- | --- |
 | integrity | always runs: every tensor's bytes in the shards hash to the sha256 digest recorded when they were written (a flipped bit fails) |
 | reload | the checkpoint rebuilds and loads (no parameter holds NaN / inf); saved again and reloaded, it gives bitwise the same outputs |
-| upcycled weights | (source available, ``init=copy``, no noise) every non-expert weight equals the source's and every expert equals the source FFN |
+| upcycled weights | (source available, ``init=copy``, no noise) every non-expert weight equals the source's and every expert equals the source FFN (or its slice), output projections scaled as upcycling scales them; shared experts are N / G copies of it |
 | dense identity | (source available, experts that start as the dense FFN: ``init=copy`` without noise) with the normalized gate and room for every token, the converted model reproduces the source model's outputs, computed in float32; other inits (``drop``, ``random``, ``partition``, noise) change the function by design and say so |
 | dense identity (bfloat16 / float16) | (half-precision checkpoints, source available) the same, each model computed in the checkpoint's own dtype |
 | onnx parity | (an ``.onnx`` file in the checkpoint, ``DIR.onnx`` beside it, or ``onnx=``) ONNX Runtime's outputs equal the PyTorch model's on the graph's declared sequence length |
@@ -40,7 +40,8 @@ from moeify.io.checkpoint import CheckpointMeta, load, read_meta, save
 from moeify.io.shards import read_index, stored_digest, stored_entries
 from moeify.io.sources import load_source
 from moeify.switch import switch_layers
-from moeify.switch.experts import granular_slices
+from moeify.switch.experts import HIDDEN_AXIS, granular_slices
+from moeify.switch.upcycle import routed_output_scale, shared_output_scale
 
 # Tolerances follow the dtype of the arithmetic compared and the scale of the output:
 #     tolerance = ULPS * eps(dtype) * max(1, max |reference output|)
@@ -259,46 +260,80 @@ def source_model(meta: CheckpointMeta, model: nn.Module) -> tuple[nn.Module | No
 
 
 def check_upcycled_weights(model: nn.Module, dense: nn.Module) -> Check:
+    """Every non-expert weight equals the source's; every routed expert equals its dense
+    FFN (or slice) with its output projection scaled as the upcycling scales it
+    (`moeify.switch.upcycle.routed_output_scale`), and the shared experts are N / G
+    copies of it side by side (`moeify.switch.upcycle.shared_expert_tensors`)."""
     conversion = plan_of(model)
     config = conversion.config
     if not config.starts_dense:
         return Check("upcycled weights", "skip", f"init={config.init.value}, noise={config.noise}")
     dense_state = dense.state_dict()
+    layers = {site.path + "." for site in conversion.selected_sites}
     replaced = {p for site in conversion.selected_sites for p in site.replace}
     mismatched = []
     for name, tensor in model.state_dict().items():
-        if ".experts." in name or ".router." in name:
+        if ".experts." in name or ".router." in name or name.startswith(tuple(layers)):
             continue
         if any(name.startswith(p + ".") for p in replaced):
             continue
         source = dense_state.get(name)
         if source is None or not torch.equal(source.to(tensor.dtype), tensor):
             mismatched.append(name)
+    scale = routed_output_scale(config)
     for site in conversion.selected_sites:
         weights = site.dense_weights(dense)
-        experts = model.get_submodule(site.path).experts
+        layer = model.get_submodule(site.path)
         for field in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate"):
             reference = getattr(weights, field)
             if reference is None:
                 continue
-            actual = getattr(experts, field)
+            actual = getattr(layer.experts, field)
+            reference = reference.to(actual.dtype)
             if config.granularity > 1:  # slice e % G, w_out times G: the init's own product
                 expected = granular_slices(field, reference, config.num_experts,
                                            config.granularity)
-                same = torch.equal(actual, expected.to(actual.dtype))
             else:
-                same = all(torch.equal(actual[e], reference.to(actual.dtype))
-                           for e in range(actual.shape[0]))
-            if not same:
+                expected = reference.unsqueeze(0).expand_as(actual)
+            if field in ("w_out", "b_out") and scale != 1:
+                expected = expected * scale
+            if not torch.equal(actual, expected):
                 mismatched.append(f"{site.path}.experts.{field}")
+            if layer.shared_experts is not None:
+                shared = getattr(layer.shared_experts.ffn, field)[0]
+                if not _copies_of(field, shared, reference, config):
+                    mismatched.append(f"{site.path}.shared_experts.ffn.{field}")
+        gate = None if layer.shared_experts is None else layer.shared_experts.gate
+        if gate is not None and bool(gate.weight.any()):
+            mismatched.append(f"{site.path}.shared_experts.gate.weight")
     if mismatched:
         return Check("upcycled weights", "fail",
                      f"{len(mismatched)} tensors differ from the source, first {mismatched[0]}")
     what = (f"slices of their dense FFN (granularity {config.granularity})"
             if config.granularity > 1 else "their dense FFN")
+    if scale != 1:
+        what += f" (output projections x {scale:.6g})"
+    N, G = config.shared_experts, config.granularity
+    if N:
+        what += (f"; shared experts ({N}): {N // G} cop{'ies' if N // G > 1 else 'y'} of "
+                 f"it, output projections x {shared_output_scale(config):.6g}"
+                 + ", gate row 0" * config.shared_gate)
     return Check("upcycled weights", "pass",
                  f"non-expert weights equal the source; {len(conversion.selected)} sites x "
                  f"{config.num_experts} experts equal {what}")
+
+
+def _copies_of(field: str, shared: torch.Tensor, dense: torch.Tensor, config) -> bool:
+    """Whether the shared experts' tensor ``field`` (its one-expert axis indexed away) is
+    N / G copies of the dense FFN's side by side along the hidden axis, ``w_out`` times
+    `shared_output_scale` and ``b_out`` times that and N / G (the upcycling's rule)."""
+    copies, scale = config.shared_experts // config.granularity, shared_output_scale(config)
+    if field == "b_out":
+        return torch.equal(shared, dense * (scale * copies))
+    if field == "w_out":
+        dense = dense * scale
+    return all(torch.equal(part, dense)
+               for part in shared.chunk(copies, dim=HIDDEN_AXIS[field]))
 
 
 # --- dense identity ------------------------------------------------------------------------
@@ -410,9 +445,25 @@ def check_dense_identity(model: nn.Module, dense: nn.Module, seq_len: int | None
             converted = _outputs(model, inputs)
     except MoEError as error:
         return Check("dense identity", "skip", str(error))
-    weights = str(_weights_dtype(model)).removeprefix("torch.")
-    return _compare("dense identity", converted, reference, torch.float32,
-                    f"normalized gate, no drops, float32 on the {weights} weights")
+    dtype = _weights_dtype(model)
+    weights = str(dtype).removeprefix("torch.")
+    how = f"normalized gate, no drops, float32 on the {weights} weights"
+    if dtype != torch.float32 and (factor := _inexact_scale(plan_of(model).config)):
+        # the scaled projections were rounded to the weights' dtype: the two models no
+        # longer hold the same rounded values, and the weights' eps bounds the difference
+        how += f" (output projections x {factor:.6g}, rounded in {weights})"
+        return _compare("dense identity", converted, reference, dtype, how)
+    return _compare("dense identity", converted, reference, torch.float32, how)
+
+
+def _inexact_scale(config) -> float | None:
+    """A factor the upcycling multiplies output projections by that is not a power of two
+    (its products round in the weights' dtype), or None when every one is exact."""
+    factors = [config.granularity, routed_output_scale(config)]
+    if config.shared_experts:
+        factors += [shared_output_scale(config),
+                    shared_output_scale(config) * (config.shared_experts // config.granularity)]
+    return next((f for f in factors if math.frexp(f)[0] != 0.5), None)
 
 
 def check_native_identity(model: nn.Module, dense: nn.Module, seq_len: int | None) -> Check:

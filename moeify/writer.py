@@ -6,8 +6,8 @@
 | ------ | --------------------------------------------------------------- | ---------------------- |
 | torch  | a moeify checkpoint directory (`moeify.io.checkpoint`)          | streamed               |
 | hf     | Hugging Face classes, by ``hf_arch``: switch_transformers       | in memory              |
-|        | (T5 v1.0, `moeify.hf.switch_transformers`); mixtral or          | streamed               |
-|        | qwen2_moe (Llama / Mistral / Qwen2, `moeify.hf.decoder_moe`)    |                        |
+|        | (T5 v1.0, `moeify.hf.switch_transformers`); mixtral, qwen2_moe  | streamed               |
+|        | or qwen3_moe (Llama / Mistral / Qwen2 / Qwen3, `decoder_moe`)   |                        |
 | onnx   | one ``.onnx`` graph (+ external data) with the capacity fixed   | in memory, then traced |
 |        | at the plan's ``seq_len`` (`moeify.onnx.export`)                |                        |
 
@@ -160,7 +160,7 @@ class Written:
 
     path: the destination. format: ``torch``, ``hf`` or ``onnx``.
     report: the conversion's `ConversionReport`.
-    hf_arch: the HF target (format ``hf``). hf: for mixtral and qwen2_moe, the
+    hf_arch: the HF target (format ``hf``). hf: for mixtral, qwen2_moe, qwen3_moe, the
         `HFExport` (model class, notes on what did not map, bytes).
     tokenizer: the tokenizer files copied in (empty: the source has none; None: the
         format is a single file, format ``onnx``).

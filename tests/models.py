@@ -63,6 +63,17 @@ def qwen2(layers: int = 4, **config) -> tf.Qwen2ForCausalLM:
     ))
 
 
+def qwen3(layers: int = 4, **config) -> tf.Qwen3ForCausalLM:
+    """Per-head q/k RMS norms (Qwen3's attention), grouped-query attention and a
+    ``head_dim`` other than hidden_size / heads. d_ff 48: its quarters (granularity 4)
+    are 48 bytes wide in float32, as transformers' grouped expert matmul needs."""
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=12, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **config,
+    ))
+
+
 def torch_encoder(norm_first: bool, layers: int = 4) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(
         16, 2, 40, dropout=0.1, batch_first=True, norm_first=norm_first

@@ -20,7 +20,7 @@ def converted(build, **config):
     torch.manual_seed(0)
     dense = build(layers=2).eval()
     original = copy.deepcopy(dense)
-    moeify.convert(dense, MoEConfig(num_experts=4, **config), seq_len=SEQ)
+    moeify.convert(dense, MoEConfig(**{"num_experts": 4, **config}), seq_len=SEQ)
     return dense, original
 
 
@@ -31,6 +31,22 @@ def test_copy_upcycled_teacher_distills_back_to_the_dense_model(build):
     assert type(student) is type(original)
     for name, value in original.state_dict().items():
         torch.testing.assert_close(student.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    dict(shared_experts=1),
+    dict(shared_experts=1, shared_gate=True, routed_scaling=2.5),
+    dict(shared_experts=4, shared_gate=True, granularity=2, top_k=2, num_experts=8),
+])
+@pytest.mark.parametrize("build", [models.gpt2, models.llama])
+def test_teacher_with_shared_experts_distills_back_to_the_dense_model(build, config):
+    """The routed copies and the shared experts' whole copies merge back into the dense FFN
+    (with the output scaling upcycling applied undone by the coefficients)."""
+    teacher, original = converted(build, **config)
+    assert any(layer.shared_experts is not None for _, layer in moeify.switch_layers(teacher))
+    student = moeify.distill(teacher)
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_non_expert_weights_are_the_teachers_and_ffns_the_expert_mean():

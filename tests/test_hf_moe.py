@@ -1,11 +1,10 @@
-"""--format hf --hf-arch mixtral | qwen2_moe, checked against transformers' own classes."""
+"""--format hf --hf-arch mixtral | qwen2_moe | qwen3_moe, checked against transformers' own
+classes."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,10 @@ import transformers
 
 import moeify
 from moeify import MoEConfig
+from moeify.config import Gate
 from moeify.hf.decoder_moe import (
     default_arch,
+    fitting_arches,
     pooled_load_balancing_loss,
     save_hf_moe,
     target_config,
@@ -37,15 +38,33 @@ CASES = {
     # fine-grained routing: any top-k
     "llama-mixtral-top4": (models.llama, "mixtral", {"num_experts": 8, "top_k": 4}),
     "qwen2-qwen2_moe-top3": (models.qwen2, "qwen2_moe", {"num_experts": 8, "top_k": 3}),
+    # Qwen3 -> Qwen3-MoE: q/k norms and head_dim carried
+    "qwen3-qwen3_moe-top2": (models.qwen3, "qwen3_moe", {"top_k": 2, "every": 1}),
+    # fine-grained: 4 copies x 4 quarters of the FFN, moe_intermediate_size d_ff/4; noise
+    # 0.1: confident routers on quarters scaled by 4 make the residual stream ~25 wide,
+    # where float32's summation order alone moves the logits by up to 1e-5 at noise 0.5
+    "qwen3-qwen3_moe-fine-grained": (models.qwen3, "qwen3_moe", {
+        "num_experts": 16, "top_k": 4, "granularity": 4, "every": 1, "noise": 0.1}),
+    # every other layer dense (decoder_sparse_step 2), raw top-2 probabilities
+    "qwen3-qwen3_moe-every2-raw": (models.qwen3, "qwen3_moe", {"top_k": 2, "gate": "raw"}),
+    # Qwen2-MoE's gated shared expert: one whole copy; two halves next to 4 x 2 halves
+    "llama-qwen2_moe-shared": (models.llama, "qwen2_moe", {"top_k": 1, "shared_experts": 1}),
+    "qwen2-qwen2_moe-shared-granular": (models.qwen2, "qwen2_moe", {
+        "num_experts": 8, "top_k": 2, "granularity": 2, "shared_experts": 2, "every": 1}),
 }
 
 
 def sharpen_routers(model, seed=1):
-    """Confident routers: which experts a token takes matters."""
+    """Confident routers: which experts a token takes matters; shared expert gates that
+    differ per token (upcycled, they are 0)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in moeify.switch_layers(model):
             layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=generator))
+            shared = getattr(layer, "shared_experts", None)
+            if shared is not None and shared.gate is not None:
+                shared.gate.weight.copy_(torch.randn(shared.gate.weight.shape,
+                                                     generator=generator))
 
 
 def convert_for(arch, dense, **options):
@@ -63,6 +82,15 @@ def padded_batch(seed=2, batch=3, length=10):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """`tests.models.qwen3` (seed 0) saved with ``save_pretrained``."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-qwen3") / "qwen3"
+    models.qwen3().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory):
     make, arch, options = CASES[request.param]
@@ -77,24 +105,37 @@ def exported(request, tmp_path_factory):
 
 
 def test_loads_with_no_missing_or_unexpected_keys(exported):
-    info, hf = exported["info"], exported["hf"]
+    info, hf, arch = exported["info"], exported["hf"], exported["arch"]
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info.get("mismatched_keys"), info
-    want = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
-    assert type(hf).__name__ == want[exported["arch"]]
+    want = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}
+    assert type(hf).__name__ == want[arch]
     files = {p.name for p in exported["out"].iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= files
     config = exported["config"]
     assert hf.config.num_experts_per_tok == config.top_k
     assert hf.config.router_aux_loss_coef == config.aux_loss_coef
-    if exported["arch"] == "qwen2_moe":
+    if arch != "mixtral":  # renormalised: the softmax gate's top-k for k >= 2
+        assert hf.config.norm_topk_prob == (config.gate != Gate.RAW and config.top_k >= 2)
+    if arch == "qwen2_moe" and config.shared_experts:
+        f = moeify.switch_layers(exported["moe"])[0][1].experts.d_ff
+        assert hf.config.shared_expert_intermediate_size == config.shared_experts * f
+        assert not any("unit wide" in note for note in exported["export"].notes)
+    elif arch == "qwen2_moe":
         assert hf.config.shared_expert_intermediate_size == 1
-        assert hf.config.norm_topk_prob == (config.top_k >= 2)
         assert any("shared expert" in note for note in exported["export"].notes)
         for layer in hf.model.layers:  # the shared expert adds exactly nothing
             if hasattr(layer.mlp, "shared_expert"):
                 assert not layer.mlp.shared_expert.down_proj.weight.any()
                 assert layer.mlp.shared_expert_gate.weight.all()
+    if arch == "qwen3_moe":  # Qwen3's attention as it is
+        source = exported["moe"].config
+        assert (hf.config.head_dim, hf.config.num_key_value_heads) == (
+            source.head_dim, source.num_key_value_heads)
+        layer = exported["moe"].model.layers[0].self_attn
+        assert torch.equal(hf.model.layers[0].self_attn.q_norm.weight, layer.q_norm.weight)
+        assert torch.equal(hf.model.layers[0].self_attn.k_norm.weight, layer.k_norm.weight)
 
 
 # The published layout per target, as the checkpoints on the hub store it and llama.cpp's
@@ -108,15 +149,21 @@ PUBLISHED = {
         "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight": ("f", "d"),
         "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight": ("d", "f"),
     },
-    "qwen2_moe": {
+    "qwen2_moe": {  # S: the shared expert's width, N * f (1 with none asked for)
         "model.layers.{i}.mlp.gate.weight": ("E", "d"),
         "model.layers.{i}.mlp.experts.{j}.gate_proj.weight": ("f", "d"),
         "model.layers.{i}.mlp.experts.{j}.up_proj.weight": ("f", "d"),
         "model.layers.{i}.mlp.experts.{j}.down_proj.weight": ("d", "f"),
-        "model.layers.{i}.mlp.shared_expert.gate_proj.weight": (1, "d"),
-        "model.layers.{i}.mlp.shared_expert.up_proj.weight": (1, "d"),
-        "model.layers.{i}.mlp.shared_expert.down_proj.weight": ("d", 1),
+        "model.layers.{i}.mlp.shared_expert.gate_proj.weight": ("S", "d"),
+        "model.layers.{i}.mlp.shared_expert.up_proj.weight": ("S", "d"),
+        "model.layers.{i}.mlp.shared_expert.down_proj.weight": ("d", "S"),
         "model.layers.{i}.mlp.shared_expert_gate.weight": (1, "d"),
+    },
+    "qwen3_moe": {
+        "model.layers.{i}.mlp.gate.weight": ("E", "d"),
+        "model.layers.{i}.mlp.experts.{j}.gate_proj.weight": ("f", "d"),
+        "model.layers.{i}.mlp.experts.{j}.up_proj.weight": ("f", "d"),
+        "model.layers.{i}.mlp.experts.{j}.down_proj.weight": ("d", "f"),
     },
 }
 # config.json keys the readers take the MoE shape from
@@ -125,7 +172,9 @@ PUBLISHED_CONFIG = {
                 "num_local_experts": "E", "num_experts_per_tok": "k", "intermediate_size": "f"},
     "qwen2_moe": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
                   "num_experts": "E", "num_experts_per_tok": "k", "moe_intermediate_size": "f",
-                  "shared_expert_intermediate_size": 1},
+                  "shared_expert_intermediate_size": "S"},
+    "qwen3_moe": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                  "num_experts": "E", "num_experts_per_tok": "k", "moe_intermediate_size": "f"},
 }
 
 
@@ -136,8 +185,9 @@ def test_files_hold_the_published_layout(exported):
     config = exported["config"]
     layers = [int(path.split(".")[2]) for path, _ in moeify.switch_layers(moe)]
     first = moeify.switch_layers(moe)[0][1]
-    sizes = {"E": config.num_experts, "d": moe.config.hidden_size, "f": first.experts.d_ff,
-             "k": config.top_k}
+    f = first.experts.d_ff
+    sizes = {"E": config.num_experts, "d": moe.config.hidden_size, "f": f, "k": config.top_k,
+             "S": config.shared_experts * f or 1}
     index = json.loads((out / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])
     tensors = _tensors(out)
@@ -155,7 +205,9 @@ def test_files_hold_the_published_layout(exported):
     assert moe_names == want
     written = json.loads((out / "config.json").read_text())
     for key, value in PUBLISHED_CONFIG[arch].items():
-        assert written[key] == (sizes[value] if value in ("E", "k", "f") else value), key
+        assert written[key] == (sizes[value] if value in ("E", "k", "f", "S") else value), key
+    if arch == "qwen3_moe":  # transformers 4.x's Qwen3MoeConfig reads num_experts, not this
+        assert "num_local_experts" not in written
     # RoPE in the top-level form too: transformers 4.x and vLLM on it read only that, and
     # would otherwise take the class's default base
     assert written["rope_theta"] == moe.config.rope_parameters["rope_theta"]
@@ -170,6 +222,14 @@ def test_files_hold_the_published_layout(exported):
                                    layer.experts.w_in[j].T, rtol=0, atol=0)
         torch.testing.assert_close(tensors[f"{prefix}.experts.{j}.{down}.weight"],
                                    layer.experts.w_out[j].T, rtol=0, atol=0)
+    if config.shared_experts:  # the shared experts, one FFN N expert widths wide, and the gate
+        shared = layer.shared_experts
+        for part, weight in (("gate_proj", shared.ffn.w_gate), ("up_proj", shared.ffn.w_in),
+                             ("down_proj", shared.ffn.w_out)):
+            torch.testing.assert_close(tensors[f"{prefix}.shared_expert.{part}.weight"],
+                                       weight[0].T, rtol=0, atol=0)
+        torch.testing.assert_close(tensors[f"{prefix}.shared_expert_gate.weight"],
+                                   shared.gate.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -230,7 +290,8 @@ def test_hf_aux_loss_is_hfs_definition_of_moeifys_routing(exported):
                    - float(torch.stack(per_sequence).mean())) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["llama-mixtral", "llama-qwen2_moe-top1"])
+@pytest.mark.parametrize("case", ["llama-mixtral", "llama-qwen2_moe-top1", "qwen3-qwen3_moe-top2",
+                                  "llama-qwen2_moe-shared"])
 def test_exported_checkpoint_trains_in_hf(case, tmp_path):
     make, arch, options = CASES[case]
     torch.manual_seed(0)
@@ -253,18 +314,19 @@ def test_exported_checkpoint_trains_in_hf(case, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("make, arch", [(models.llama, "qwen2_moe"), (models.qwen3, "qwen3_moe")])
 @pytest.mark.parametrize("options, step, mlp_only, sparse", [
     (dict(every=2), 2, [], [1, 3, 5]),
     (dict(every=3), 3, [], [2, 5]),
     (dict(layers=(0, 3)), 1, [1, 2, 4, 5], [0, 3]),
     (dict(every=1), 1, [], [0, 1, 2, 3, 4, 5]),
 ])
-def test_qwen2_moe_layer_choice_maps_onto_sparse_step_or_mlp_only_layers(
-        options, step, mlp_only, sparse, tmp_path):
+def test_qwen_layer_choice_maps_onto_sparse_step_or_mlp_only_layers(
+        make, arch, options, step, mlp_only, sparse, tmp_path):
     torch.manual_seed(0)
-    moe = convert_for("qwen2_moe", randomize(models.llama(layers=6)), **options)
+    moe = convert_for(arch, randomize(make(layers=6)), **options)
     sharpen_routers(moe)
-    save_hf_moe(moe, tmp_path / "hf", arch="qwen2_moe")
+    save_hf_moe(moe, tmp_path / "hf", arch=arch)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -277,15 +339,56 @@ def test_qwen2_moe_layer_choice_maps_onto_sparse_step_or_mlp_only_layers(
     assert diff.abs().max() <= 1e-5
 
 
+def test_qwen3_sliding_window_on_every_layer_is_carried(tmp_path):
+    """A window shorter than the sequence on every layer (max_window_layers=0): Qwen3-MoE's
+    use_sliding_window."""
+    torch.manual_seed(0)
+    dense = randomize(models.qwen3(use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=0))
+    moe = convert_for("qwen3_moe", dense, top_k=2, every=1)
+    sharpen_routers(moe)
+    save_hf_moe(moe, tmp_path / "hf", arch="qwen3_moe")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.config.use_sliding_window, hf.config.sliding_window) == (True, 4)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        diff = (moe(input_ids=ids, attention_mask=mask).logits
+                - hf(input_ids=ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max() <= 1e-5
+
+
 def test_default_targets_and_python_refusals(tmp_path):
     assert default_arch(models.llama()) == "mixtral"
     assert default_arch(models.mistral()) == "mixtral"
     assert default_arch(models.qwen2()) == "qwen2_moe"
+    assert default_arch(models.qwen3()) == "qwen3_moe"
     assert default_arch(models.t5()) == "switch_transformers"
     with pytest.raises(moeify.MoEError, match="no format='hf' target fits GPT2LMHeadModel"):
         default_arch(models.gpt2())
     with pytest.raises(moeify.MoEError, match="targets that fit it: qwen2_moe"):
         target_config("mixtral", models.qwen2(), MoEConfig())
+    # per-head q/k norms: Qwen3 and Qwen3-MoE have them, the other families do not
+    assert fitting_arches(models.qwen3()) == ["qwen3_moe"]
+    for make in (models.llama, models.mistral, models.qwen2):
+        assert "qwen3_moe" not in fitting_arches(make())
+    with pytest.raises(moeify.MoEError, match=r"hf_arch='qwen3_moe' does not fit "
+                       r"LlamaForCausalLM \(Qwen3MoeForCausalLM normalises queries and keys "
+                       r"per head \(q_norm, k_norm\) and LlamaForCausalLM does not.*\); "
+                       r"targets that fit it: mixtral, qwen2_moe$"):
+        target_config("qwen3_moe", models.llama(), MoEConfig())
+    with pytest.raises(moeify.MoEError, match=r"hf_arch='qwen2_moe' does not fit "
+                       r"Qwen3ForCausalLM \(Qwen3ForCausalLM normalises queries and keys per "
+                       r"head \(q_norm, k_norm\), which Qwen2MoeForCausalLM has no place "
+                       r"for\); targets that fit it: qwen3_moe$"):
+        target_config("qwen2_moe", models.qwen3(), MoEConfig())
+    # Qwen3-MoE's sliding window is on every layer or none
+    assert fitting_arches(models.qwen3(use_sliding_window=True, sliding_window=6,
+                                       max_window_layers=0)) == ["qwen3_moe"]
+    with pytest.raises(moeify.MoEError, match=r"sliding window covers layers \[2, 3\] only "
+                       r"\(max_window_layers=2\); Qwen3MoeForCausalLM's covers every layer "
+                       r"or none\); no HF target fits it"):
+        target_config("qwen3_moe", models.qwen3(use_sliding_window=True, sliding_window=6,
+                                                max_window_layers=2), MoEConfig())
     # every other layer cannot be a Mixtral
     moe = moeify.convert(models.llama(), MoEConfig(num_experts=4, top_k=2, dropless=True)).model
     with pytest.raises(moeify.MoEError, match="Mixtral makes every decoder layer sparse"):
@@ -316,6 +419,109 @@ def test_target_config_fills_defaults_and_refuses_explicit_conflicts():
         target_config("qwen2_moe", llama, MoEConfig(capacity_factor=1.5))
     q = target_config("qwen2_moe", llama, MoEConfig(top_k=2), explicit={"top_k"})
     assert (q.top_k, q.every, q.dropless, q.jitter_eps) == (2, 2, True, 0.0)
+    q3 = target_config("qwen3_moe", models.qwen3(), MoEConfig(
+        num_experts=16, top_k=4, granularity=4, seq_aux_loss_coef=0.01), explicit={
+            "num_experts", "top_k", "granularity"})
+    assert (q3.top_k, q3.granularity, q3.dropless, q3.jitter_eps, q3.z_loss_coef,
+            q3.seq_aux_loss_coef) == (4, 4, True, 0.0, 0.0, 0.0)
+    assert not q3.uses_random_routing
+    # Qwen2-MoE always gates its shared expert: filled in, refused off
+    shared = target_config("qwen2_moe", llama, MoEConfig(shared_experts=1),
+                           explicit={"shared_experts"})
+    assert (shared.shared_experts, shared.shared_gate) == (1, True)
+    assert target_config("qwen2_moe", llama, MoEConfig(shared_experts=1)).shared_gate
+    with pytest.raises(moeify.MoEError, match=r"requires MoEConfig.dropless=True, "
+                       r"MoEConfig.shared_gate=True \(Qwen2-MoE gates .*; conflicting: "
+                       "MoEConfig.shared_gate=False$"):
+        target_config("qwen2_moe", llama, MoEConfig(shared_experts=1),
+                      explicit={"shared_experts", "shared_gate"})
+    assert target_config("qwen3_moe", models.qwen3(), MoEConfig(gate="raw")).gate == Gate.RAW
+
+
+@pytest.mark.parametrize("arch, make", [("mixtral", models.llama), ("qwen2_moe", models.qwen2),
+                                        ("qwen3_moe", models.qwen3),
+                                        ("switch_transformers", models.t5)])
+def test_every_target_refuses_sigmoid_scores_and_routed_scaling(arch, make):
+    model = make()
+    with pytest.raises(moeify.MoEError, match=r"^format='hf' is not possible: "
+                       r"MoEConfig.scoring='sigmoid' has no HF counterpart: SwitchTransformers, "
+                       r"Mixtral, Qwen2-MoE and Qwen3-MoE score the experts with a softmax"):
+        target_config(arch, model, MoEConfig(scoring="sigmoid"))
+    with pytest.raises(moeify.MoEError, match=r"MoEConfig.routed_scaling=2.5 has no HF "
+                       r"counterpart: .* have no routed scaling factor; use "
+                       r"MoEConfig.routed_scaling=1.0 or format='torch'$"):
+        target_config(arch, model, MoEConfig(routed_scaling=2.5))
+    if arch != "qwen2_moe":  # the only class with a shared expert
+        with pytest.raises(moeify.MoEError, match=rf"^hf_arch='{arch}' has no shared expert, "
+                           r"MoEConfig.shared_experts=1 asks for some: use "
+                           r"hf_arch='qwen2_moe' \(from Llama/Mistral/Qwen2"):
+            target_config(arch, model, MoEConfig(shared_experts=1))
+
+
+def test_mixtral_refuses_the_raw_gate():
+    with pytest.raises(moeify.MoEError, match=r"^hf_arch='mixtral' cannot take "
+                       r"MoEConfig.gate='raw': Mixtral always renormalises .*; use "
+                       r"hf_arch='qwen2_moe' or hf_arch='qwen3_moe'"):
+        target_config("mixtral", models.llama(), MoEConfig(top_k=2, gate="raw"))
+
+
+def test_converted_models_are_checked_again_when_written(tmp_path):
+    """moeify.write on a model converted in memory: the same refusals, from the plan."""
+    for config, arch, fragment in [
+        (MoEConfig(num_experts=4, top_k=2, dropless=True, every=1, scoring="sigmoid"),
+         "mixtral", "score the experts with a softmax"),
+        (MoEConfig(num_experts=4, top_k=2, dropless=True, every=1, gate="raw"), "mixtral",
+         "cannot take MoEConfig.gate='raw'"),
+        (MoEConfig(num_experts=4, dropless=True, shared_experts=1), "qwen2_moe",
+         "shared experts are ungated: convert with MoEConfig.shared_gate=True"),
+    ]:
+        moe = moeify.convert(models.llama(), config).model
+        with pytest.raises(moeify.MoEError, match=re.escape(fragment)):
+            save_hf_moe(moe, tmp_path / "o", arch=arch)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bias_balancing_is_written_while_the_bias_is_zero_and_refused_once_it_moved(tmp_path):
+    torch.manual_seed(0)
+    moe = convert_for("qwen3_moe", randomize(models.qwen3()), top_k=2, bias_balancing=True)
+    sharpen_routers(moe)
+    export = save_hf_moe(moe, tmp_path / "zero", arch="qwen3_moe")
+    assert any(note.startswith("bias_balancing not carried: Qwen3MoeForCausalLM has no "
+                               "per-expert selection bias") for note in export.notes)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "zero").eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():  # a bias of 0 selects as HF does
+        diff = (moe(input_ids=ids, attention_mask=mask).logits
+                - hf(input_ids=ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max() <= 1e-5
+    path, layer = moeify.switch_layers(moe)[0]
+    with torch.no_grad():
+        layer.router.expert_bias[1] = 0.25
+    with pytest.raises(moeify.MoEError, match=rf"the selection bias of {path} "
+                       r"\(bias_balancing\) has moved from 0 \(largest \|b\| 0.25\): "
+                       r"HF's class for hf_arch='qwen3_moe' has no place for it"):
+        save_hf_moe(moe, tmp_path / "moved", arch="qwen3_moe")
+    assert not (tmp_path / "moved").exists()
+
+
+def test_switch_transformers_takes_bias_balancing_while_the_bias_is_zero(tmp_path):
+    from moeify.hf.switch_transformers import save_hf_switch
+
+    model = models.t5()
+    moeify.convert(model, MoEConfig(num_experts=4, bias_balancing=True), seq_len=8)
+    save_hf_switch(model.eval(), tmp_path / "zero")  # the bias is no tensor of HF's layout
+    hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
+        tmp_path / "zero").eval()
+    ids = torch.randint(2, models.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(input_ids=ids, decoder_input_ids=ids).logits
+        theirs = hf(input_ids=ids, decoder_input_ids=ids).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+    with torch.no_grad():
+        moeify.switch_layers(model)[0][1].router.expert_bias[0] = -0.5
+    with pytest.raises(moeify.MoEError, match="has moved from 0"):
+        save_hf_switch(model, tmp_path / "moved")
+    assert not (tmp_path / "moved").exists()
 
 
 def _tensors(directory):
@@ -378,6 +584,22 @@ def test_cli_bfloat16_qwen2_moe_loads_and_runs(tmp_path, moeify_cli):
      ["--hf-arch mixtral requires --top-k >= 2, --every 1", "conflicting: --every 2"]),
     (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen2_moe", "--capacity", "1.25"],
      ["--hf-arch qwen2_moe requires --dropless", "conflicting: --capacity"]),
+    (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen3_moe"],
+     ["--hf-arch qwen3_moe does not fit LlamaForCausalLM", "q_norm, k_norm",
+      "targets that fit it: mixtral, qwen2_moe"]),
+    (["meta-llama/Llama-3.2-1B", "--scoring", "sigmoid"],
+     ["--format hf is not possible: --scoring sigmoid has no HF counterpart",
+      "use --scoring softmax or --format torch"]),
+    (["t5-small", "--seq-len", "32", "--scoring", "sigmoid"],
+     ["--scoring sigmoid has no HF counterpart"]),
+    (["meta-llama/Llama-3.2-1B", "--hf-arch", "qwen2_moe", "--routed-scaling", "2.5"],
+     ["--routed-scaling 2.5 has no HF counterpart", "use --routed-scaling 1.0"]),
+    (["meta-llama/Llama-3.2-1B", "--shared-experts", "1"],
+     ["--hf-arch mixtral has no shared expert, --shared-experts 1 asks for some",
+      "use --hf-arch qwen2_moe"]),
+    (["meta-llama/Llama-3.2-1B", "--top-k", "2", "--gate", "raw"],
+     ["--hf-arch mixtral cannot take --gate raw",
+      "use --hf-arch qwen2_moe or --hf-arch qwen3_moe"]),
 ])
 def test_bad_input_is_one_clear_line(args, fragments, tmp_path, monkeypatch, moeify_main,
                                      one_line_error):
@@ -385,6 +607,45 @@ def test_bad_input_is_one_clear_line(args, fragments, tmp_path, monkeypatch, moe
     one_line_error(moeify_main("convert", *args[:1], "--random-init", "--format", "hf",
                                *args[1:], "--out", "x"), *fragments)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--hf-arch", "mixtral"], ["--hf-arch mixtral does not fit Qwen3ForCausalLM",
+                                "targets that fit it: qwen3_moe"]),
+    (["--shared-experts", "1"], ["--hf-arch qwen3_moe has no shared expert"]),
+])
+def test_qwen3_refusals_are_one_clear_line(args, fragments, qwen3_dir, tmp_path, monkeypatch,
+                                           moeify_main, one_line_error):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(moeify_main("convert", qwen3_dir, "--format", "hf", *args, "--out", "x"),
+                   *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("make, arch, args", [
+    (models.qwen3, "qwen3_moe", {"num_experts": 16, "top_k": 4, "granularity": 4}),
+    (models.llama, "qwen2_moe", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
+])
+def test_cli_streams_fine_grained_and_shared_experts(make, arch, args, tmp_path, moeify_main):
+    """The streamed write (Switch layers made one at a time from the dense weights) writes
+    what convert + save write: fine-grained slices, shared experts and their gate."""
+    torch.manual_seed(0)
+    randomize(make()).save_pretrained(tmp_path / "src")
+    options = [x for name, value in args.items()
+               for x in (MoEConfig.__dataclass_fields__[name].metadata["cli"][0], str(value))]
+    result = moeify_main("convert", tmp_path / "src", *options, "--noise", "0.5", "--format",
+                         "hf", "--hf-arch", arch, "--out", tmp_path / "cli", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["hf"]["model_class"] == {"qwen3_moe": "Qwen3MoeForCausalLM",
+                                         "qwen2_moe": "Qwen2MoeForCausalLM"}[arch]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    moe = convert_for(arch, dense, **args)
+    save_hf_moe(moe, tmp_path / "memory", arch=arch)
+    a, b = _tensors(tmp_path / "cli"), _tensors(tmp_path / "memory")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".shared_expert.down_proj" in k for k in a) == bool(
+        args.get("shared_experts"))
 
 
 def test_hf_arch_without_format_hf_is_refused(tmp_path, moeify_cli, one_line_error):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "upcycle_vs_dense.py"
-ARMS = ("dense", "copy", "drop", "granular")
+ARMS = ("dense", "copy", "drop", "granular", "fine")
 
 
 def table(out: str) -> dict[str, list[str]]:
@@ -52,6 +52,7 @@ def test_quick_run_compares_every_recipe_with_the_dense_arm(tmp_path):
         assert total > dense_params[0]  # the experts add parameters ...
         assert dense_params[0] <= active < 1.1 * dense_params[0]  # ... not per token
         assert 0 <= number(cells[9]) <= 100
+        assert 1 <= number(cells[10]) <= 32  # max / mean load; 32 experts at most
         verdict = re.search(rf"^verdict {name}: (.*?) at equal steps", out, re.MULTILINE)
         assert verdict, out
         if diff > 0.006:
@@ -66,3 +67,5 @@ def test_quick_run_compares_every_recipe_with_the_dense_arm(tmp_path):
     assert max(losses) - min(losses) < 0.5
     # granular upcycling starts as the dense function (top-2 over tied halves)
     assert "granular: 8 copies x 2 slices of d_ff/2" in out
+    assert "granular: 8 copies x 4 slices of d_ff/4" in out  # the fine-grained arm
+    assert rows["dense"][10] == "-"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -243,14 +244,6 @@ def expert_choice_refusal(sites: tuple[FFNSite, ...], config: MoEConfig) -> MoEE
                     token_choice=config_param("router").given(RouterKind.TOKEN_CHOICE))
 
 
-def expert_params(site: FFNSite, config: MoEConfig) -> int:
-    """Parameters of one expert of a site (partition: a 1/E slice of the hidden width)."""
-    d, f = site.d_model, expert_width(site, config)
-    matrices = (3 if site.gated else 2) * d * f
-    biases = (f * (2 if site.gated else 1) + d) if site.bias else 0
-    return matrices + biases
-
-
 def expert_width(site: FFNSite, config: MoEConfig) -> int:
     """Hidden width of each expert: the dense d_ff, d_ff / E for ``init="partition"``, or
     d_ff / G with ``granularity`` G."""
@@ -314,17 +307,43 @@ class ShardingPlan:
 
 
 def switch_layer_params(site: FFNSite, config: MoEConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name relative to the Switch layer, shape) of every parameter the layer holds."""
+    """(name relative to the Switch layer, shape) of every parameter the layer holds, in
+    its ``named_parameters()`` order: the router, the E experts, then the shared experts
+    (one FFN ``N * f`` wide, `moeify.switch.shared.SharedExperts`) and their gate."""
     E, d, f = config.num_experts, site.d_model, expert_width(site, config)
-    params = [("router.weight", (E, d)), ("experts.w_in", (E, d, f)),
-              ("experts.w_out", (E, f, d))]
-    if site.gated:
-        params.append(("experts.w_gate", (E, d, f)))
-    if site.bias:
-        params += [("experts.b_in", (E, f)), ("experts.b_out", (E, d))]
-        if site.gated:
-            params.append(("experts.b_gate", (E, f)))
+    params = [("router.weight", (E, d)), *_ffn_params("experts", site, E, f)]
+    N = config.shared_experts
+    if N:
+        params += _ffn_params("shared_experts.ffn", site, 1, N * f)
+        if config.shared_gate:
+            params.append(("shared_experts.gate.weight", (1, d)))
     return params
+
+
+def _ffn_params(prefix: str, site: FFNSite, E: int, f: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the tensors of an `Experts` of E experts of width f at ``site``."""
+    d = site.d_model
+    params = [(f"{prefix}.w_in", (E, d, f)), (f"{prefix}.w_out", (E, f, d))]
+    if site.gated:
+        params.append((f"{prefix}.w_gate", (E, d, f)))
+    if site.bias:
+        params += [(f"{prefix}.b_in", (E, f)), (f"{prefix}.b_out", (E, d))]
+        if site.gated:
+            params.append((f"{prefix}.b_gate", (E, f)))
+    return params
+
+
+def switch_params(site: FFNSite, config: MoEConfig, *, active: bool = False) -> int:
+    """Parameters of the Switch layer made at ``site`` (`switch_layer_params`); with
+    ``active``, those one token's forward touches: its ``top_k`` routed experts, the
+    router and the shared experts (every token runs them)."""
+    total = 0
+    for name, shape in switch_layer_params(site, config):
+        count = math.prod(shape)
+        if active and name.startswith("experts."):
+            count = count // config.num_experts * config.top_k
+        total += count
+    return total
 
 
 def plan_sharding(model: nn.Module, sites: tuple[FFNSite, ...], config: MoEConfig) -> ShardingPlan:
@@ -424,24 +443,23 @@ class ConversionPlan:
         tokens = self.tokens_per_group
         return None if tokens is None else self.config.capacity(tokens, training=training)
 
-    def _params_with(self, experts: int) -> int:
-        """The dense parameters with each selected site's FFN replaced by ``experts``
-        experts and its router."""
-        c = self.config
-        return self.params_dense + sum(
-            experts * expert_params(s, c) + c.num_experts * s.d_model - s.num_params
-            for s in self.selected_sites
-        )
+    def _params_with(self, *, active: bool) -> int:
+        """The dense parameters with each selected site's FFN replaced by its Switch
+        layer, whole or as one token touches it (`switch_params`)."""
+        return self.params_dense + sum(switch_params(s, self.config, active=active)
+                                       - s.num_params for s in self.selected_sites)
 
     @property
     def params_moe(self) -> int:
-        """Parameters after conversion: each site's dense FFN becomes E experts + router."""
-        return self._params_with(self.config.num_experts)
+        """Parameters after conversion: each site's dense FFN becomes E experts, the
+        shared experts and the router."""
+        return self._params_with(active=False)
 
     @property
     def active_params_per_token(self) -> int:
-        """Parameters one token's forward touches: top_k experts and the router per site."""
-        return self._params_with(self.config.top_k)
+        """Parameters one token's forward touches: per site top_k experts, the shared
+        experts and the router."""
+        return self._params_with(active=True)
 
     def nbytes(self, dtype: torch.dtype) -> dict[str, int]:
         """Weight bytes before and after conversion in ``dtype`` (`weight_bytes`)."""
@@ -449,9 +467,7 @@ class ConversionPlan:
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest Switch layer (what streaming holds at once)."""
-        c = self.config
-        return max((c.num_experts * (expert_params(s, c) + s.d_model) for s in self.selected_sites),
-                   default=0)
+        return max((switch_params(s, self.config) for s in self.selected_sites), default=0)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `MoEError` unless ``model`` has every module and projection shape the

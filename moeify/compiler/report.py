@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 from moeify.compiler.plan import (
     ConversionPlan,
     Rejection,
-    expert_params,
     layer_config,
+    switch_params,
     weight_bytes,
 )
-from moeify.config import Init, MoEConfig, RouterKind
+from moeify.config import Init, MoEConfig, RouterKind, Scoring
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class SiteReport:
     selected: bool
     replace: tuple[str, ...]
     dense_params: int
-    moe_params: int  # experts + router when selected, else the dense FFN's
+    moe_params: int  # experts + shared experts + router when selected, else the dense FFN's
     capacity_train: int | None
     capacity_eval: int | None
     ffn_dropout: float = 0.0  # the dropout the dense FFN applies between its projections
@@ -73,8 +74,7 @@ class ConversionReport:
         sites = []
         for site in plan.sites:
             is_chosen = site.path in chosen
-            moe = (config.num_experts * (expert_params(site, config) + site.d_model)
-                   if is_chosen else site.num_params)
+            moe = switch_params(site, config) if is_chosen else site.num_params
             sites.append(SiteReport(
                 path=site.path, stack=site.stack, index=site.index, ffn=site.describe(),
                 found_by=site.found_by, selected=is_chosen, replace=site.replace,
@@ -113,14 +113,26 @@ class ConversionReport:
     @property
     def router_text(self) -> str:
         """Who chooses at the converted sites, in words: with expert choice, where it
-        applies and where causal sites keep token choice."""
+        applies and where causal sites keep token choice; then the scoring, routed
+        scaling, bias balancing and sequence-wise loss where they differ from Switch's."""
         c = self.config
+        extras = []
+        if c.scoring != Scoring.SOFTMAX:
+            extras.append(f"{c.scoring.value} scores")
+        if c.routed_scaling != 1.0:
+            extras.append(f"routed output scaled by {c.routed_scaling:g}")
+        if c.bias_balancing:
+            extras.append(f"auxiliary-loss-free bias balancing at rate {c.bias_update_rate:g} "
+                          "per optimizer step (moeify.balance_experts)")
+        if c.seq_aux_loss_coef > 0:
+            extras.append(f"sequence-wise balance loss weight {c.seq_aux_loss_coef:g}")
+        extra = "".join(f"; {e}" for e in extras)
         if c.router == RouterKind.TOKEN_CHOICE:
             text = f"token choice: each token picks its top-{c.top_k} expert" + "s" * (c.top_k > 1)
             if c.top_k == 2:
                 text += ("; in training the second is kept at random (GShard)"
                          if c.uses_random_routing else "; both kept in training")
-            return text
+            return text + extra
         parts = []
         for kind in (RouterKind.EXPERT_CHOICE, RouterKind.TOKEN_CHOICE):
             sites = [s for s in self.sites if s.router == kind.value]
@@ -134,7 +146,7 @@ class ConversionReport:
             else:
                 parts.append(f"token choice in {stacks} ({count}, causal: an expert would "
                              "choose among future tokens)")
-        return "; ".join(parts) or "expert choice (no site converted)"
+        return ("; ".join(parts) or "expert choice (no site converted)") + extra
 
     def __str__(self) -> str:
         c = self.config
@@ -159,7 +171,33 @@ class ConversionReport:
 
 
 def _init_text(c: MoEConfig) -> str:
-    """How the experts start (``config.init``), in words."""
+    """How the experts start (``config.init``), in words, and the shared experts."""
+    return _routed_init_text(c) + _shared_text(c)
+
+
+def _shared_text(c: MoEConfig) -> str:
+    """The shared experts and the upcycling's output scales, in words ("" without)."""
+    N, G = c.shared_experts, c.granularity
+    scaled = c.init != Init.RANDOM and c.routed_scaling != 1
+    routed = f"routed output projections /{c.routed_scaling:g} (routed scaling)"
+    if not N:
+        return f"; {routed}" if scaled else ""
+    shared = f"{N} shared expert" + "s" * (N > 1)
+    gate = ("; shared output gated by sigmoid(x . w) (Qwen2-MoE's shared_expert_gate)"
+            if c.shared_gate else "")
+    if c.init == Init.RANDOM:
+        return f"; {shared} (always on), fresh" + gate + (", w = 0 at init" if gate else "")
+    copies = N // G
+    text = (f"; {shared} (always on; {copies} cop{'ies' if copies > 1 else 'y'} of the "
+            f"dense FFN{f', slices j % {G}' if G > 1 else ''}), output projections x "
+            f"{Fraction(G, N + G)} (G/(N+G))" + (f", {routed}" if scaled else ""))
+    if c.shared_gate:
+        text += ", shared ones x 2 more" + gate + ", w = 0 (1/2) at init"
+    return text
+
+
+def _routed_init_text(c: MoEConfig) -> str:
+    """How the routed experts start (``config.init``), in words."""
     if c.init == Init.COPY and c.granularity > 1:
         G = c.granularity
         return (f"granular: {c.num_experts // G} copies x {G} slices of d_ff/{G} of the dense "

@@ -207,18 +207,22 @@ class AllToAllDispatcher(Dispatcher):
             groups, tokens = routing.router_probs.shape[0], routing.router_probs[..., 0].numel()
         else:  # groups with real tokens, real tokens
             groups, tokens = int(valid.any(dim=1).sum()), int(valid.sum())
-        # local sums: the per-group loss summed over groups, z summed over tokens
+        # local sums: the per-group loss summed over groups, z summed over tokens, the
+        # sequence-wise loss over sequences (a rank holds whole sequences)
         lb_sum = record.load_balancing_loss * groups
         z_sum = record.z_loss * tokens
+        seq_sum = record.seq_balance_loss * record.num_sequences
         reached = routing.kept.any(dim=-1).sum()
         stats = torch.cat([
-            torch.stack([lb_sum.detach().double(), z_sum.detach().double()]),
-            torch.tensor([groups, tokens], dtype=torch.float64), reached.double().view(1),
-            record.tokens_per_expert.to(torch.float64),
+            torch.stack([lb_sum.detach().double(), z_sum.detach().double(),
+                         seq_sum.detach().double()]),
+            torch.tensor([groups, tokens, record.num_sequences], dtype=torch.float64),
+            reached.double().view(1), record.tokens_per_expert.to(torch.float64),
         ])
         collective("statistics all_reduce", self.layer_name, self.rank, dist.all_reduce,
                     stats, group=self.stats_group)
-        total_lb, total_z, total_groups, total_tokens, total_reached = stats[:5].tolist()
+        (total_lb, total_z, total_seq, total_groups, total_tokens, total_sequences,
+         total_reached) = stats[:7].tolist()
         W = self.stats_world_size
 
         def global_mean(local: Tensor, total: float, count: float) -> Tensor:
@@ -229,10 +233,12 @@ class AllToAllDispatcher(Dispatcher):
         return RoutingRecord(
             load_balancing_loss=global_mean(lb_sum, total_lb, total_groups),
             z_loss=global_mean(z_sum, total_z, total_tokens),
-            tokens_per_expert=stats[5:].round().long(),
+            seq_balance_loss=global_mean(seq_sum, total_seq, total_sequences),
+            tokens_per_expert=stats[7:].round().long(),
             dropped_fraction=torch.tensor(1.0 - total_reached / max(total_tokens, 1)),
             expert_capacity=record.expert_capacity,
             num_tokens=int(total_tokens),
+            num_sequences=int(total_sequences),
         )
 
     def extra_repr(self) -> str:
@@ -246,16 +252,16 @@ def is_expert_parallel(module: nn.Module) -> bool:
 
 
 def spread_experts(model: nn.Module, group, *, stats_group=None) -> None:
-    """Every Switch layer of ``model`` -> the same layer (router, configuration, mode)
-    holding only this rank's block of experts, with an `AllToAllDispatcher` over
-    ``group``; parameters may be on the meta device."""
+    """Every Switch layer of ``model`` -> the same layer (router, shared experts,
+    configuration, mode) holding only this rank's block of experts, with an
+    `AllToAllDispatcher` over ``group``; parameters may be on the meta device."""
     for name, layer in switch_layers(model):
         dispatcher = AllToAllDispatcher(group, num_experts=layer.config.num_experts, name=name,
                                         stats_group=stats_group)
         sharded = SwitchFFN(layer.d_model, layer.d_ff, layer.config,
                             seq_len=layer.tokens_per_group, router=layer.router,
                             experts=_local_experts(layer.experts, dispatcher.experts_range),
-                            dispatcher=dispatcher)
+                            dispatcher=dispatcher, shared_experts=layer.shared_experts)
         sharded.train(layer.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

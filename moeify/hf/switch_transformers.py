@@ -8,9 +8,11 @@ what converts:
 
 - the source is a T5 v1.0 model (ReLU FFN without biases; v1.1's gated GELU has no
   SwitchTransformers counterpart);
-- top-1 token-choice routing with the softmax gate (expert choice has no HF
-  counterpart), ``copy`` or ``random`` experts (``partition`` changes the experts'
-  width);
+- top-1 token-choice routing with the softmax gate over softmax scores, no routed
+  scaling and no shared experts (`moeify.hf.decoder_moe.check_routing`; expert choice has
+  no HF counterpart), ``copy`` or ``random`` experts (``partition`` changes the experts'
+  width); with ``bias_balancing`` the selection bias is not carried, so it must still be
+  0;
 - sparse layers at the odd indices of each stack (``every`` 1 or 2), as HF places them;
 - one capacity: HF's ``expert_capacity`` is a number of slots per sequence, so it is
   written as the *evaluation* capacity at the declared ``seq_len``. Loaded with
@@ -33,7 +35,12 @@ from torch import nn
 from moeify.compiler.plan import plan_of
 from moeify.config import Gate, Init, RouterKind, config_param
 from moeify.errors import MoEError, Param
-from moeify.hf.decoder_moe import FORMAT
+from moeify.hf.decoder_moe import (
+    FORMAT,
+    SWITCH_TRANSFORMERS,
+    check_routing,
+    check_selection_bias,
+)
 from moeify.hf.decoder_moe import _fail as _refused
 from moeify.io.files import atomic_directory
 from moeify.io.tokenizer import Tokenizer
@@ -65,6 +72,7 @@ def switch_config(model: nn.Module):
     if c.router == RouterKind.EXPERT_CHOICE:
         raise _fail("the model routes by expert choice in its encoder; HF's "
                     "SwitchTransformers routes by token choice (each token picks its expert)")
+    check_routing(SWITCH_TRANSFORMERS, c)
     if c.top_k != 1 or c.gate != Gate.SOFTMAX:
         raise _fail("{top_k}, {gate} (HF routes top-1 with the softmax gate)",
                     top_k=config_param("top_k").given(c.top_k),
@@ -116,9 +124,12 @@ def switch_config(model: nn.Module):
 
 
 def switch_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """moeify's state dict renamed (and experts split) to SwitchTransformers names."""
+    """moeify's state dict renamed (and experts split) to SwitchTransformers names; a
+    router's selection bias (``bias_balancing``, 0: `check_selection_bias`) is left out."""
     state = {}
     for name, tensor in model.state_dict().items():
+        if name.endswith(".router.expert_bias"):
+            continue
         name = name.replace(".DenseReluDense.", ".mlp.")
         experts = re.fullmatch(r"(.*\.mlp)\.experts\.(w_in|w_out)", name)
         if experts:
@@ -138,6 +149,7 @@ def save_hf_switch(model: nn.Module, path: str | os.PathLike, *, force: bool = F
     import transformers
 
     config = switch_config(model)
+    check_selection_bias(model, SWITCH_TRANSFORMERS)
     with torch.device("meta"):
         switch = getattr(transformers, MODEL_CLASS)(config)
     state = switch_state_dict(model)

@@ -58,6 +58,7 @@ from moeify.io.shards import (
     write_shards,
 )
 from moeify.io.sources import CHECKPOINT_FILE, Source, _from_factory, build_hf
+from moeify.switch import switch_layers
 
 FORMAT_VERSION = 2
 
@@ -313,7 +314,8 @@ def load_skeleton(
     `moeify.io.shards.ShardReader` that reads any parameter from the shards on demand.
     `load` assigns them all; `moeify.export_onnx` streams them into an ONNX file one at a time. Every
     whole tensor read is checked against its recorded digest (``check_digests``) and
-    every parameter for NaN / inf: either problem is a `MoEError` naming the tensor.
+    every parameter (and Switch layer buffer: a selection bias) for NaN / inf: either
+    problem is a `MoEError` naming the tensor.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -328,10 +330,13 @@ def load_skeleton(
     _params_to_meta(model)
     apply_program(model, meta.plan)
     install_save_pretrained(model)
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    # parameters, and the Switch layers' buffers (bias balancing's selection bias)
+    finite = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    finite |= {f"{path}.{name}" for path, layer in switch_layers(model)
+               for name, _ in layer.named_buffers()}
     return model.eval(), ShardReader(path, index, meta.aliases,
                                      digests=meta.digests if check_digests else None,
-                                     finite=params)
+                                     finite=finite)
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None,

@@ -2,10 +2,11 @@
 
 t5-base with 64 experts is ~15 GB of float32 weights: more than fits beside the dense
 model on a 24 GB machine if built at once. A streamed write (`moeify.write`, formats
-``torch`` and ``hf`` mixtral / qwen2_moe) applies the plan with the Switch layers left on
-the meta device (each site's dense weights kept in the `Program`), then writes tensor by
-tensor: non-expert weights straight from the model, each Switch layer's tensors from
-`moeify.switch.upcycled_tensors` when the writer reaches them, dropped at the next layer.
+``torch`` and ``hf`` mixtral / qwen2_moe / qwen3_moe) applies the plan with the Switch
+layers left on the meta device (each site's dense weights kept in the `Program`), then
+writes tensor by tensor: non-expert weights straight from the model, each Switch layer's
+tensors from `moeify.switch.upcycled_tensors` when the writer reaches them, dropped at the
+next layer.
 Plain copies are never materialized: the dense matrix is written E times.
 `upcycled_tensors` is also what ``moeify.convert`` builds layers from, so the output is
 the one ``convert`` + a save would write.
@@ -26,9 +27,10 @@ from moeify.switch import TensorSource, upcycled_tensors
 
 
 class LayerTensors:
-    """Each Switch layer's tensors by name (``experts.w_in``, ...), one layer at a time.
+    """Each Switch layer's tensors by name (``experts.w_in``, ``router.expert_bias``, ...),
+    one layer at a time: its parameters and persistent buffers, its state dict.
 
-    A layer in memory gives its parameters; a layer on the meta device (a lazy apply) is
+    A layer in memory gives its own; a layer on the meta device (a lazy apply) is
     made from its dense weights by `upcycled_tensors` when first asked, and dropped when
     another layer is asked for. ``program``: the `Program` of the lazy apply (None: every
     layer is in memory).
@@ -52,16 +54,16 @@ class LayerTensors:
             values = upcycled_tensors(self.program.dense[path], self.program.config,
                                       path=path, activation=site.activation)
         else:
-            values = {n: TensorSource(p.detach()) for n, p in layer.named_parameters()}
+            values = {n: TensorSource(t) for n, t in layer.state_dict().items()}
         self.current = (path, values)
         return values
 
     def fetch(self, name: str) -> Iterable[torch.Tensor]:
-        """The chunks of the meta parameter ``name`` (a full model name), in its dtype:
-        the ``fetch`` of `moeify.io.checkpoint.save`."""
+        """The chunks of the meta tensor ``name`` (a full model name: a parameter or a
+        persistent buffer), in its dtype: the ``fetch`` of `moeify.io.checkpoint.save`."""
         path = next((p for p in self.paths if name.startswith(p + ".")), None)
         if path is None:
             raise MoEError(f"{name} is on the meta device but belongs to no converted site")
         key = name[len(path) + 1:]
-        dtype = self.model.get_submodule(path).get_parameter(key).dtype
+        dtype = self.model.get_submodule(path).state_dict(keep_vars=True)[key].dtype
         return [chunk.to(dtype) for chunk in self.get(path)[key].chunks()]

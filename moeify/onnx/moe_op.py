@@ -14,7 +14,9 @@ around it:
   (float32 logits, slot positions, ``kept``); the operator receives the same float32
   logits and computes the same softmax gate: top-1 ``p * expert(x)``
   (``normalize_routing_weights=0``), top-k (k >= 2) renormalized over the k
-  (``normalize_routing_weights=1``), a normalized gate ``normalize_routing_weights=1``;
+  (``normalize_routing_weights=1``), a normalized gate ``normalize_routing_weights=1``,
+  the raw gate at any k ``normalize_routing_weights=0``; a routed scaling factor is
+  folded into the output projections (``fc2`` and its bias times the factor);
 - its output is multiplied by the ``kept`` mask: a token that overflowed its expert's
   capacity (or a padding token) gets 0 and the residual carries it, as in the static
   graph. The operator computes that token's expert output and it is discarded: the
@@ -30,6 +32,7 @@ the static form):
 | exact (erf) GELU, gated GELU / ReLU | none: the operator's gelu is the tanh form |
 | top-k (k >= 2) with capacity < group length | none: one of a token's choices can drop alone |
 | expert choice | none: experts choose tokens |
+| sigmoid scoring, a selection bias (bias balancing) | none: the operator selects and weighs by the softmax of the logits it gets |
 
 A graph with the operator runs on ONNX Runtime only (``onnx.checker`` knows no schema
 for the ``com.microsoft`` domain and skips the node); the expert weights are stored in
@@ -49,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeify.config import Activation, Gate, RouterKind
+from moeify.config import Activation, Gate, RouterKind, Scoring
 from moeify.errors import MoEError, Param
 from moeify.switch.dispatch import Sizes
 from moeify.switch.dispatchers import Dispatcher
@@ -88,6 +91,11 @@ def unsupported(layer: nn.Module) -> str | None:
                 "computes in float32 (or float16)")
     if config.router == RouterKind.EXPERT_CHOICE:
         return "expert-choice routing (the operator routes tokens to experts)"
+    if config.scoring == Scoring.SIGMOID:
+        return "sigmoid scoring: the operator's scores are the softmax of the router logits"
+    if config.bias_balancing:
+        return ("a selection bias (bias balancing): the operator selects by the softmax of "
+                "the router logits alone")
     if (experts.activation, experts.gated) not in _ACTIVATION_TYPES:
         if experts.activation == Activation.GELU and not experts.gated:
             return "exact (erf) GELU experts: the operator's gelu is the tanh approximation"
@@ -197,7 +205,9 @@ class OrtDispatcher(Dispatcher):
         self.fallback = layer.dispatcher
         self.activation = _ACTIVATION_TYPES[(experts.activation, experts.gated)]
         self.k = config.top_k
-        self.normalize = config.top_k >= 2 or config.gate == Gate.NORMALIZED
+        self.normalize = config.gate == Gate.NORMALIZED or (
+            config.top_k >= 2 and config.gate == Gate.SOFTMAX)
+        scaling = config.routed_scaling  # folded into the output projections
         with torch.no_grad():
             w_in, b_in = experts.w_in.detach(), experts.b_in
             if experts.gated:  # rows 2i, 2i+1 = gate column i, linear column i
@@ -205,9 +215,12 @@ class OrtDispatcher(Dispatcher):
                 if b_in is not None:
                     b_in = torch.stack([experts.b_gate.detach(), b_in.detach()], -1).flatten(-2)
             self.register_buffer("fc1", w_in.transpose(1, 2).contiguous())  # [E, f, d]
-            self.register_buffer("fc2", experts.w_out.detach().transpose(1, 2).contiguous())
+            w_out, b_out = experts.w_out.detach(), experts.b_out
+            if scaling != 1.0:
+                w_out = w_out * scaling
+                b_out = None if b_out is None else b_out.detach() * scaling
+            self.register_buffer("fc2", w_out.transpose(1, 2).contiguous())  # [E, d, f]
             self.register_buffer("fc1_bias", None if b_in is None else b_in.detach().clone())
-            b_out = experts.b_out
             self.register_buffer("fc2_bias", None if b_out is None else b_out.detach().clone())
 
     def forward(self, x: Tensor, routing: Routing, sizes: Sizes, experts: nn.Module, *,

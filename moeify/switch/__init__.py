@@ -16,6 +16,7 @@ from moeify.switch.layer import SwitchFFN, switch_layers
 from moeify.switch.losses import load_balancing_loss, router_z_loss
 from moeify.switch.router import ExpertChoiceRouter, Router, RoutingRecord, TokenChoiceRouter
 from moeify.switch.routing import Routing, expert_capacity, route
+from moeify.switch.shared import SharedExperts
 from moeify.switch.upcycle import TensorSource, seeded_generator, upcycled_tensors
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Router",
     "Routing",
     "RoutingRecord",
+    "SharedExperts",
     "Sizes",
     "SwitchFFN",
     "TensorSource",

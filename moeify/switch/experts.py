@@ -181,11 +181,11 @@ class Experts(nn.Module):
         if count == 0:
             return
         stats = {name: (source.float().mean().item(), source.float().std(correction=0).item())
-                 for name in _HIDDEN_AXIS if (source := getattr(dense, name)) is not None}
+                 for name in HIDDEN_AXIS if (source := getattr(dense, name)) is not None}
         for e in range(self.num_experts):
             neurons = torch.randperm(f, generator=generator)[:count].sort().values
             for name, (mean, std) in stats.items():
-                expert, axis = getattr(self, name)[e], _HIDDEN_AXIS[name]
+                expert, axis = getattr(self, name)[e], HIDDEN_AXIS[name]
                 shape = list(expert.shape)
                 shape[axis] = count
                 fresh = torch.randn(shape, generator=generator) * std + mean
@@ -247,7 +247,7 @@ def _bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 # The hidden (f) axis of each dense FFN tensor (w_in [d, f], w_out [f, d], ...), which is
 # also an expert's axis once the leading expert axis is indexed away; b_out has none.
-_HIDDEN_AXIS = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
+HIDDEN_AXIS = {"w_in": 1, "w_gate": 1, "b_in": 0, "b_gate": 0, "w_out": 0}
 
 
 def granular_slices(name: str, source: Tensor, num_experts: int, granularity: int) -> Tensor:
@@ -263,7 +263,7 @@ def granular_slices(name: str, source: Tensor, num_experts: int, granularity: in
 
 def _partition(name: str, source: Tensor, num_experts: int) -> Tensor:
     """Split a dense weight's hidden (f) axis into ``num_experts`` consecutive groups."""
-    f_axis = _HIDDEN_AXIS.get(name)
+    f_axis = HIDDEN_AXIS.get(name)
     if f_axis is None:  # b_out: a token reaches one partition, which adds the whole bias
         return source.unsqueeze(0).expand(num_experts, *source.shape)
     f = source.shape[f_axis]

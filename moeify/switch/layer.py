@@ -12,7 +12,9 @@ do:
   gather and scatter-add, the all-to-all of expert parallelism
   (`moeify.distributed.AllToAllDispatcher`), ONNX Runtime's MoE operator at export
   (`moeify.onnx.moe_op.OrtDispatcher`);
-* ``experts`` (`moeify.switch.experts.Experts`): the weights and their grouped compute.
+* ``experts`` (`moeify.switch.experts.Experts`): the weights and their grouped compute;
+* ``shared_experts`` (`moeify.switch.shared.SharedExperts`, ``MoEConfig.shared_experts``):
+  always-on experts whose output is added to the routed output, or None.
 
 The layer itself owns what is common to every combination: the declared group length
 and the capacity fixed for it, the input checks, the real-token mask, and the record of
@@ -38,6 +40,7 @@ from moeify.switch.dispatchers import (
 from moeify.switch.experts import DenseFFNWeights, Experts
 from moeify.switch.router import ExpertChoiceRouter, Router, RoutingRecord, TokenChoiceRouter
 from moeify.switch.routing import group_capacities
+from moeify.switch.shared import SharedExperts
 from moeify.switch.upcycle import upcycled_tensors
 
 
@@ -62,6 +65,12 @@ class SwitchFFN(nn.Module):
     group, computed in the static ``[E, G*C, d]`` buffers (``dispatch_path`` does not
     apply).
 
+    With ``config.shared_experts`` N > 0, ``shared_experts`` (`SharedExperts`) runs every
+    token (padding tokens included, as Qwen2-MoE's does: their outputs are masked
+    downstream) and its output is added to the dispatcher's, whichever dispatcher runs
+    (one process, expert choice, the all-to-all of expert parallelism, ONNX Runtime's
+    operator): the shared experts are replicated, never routed.
+
     After each forward (outside tracing and export), `last_routing` holds the unweighted
     losses and the routing statistics that `moeify.aux_loss` and `moeify.routing_stats`
     read: the one piece of state a forward writes, the equivalent of flax's ``sow``.
@@ -83,10 +92,12 @@ class SwitchFFN(nn.Module):
         experts: Experts | None = None,
         dispatcher: Dispatcher | None = None,
         source_dropout: float = 0.0,
+        shared_experts: SharedExperts | None = None,
     ) -> None:
-        """``router`` / ``experts``: modules built elsewhere to use instead of allocating
-        fresh ones; their shapes must match (``experts`` holds the experts
-        ``dispatcher.local_experts`` names: all E but under expert parallelism).
+        """``router`` / ``experts`` / ``shared_experts``: modules built elsewhere to use
+        instead of allocating fresh ones; their shapes must match (``experts`` holds the
+        experts ``dispatcher.local_experts`` names: all E but under expert parallelism;
+        ``shared_experts`` is given only with ``config.shared_experts`` > 0).
         ``dispatcher``: how tokens reach the experts; by default `LocalDispatcher`
         (token choice) or `ExpertChoiceDispatcher`.
         ``source_dropout``: the dropout rate inside the dense FFN this layer replaces;
@@ -100,8 +111,13 @@ class SwitchFFN(nn.Module):
         local = dispatcher.local_experts(config.num_experts)
         router_class = ExpertChoiceRouter if expert_choice else TokenChoiceRouter
         if router is None:
-            options = {} if expert_choice else {"top_k": config.top_k, "gate": config.gate,
-                                                "random_routing": config.uses_random_routing}
+            options = {"routed_scaling": config.routed_scaling} if expert_choice else {
+                "top_k": config.top_k, "gate": config.gate, "scoring": config.scoring,
+                "routed_scaling": config.routed_scaling,
+                "bias_balancing": config.bias_balancing,
+                "bias_update_rate": config.bias_update_rate,
+                "seq_balance": config.seq_aux_loss_coef > 0,
+                "random_routing": config.uses_random_routing}
             router = router_class(
                 d_model, config.num_experts, jitter_eps=config.jitter_eps,
                 router_dtype="float64" if dtype == torch.float64 else config.router_dtype,
@@ -111,6 +127,13 @@ class SwitchFFN(nn.Module):
             experts = Experts(
                 len(local), d_model, d_ff, activation=activation, gated=gated,
                 bias=bias, dropout=config.resolve_expert_dropout(source_dropout),
+                device=device, dtype=dtype,
+            )
+        if shared_experts is None and config.shared_experts:
+            shared_experts = SharedExperts(
+                config.shared_experts, d_model, d_ff, gate=config.shared_gate,
+                activation=experts.activation, gated=experts.gated,
+                bias=experts.b_in is not None, dropout=experts.dropout,
                 device=device, dtype=dtype,
             )
         if not isinstance(router, router_class):
@@ -124,14 +147,41 @@ class SwitchFFN(nn.Module):
                 f"experts ({experts.num_experts}, {experts.d_model}, {experts.d_ff}) != "
                 f"{(len(local), d_model, d_ff)}"
             )
+        self._check_shared_experts(shared_experts, config, experts)
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
+        # None without shared experts: such a layer's state_dict is what it always was
+        self.shared_experts = shared_experts
         self.set_tokens_per_group(config.group_size if config.group_size is not None else seq_len)
         self.last_routing: RoutingRecord | None = None
         # [batch, length] mask of the real tokens for the model's current forward (set
         # and cleared around it by a hook on the model), or None: every token is real
         self.token_mask: Tensor | None = None
+
+    @staticmethod
+    def _check_shared_experts(shared: SharedExperts | None, config: MoEConfig,
+                              experts: Experts) -> None:
+        """Refuse shared experts that do not match ``config`` (count, gate) or the
+        routed experts (width, d_model, activation, gating, biases)."""
+        if shared is None:
+            if config.shared_experts:
+                raise MoEError(f"the config asks for {config.shared_experts} shared experts "
+                               "and none were given")
+            return
+        if not config.shared_experts:
+            raise MoEError("shared experts were given to a layer whose config has none "
+                           "(MoEConfig.shared_experts=0)")
+        ffn = shared.ffn
+        got = (shared.num_shared, shared.gate is not None, ffn.d_model, shared.d_ff,
+               ffn.activation, ffn.gated, ffn.b_in is not None)
+        want = (config.shared_experts, config.shared_gate, experts.d_model, experts.d_ff,
+                experts.activation, experts.gated, experts.b_in is not None)
+        if got != want:
+            names = ("num_shared", "gate", "d_model", "d_ff", "activation", "gated", "bias")
+            wrong = [(n, g, w) for n, g, w in zip(names, got, want) if g != w]
+            raise MoEError("shared experts do not match the layer: " + ", ".join(
+                f"{n} {g!r} != {w!r}" for n, g, w in wrong))
 
     @classmethod
     def from_dense(
@@ -170,10 +220,10 @@ class SwitchFFN(nn.Module):
         if dense.w_in.is_meta:
             return layer
         layer = layer.to_empty(device=dense.w_in.device)
-        params = dict(layer.named_parameters())
+        tensors = layer.state_dict(keep_vars=True)  # parameters and persistent buffers
         for name, source in upcycled_tensors(dense, config, path=path,
                                              activation=activation).items():
-            source.copy_to(params[name])
+            source.copy_to(tensors[name])
         return layer
 
     def set_tokens_per_group(self, tokens_per_group: int | None) -> None:
@@ -207,7 +257,8 @@ class SwitchFFN(nn.Module):
 
     @config.setter
     def config(self, config: MoEConfig) -> None:
-        fixed = ("num_experts", "router", "granularity")
+        fixed = ("num_experts", "router", "granularity", "shared_experts", "shared_gate",
+                 "bias_balancing")
         changed = [f for f in fixed if getattr(config, f) != getattr(self._config, f)]
         if changed:
             raise MoEError(f"a built Switch layer keeps its {', '.join(changed)}: convert the "
@@ -216,6 +267,8 @@ class SwitchFFN(nn.Module):
         self.router.configure(config)
         if config.expert_dropout is not None:
             self.experts.dropout = config.expert_dropout
+            if self.shared_experts is not None:
+                self.shared_experts.ffn.dropout = config.expert_dropout
 
     @property
     def expert_capacity(self) -> int | None:
@@ -273,8 +326,13 @@ class SwitchFFN(nn.Module):
         routing = self.router.route(x, sizes, group_capacity=group_capacity, valid=valid)
         y, tokens_per_expert = self.dispatcher(x, routing, sizes, self.experts,
                                                tracing=tracing)  # [G, T, d]
+        if self.shared_experts is not None:  # every token, routed or dropped
+            batched = tracing or self.shared_experts.ffn.batched_matmul_ok()
+            y = y.reshape_as(x) + self.shared_experts(x, batched=batched)  # [G, T, d]
         if not is_exporting(hidden_states):
-            record = self.router.record(routing, tokens_per_expert, sizes.expert_capacity)
+            seq_len = hidden_states.shape[-2] if hidden_states.dim() > 1 else 1
+            record = self.router.record(routing, tokens_per_expert, sizes.expert_capacity,
+                                        seq_len=seq_len)
             self.last_routing = self.dispatcher.batch_record(record, routing)
         return y.reshape_as(hidden_states).to(hidden_states.dtype)
 
@@ -335,6 +393,8 @@ class SwitchFFN(nn.Module):
             f"d_model={self.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, "
             f"tokens_per_group={self.tokens_per_group}, expert_capacity={capacity}, "
             f"gate={c.gate.value}, router={c.router.value}"
+            + (f", shared_experts={c.shared_experts}" + ", shared_gate" * c.shared_gate
+               if c.shared_experts else "")
         )
 
 

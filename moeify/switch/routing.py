@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeify.config import Gate, expert_capacity
+from moeify.config import Gate, Scoring, expert_capacity
 
 __all__ = [
     "Routing",
@@ -28,7 +28,9 @@ __all__ = [
     "expert_capacity",
     "gate_weights",
     "group_capacities",
+    "normalized_scores",
     "route",
+    "router_scores",
     "slot_positions",
 ]
 
@@ -36,14 +38,19 @@ __all__ = [
 class Routing(NamedTuple):
     """Everything the dispatch, the combine and the losses need from the router.
 
-    router_logits:   [G, T, E] router dtype (float32), before softmax.
-    router_probs:    [G, T, E] router dtype, softmax of the logits.
-    expert_index:    [G, T, k] int64, the chosen experts, best first.
+    router_logits:   [G, T, E] router dtype (float32), before the scoring.
+    router_probs:    [G, T, E] router dtype, the scores (`router_scores`): the softmax of
+                     the logits, or their sigmoid with ``scoring="sigmoid"`` (then they
+                     do not sum to 1 over the experts; `normalized_scores` makes them).
+                     Never includes a selection bias.
+    expert_index:    [G, T, k] int64, the chosen experts, best first (by score plus the
+                     selection bias, if any).
     position:        [G, T, k] int64, the slot each choice claims in its expert's buffer;
                      >= C for a choice that overflowed (meaningless where not chosen).
     kept:            [G, T, k] bool, the choice reaches its expert (chosen and in
                      capacity).
-    combine_weights: [G, T, k] router dtype, the weight of each choice's expert output;
+    combine_weights: [G, T, k] router dtype, the weight of each choice's expert output
+                     (`gate_weights` of the unbiased scores, times ``routed_scaling``);
                      0 where not kept.
     valid:           [G, T] bool, the real (not padding) tokens; None: every token is.
                      A padding token chooses nothing, takes no slot and is left out of
@@ -99,31 +106,45 @@ def route(
     top_k: int,
     expert_capacity: int,
     gate: Gate,
+    scoring: Scoring = Scoring.SOFTMAX,
+    selection_bias: Tensor | None = None,
+    routed_scaling: float = 1.0,
     second_uniform: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> Routing:
     """Tokens choose experts; earlier tokens claim slots first.
 
     router_logits: [G, T, E]. top_k: 1 (Switch), 2 (GShard), any k <= E.
+    scoring: how the logits become scores (`router_scores`): softmax over the experts or
+        a sigmoid per expert (DeepSeek-V3).
+    selection_bias: [E] or None, added to the scores to *select* the experts only
+        (auxiliary-loss-free balancing, Wang et al. 2024): the combine weights and the
+        losses keep the unbiased scores.
+    routed_scaling: multiplies every combine weight (DeepSeek-V3's
+        ``routed_scaling_factor``), so each dispatcher and export applies it.
     second_uniform: [G, T] uniform samples for GShard random routing (training, top-2):
-        the second expert is kept iff ``u < 2 * g2`` with ``g2 = p2 / (p1 + p2)``, i.e.
+        the second expert is kept iff ``u < 2 * g2`` with ``g2 = s2 / (s1 + s2)``, i.e.
         with probability proportional to its weight. None keeps every choice.
     expert_capacity: an int, or [G, 1, 1] per group (`group_capacities`).
     valid: [G, T] bool, the real tokens (None: all); padding tokens choose nothing.
-    The k choices are the k largest probabilities, best first (ties: the lower expert
+    The k choices are the k largest (biased) scores, best first (ties: the lower expert
     index). All first choices of a group fill capacity before any second choice, all
     second choices before any third, and so on. A choice whose slot would be >=
     ``expert_capacity`` is dropped; a token with no kept choice gets output 0 from the
     layer, so the residual carries it.
     """
-    probs = torch.softmax(router_logits, dim=-1)  # [G, T, E]
-    expert_index = top_experts(probs, top_k)  # [G, T, k]
-    gate_probs = probs.gather(-1, expert_index)  # [G, T, k]
+    scores = router_scores(router_logits, scoring)  # [G, T, E]
+    if selection_bias is None:
+        expert_index = top_experts(scores, top_k)  # [G, T, k]
+    else:  # biased scores may be negative: exclude taken experts with -inf
+        biased = scores + selection_bias.to(scores.dtype)
+        expert_index = top_experts(biased, top_k, excluded=float("-inf"))
+    gate_scores = scores.gather(-1, expert_index)  # [G, T, k]
     chosen = torch.ones_like(expert_index, dtype=torch.bool)
     if second_uniform is not None:
         if top_k != 2:
             raise ValueError(f"random routing decides a second expert: top_k=2, not {top_k}")
-        g2 = gate_probs[..., 1:] / gate_probs.sum(-1, keepdim=True)
+        g2 = gate_scores[..., 1:] / gate_scores.sum(-1, keepdim=True)
         chosen_second = second_uniform.unsqueeze(-1).to(g2.dtype) < 2.0 * g2
         chosen = torch.cat([chosen[..., :1], chosen_second], dim=-1)
 
@@ -131,22 +152,44 @@ def route(
         chosen = chosen & valid.unsqueeze(-1)
     position = slot_positions(expert_index, chosen, num_experts=num_experts, top_k=top_k)
     kept = chosen & (position < expert_capacity)
-    combine_weights = gate_weights(gate_probs, kept, top_k=top_k, gate=gate)
-    return Routing(router_logits, probs, expert_index, position, kept, combine_weights, valid)
+    combine_weights = gate_weights(gate_scores, kept, top_k=top_k, gate=gate)
+    if routed_scaling != 1.0:
+        combine_weights = combine_weights * routed_scaling
+    return Routing(router_logits, scores, expert_index, position, kept, combine_weights, valid)
 
 
-def top_experts(probs: Tensor, top_k: int) -> Tensor:
+def router_scores(router_logits: Tensor, scoring: Scoring) -> Tensor:
+    """The scores that select and weigh the experts: [..., E] -> [..., E], same dtype.
+
+    softmax: probabilities over the E experts (Switch, GShard, Mixtral). sigmoid
+    (DeepSeek-V3): ``sigmoid(logit)`` per expert, independent of the other experts.
+    """
+    if scoring == Scoring.SIGMOID:
+        return torch.sigmoid(router_logits)
+    return torch.softmax(router_logits, dim=-1)
+
+
+def normalized_scores(scores: Tensor, scoring: Scoring) -> Tensor:
+    """Scores that sum to 1 over the experts, for the balance losses: softmax scores as
+    they are; sigmoid scores divided by their sum per token (DeepSeek-V3's ``s'``)."""
+    if scoring == Scoring.SIGMOID:
+        return scores / scores.sum(-1, keepdim=True)
+    return scores
+
+
+def top_experts(scores: Tensor, top_k: int, *, excluded: float = -1.0) -> Tensor:
     """The ``top_k`` experts of each token, best first: [..., E] -> [..., k] int64.
 
-    One argmax per rank, each excluding the experts already taken (scores are
-    probabilities, so -1 excludes): ties go to the lower index at every rank, the same
-    on every backend and in every exported graph (ArgMax), where ``topk``'s tie order is
-    unspecified.
+    One argmax per rank, each excluding the experts already taken by writing
+    ``excluded``, a value below every score (-1 for probabilities and sigmoid scores;
+    -inf for scores plus a selection bias, which can be negative): ties go to the lower
+    index at every rank, the same on every backend and in every exported graph
+    (ArgMax), where ``topk``'s tie order is unspecified.
     """
-    choices = [probs.argmax(dim=-1, keepdim=True)]
-    masked = probs
+    choices = [scores.argmax(dim=-1, keepdim=True)]
+    masked = scores
     for _ in range(top_k - 1):
-        masked = masked.scatter(-1, choices[-1], -1.0)
+        masked = masked.scatter(-1, choices[-1], excluded)
         choices.append(masked.argmax(dim=-1, keepdim=True))
     return choices[0] if top_k == 1 else torch.cat(choices, dim=-1)
 
@@ -168,21 +211,24 @@ def slot_positions(
     return position.transpose(1, 2)  # [G, T, k]
 
 
-def gate_weights(gate_probs: Tensor, kept: Tensor, *, top_k: int, gate: Gate) -> Tensor:
-    """Weights of each choice's expert output, [G, T, k]; 0 where not kept.
+def gate_weights(gate_scores: Tensor, kept: Tensor, *, top_k: int, gate: Gate) -> Tensor:
+    """Weights of each choice's expert output from the chosen experts' scores, [G, T, k];
+    0 where not kept.
 
-    softmax: top-1 keeps the raw probability (Switch); top-k (k >= 2) renormalizes over
-    the k chosen (GShard's pair, Mixtral), whether or not some were dropped afterwards.
-    normalized: renormalized over the kept choices, so the kept weights sum to 1.
+    softmax: top-1 keeps the raw score (Switch); top-k (k >= 2) renormalizes over the k
+    chosen (GShard's pair, Mixtral, DeepSeek-V3), whether or not some were dropped
+    afterwards. normalized: renormalized over the kept choices, so the kept weights sum
+    to 1. raw: every choice its own score at any k, never renormalized (DeepSeek-V2,
+    Qwen-MoE with ``norm_topk_prob=False``).
     """
-    kept_f = kept.to(gate_probs.dtype)
+    kept_f = kept.to(gate_scores.dtype)
     if gate == Gate.NORMALIZED:
-        weights = gate_probs * kept_f
+        weights = gate_scores * kept_f
         total = weights.sum(-1, keepdim=True)
         return weights / torch.where(total > 0, total, torch.ones_like(total))
-    if top_k == 1:
-        return gate_probs * kept_f
-    return gate_probs / gate_probs.sum(-1, keepdim=True) * kept_f
+    if top_k == 1 or gate == Gate.RAW:
+        return gate_scores * kept_f
+    return gate_scores / gate_scores.sum(-1, keepdim=True) * kept_f
 
 
 def _autocast_disabled() -> contextlib.ExitStack:

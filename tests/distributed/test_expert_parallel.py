@@ -16,6 +16,14 @@ def test_forward_aux_losses_and_gradients_equal_one_process(world, top_k, tmp_pa
     assert len(set(sent)) > 1  # ranks send uneven counts
 
 
+def test_shared_experts_are_replicated_and_their_gradients_average(tmp_path):
+    """Shared experts (gated) run on each rank's own tokens, whole on every rank: the
+    outputs and every gradient, theirs included, equal one process's."""
+    values = harness.all_ok(harness.run(workers.equivalence, 2, 1, 2, tmp=tmp_path))
+    # per layer: ffn w_in, w_out, b_in, b_out (GPT-2 has biases) and the gate row
+    assert all(len(v["shared"]) == 5 for v in values)
+
+
 def test_exchanged_activations_are_bfloat16_in_a_bfloat16_model(tmp_path):
     harness.all_ok(harness.run(workers.bfloat16, 2, tmp=tmp_path))
 

@@ -24,10 +24,11 @@ CONFIG = MoEConfig(num_experts=4, capacity_factor=1.0, eval_capacity_factor=1.0,
                    min_capacity=1, noise=0.05, aux_loss_coef=0.01, z_loss_coef=0.001)
 
 
-def tiny_gpt2(experts: int = 4, top_k: int = 1):
+def tiny_gpt2(experts: int = 4, top_k: int = 1, shared: int = 0):
     torch.manual_seed(0)
     model = models.gpt2(layers=2)
-    config = MoEConfig(**{**CONFIG.to_dict(), "num_experts": experts, "top_k": top_k})
+    config = MoEConfig(**{**CONFIG.to_dict(), "num_experts": experts, "top_k": top_k,
+                          "shared_experts": shared, "shared_gate": shared > 0})
     moeify.convert(model, config, seq_len=SEQ)
     return model.eval()  # no dropout: the reference and the ranks see the same function
 
@@ -45,8 +46,8 @@ def task_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().square().mean()
 
 
-def equivalence(rank: int, world: int, top_k: int = 1) -> dict:
-    model = tiny_gpt2(top_k=top_k)
+def equivalence(rank: int, world: int, top_k: int = 1, shared: int = 0) -> dict:
+    model = tiny_gpt2(top_k=top_k, shared=shared)
     reference = copy.deepcopy(model)
     ids, slices = global_batch(world)
     # single process, whole batch: loss = mean over ranks of their task losses + aux
@@ -89,8 +90,9 @@ def equivalence(rank: int, world: int, top_k: int = 1) -> dict:
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
         checked += 1
     exchanges = [layer.dispatcher.last_exchange for _, layer in moeify.switch_layers(model)]
+    shared_names = [n for n, _ in model.named_parameters() if ".shared_experts." in n]
     return {"checked": checked, "rows_sent": [e.rows_sent for e in exchanges],
-            "dtype": str(exchanges[0].dtype)}
+            "dtype": str(exchanges[0].dtype), "shared": shared_names}
 
 
 def bfloat16(rank: int, world: int) -> dict:

@@ -56,6 +56,10 @@ CASES = {
                       MoEConfig(num_experts=8, top_k=2, granularity=2, dropless=True)),
     "llama-top3-dropless": (lambda: models.llama(layers=2),
                             MoEConfig(num_experts=8, top_k=3, dropless=True)),
+    # the raw gate at k = 2 (normalize_routing_weights=0), the scaling folded into fc2
+    "llama-top2-raw-scaled": (lambda: models.llama(layers=2),
+                              MoEConfig(num_experts=4, top_k=2, gate="raw", routed_scaling=2.5,
+                                        dropless=True)),
 }
 
 

@@ -64,6 +64,10 @@ SOURCES = {
     # llama.cpp's Qwen2-MoE reads only a BPE tokenizer whose pre-tokenizer it knows.
     "llama+qwen2-tokenizer": (tf.LlamaConfig, tf.LlamaForCausalLM, "qwen2",
                               {"rope_theta": 500000.0}),
+    # Qwen3 (Qwen2's tokenizer): per-head q/k norms, a head_dim other than hidden / heads
+    # (as Qwen3-0.6B's 128 for 1024 / 16)
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, "qwen2",
+              {"rope_theta": 1000000.0, "head_dim": 32}),
 }
 RUNS, REFUSED, DIFFERS = "runs", "converter refuses", "differs"
 
@@ -84,6 +88,7 @@ class Case:
 
 
 QWEN2_MOE = ("--hf-arch", "qwen2_moe")
+QWEN3_MOE = ("--hf-arch", "qwen3_moe")
 CASES = [
     Case("dense llama (control)", "llama", None, "llama"),
     Case("dense qwen2 (control)", "qwen2", None, "qwen2"),
@@ -98,6 +103,19 @@ CASES = [
     Case("qwen2 -> qwen2_moe top-2 every 1", "qwen2",
          (*QWEN2_MOE, "--top-k", "2", "--every", "1"), "qwen2moe", DIFFERS,
          "llama.cpp's Qwen2-MoE does not"),
+    Case("qwen2 -> qwen2_moe top-2 raw every 1", "qwen2",
+         (*QWEN2_MOE, "--top-k", "2", "--gate", "raw", "--every", "1"), "qwen2moe"),
+    Case("dense qwen3 (control)", "qwen3", None, "qwen3"),
+    Case("qwen3 -> qwen3_moe top-2 every 1", "qwen3",
+         (*QWEN3_MOE, "--top-k", "2", "--every", "1"), "qwen3moe"),
+    Case("qwen3 -> qwen3_moe 16 experts top-4 granularity 4 every 1", "qwen3",
+         (*QWEN3_MOE, "--experts", "16", "--top-k", "4", "--granularity", "4", "--every", "1"),
+         "qwen3moe"),
+    Case("qwen3 -> qwen3_moe top-2 every 2 (default)", "qwen3", (*QWEN3_MOE, "--top-k", "2"),
+         "qwen3moe", REFUSED, "--every 1"),
+    Case("qwen3 -> qwen3_moe top-2 raw every 1", "qwen3",
+         (*QWEN3_MOE, "--top-k", "2", "--gate", "raw", "--every", "1"), "qwen3moe", DIFFERS,
+         "llama.cpp's Qwen3-MoE always renormalises"),
 ]
 
 
@@ -244,7 +262,7 @@ def in_llama_cpp(case: Case, runtime: Runtime, out: Path, reference: dict, row: 
         assert llama["tokens"] == reference["tokens"]
         assert diff <= LOGITS_ATOL
     else:
-        assert diff > DIFFERS_ABOVE, "llama.cpp now renormalizes Qwen2-MoE's top-k"
+        assert diff > DIFFERS_ABOVE, f"llama.cpp now computes {case.id} as transformers does"
 
 
 def in_transformers4(runtime: Runtime, out: Path, reference: dict, row: dict,

@@ -156,7 +156,7 @@ def test_traced_and_compiled_layers_match_eager():
 @pytest.mark.parametrize("changes, message", [
     ({"top_k": 2}, r"top_k=2 has no role with MoEConfig.router='expert-choice'.*top_k=1"),
     ({"dropless": True}, r"dropless=True computes every choice.*expert-choice"),
-    ({"gate": "normalized"}, r"gate='normalized' renormalizes.*gate='softmax'"),
+    ({"gate": "normalized"}, r"gate='normalized' is a token-choice option.*gate='softmax'"),
     ({"router": "experts"}, r"router='experts' is not one of 'token-choice', 'expert-choice'"),
 ])
 def test_config_refuses_what_expert_choice_cannot_mean(changes, message):

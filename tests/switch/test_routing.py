@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moeify.config import Gate
+from moeify.config import Gate, Scoring
 from moeify.switch.dispatch import Sizes, slot_tokens
 from moeify.switch.routing import expert_capacity, route, top_experts
 
@@ -162,3 +162,67 @@ def test_top_experts_breaks_ties_to_the_lower_index_at_every_rank():
     with pytest.raises(ValueError, match="top_k=2"):
         route(torch.randn(1, 2, 4), num_experts=4, top_k=3, expert_capacity=2,
               gate=Gate.SOFTMAX, second_uniform=torch.rand(1, 2))
+
+
+def test_sigmoid_scores_select_and_weigh_the_experts():
+    # One token, four experts: sigmoid scores s = sigmoid(logits), chosen by score.
+    logits = torch.tensor([[[2.0, -1.0, 0.5, 1.0]]])
+    s = [1 / (1 + math.exp(-v)) for v in (2.0, -1.0, 0.5, 1.0)]  # 0.881, 0.269, 0.622, 0.731
+    r = route(logits, num_experts=4, top_k=2, expert_capacity=1, gate=Gate.SOFTMAX,
+              scoring=Scoring.SIGMOID)
+    assert r.expert_index[0, 0].tolist() == [0, 3]
+    torch.testing.assert_close(r.router_probs[0, 0], torch.tensor(s))  # the scores, unsummed
+    # softmax gate at k = 2: the two scores renormalized over the pair
+    expected = torch.tensor([s[0], s[3]]) / (s[0] + s[3])
+    torch.testing.assert_close(r.combine_weights[0, 0], expected)
+    # top-1: the raw score (Switch's rule, with a sigmoid score)
+    r1 = route(logits, num_experts=4, top_k=1, expert_capacity=1, gate=Gate.SOFTMAX,
+               scoring=Scoring.SIGMOID)
+    torch.testing.assert_close(r1.combine_weights[0, 0], torch.tensor([s[0]]))
+    # normalized: over the kept choices (here both)
+    rn = route(logits, num_experts=4, top_k=3, expert_capacity=1, gate=Gate.NORMALIZED,
+               scoring=Scoring.SIGMOID)
+    torch.testing.assert_close(rn.combine_weights[0, 0],
+                               torch.tensor([s[0], s[3], s[2]]) / (s[0] + s[3] + s[2]))
+
+
+@pytest.mark.parametrize("scoring", [Scoring.SOFTMAX, Scoring.SIGMOID])
+def test_raw_gate_keeps_each_choices_own_score_at_any_k(scoring):
+    logits = logits_choosing([[0, 1, 2], [2, 0, 1]], 4)
+    r = route(logits, num_experts=4, top_k=3, expert_capacity=1, gate=Gate.RAW,
+              scoring=scoring)
+    scores = torch.softmax(logits, -1) if scoring == Scoring.SOFTMAX else torch.sigmoid(logits)
+    # one slot per expert: the first choices (experts 0, 2) and token 0's second (expert 1)
+    # are kept and weigh their own score, never renormalized; the dropped ones weigh 0
+    expected = scores[0].gather(-1, r.expert_index[0]) * r.kept[0]
+    torch.testing.assert_close(r.combine_weights[0], expected)
+    assert r.kept[0].tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_routed_scaling_multiplies_every_combine_weight():
+    logits = logits_choosing([[0, 1], [0, 2], [1, 0], [1, 2]], 3)
+    base = route(logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.SOFTMAX)
+    scaled = route(logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.SOFTMAX,
+                   routed_scaling=2.5)
+    torch.testing.assert_close(scaled.combine_weights, 2.5 * base.combine_weights)
+    assert torch.equal(scaled.kept, base.kept)
+
+
+def test_selection_bias_chooses_but_the_weights_keep_the_unbiased_scores():
+    logits = torch.tensor([[[1.0, 0.0, -1.0], [1.0, 0.0, -1.0]]])
+    s = torch.sigmoid(logits)
+    # a bias pushing expert 0 below every other choice: the biased scores are negative
+    bias = torch.tensor([-3.0, -0.5, -0.5])
+    r = route(logits, num_experts=3, top_k=2, expert_capacity=2, gate=Gate.RAW,
+              scoring=Scoring.SIGMOID, selection_bias=bias)
+    # biased: [0.73-3, 0.5-0.5, 0.27-0.5] = [-2.27, 0, -0.23]: experts 1, then 2
+    assert r.expert_index[0].tolist() == [[1, 2], [1, 2]]
+    torch.testing.assert_close(r.combine_weights[0], s[0][:, [1, 2]])
+    torch.testing.assert_close(r.router_probs, s)  # the record keeps the unbiased scores
+
+
+def test_biased_selection_excludes_taken_experts_below_any_score_with_ties_low():
+    # every biased score below -1: excluding with -1 would pick a taken expert again
+    scores = torch.tensor([[-5.0, -5.0, -7.0, -5.0]])
+    assert top_experts(scores, 3, excluded=float("-inf")).tolist() == [[0, 1, 3]]
+    assert top_experts(scores, 3).tolist() == [[0, 0, 0]]  # why -inf is needed there
