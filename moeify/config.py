@@ -297,7 +297,8 @@ class MoEConfig:
         "multiple of G) picks whole copies at init. 1: experts are whole copies."
     )
     gate: Gate = _field(
-        Gate.SOFTMAX, "--gate", help="softmax (Switch) or normalized (weights sum to 1)."
+        Gate.SOFTMAX, "--gate", help="softmax (Switch; top-k renormalized over the k), "
+        "normalized (weights sum to 1) or raw (each choice's own score, never renormalized)."
     )
     jitter_eps: float = _field(0.01, "--jitter", help="Router input jitter eps (training only).")
     aux_loss_coef: float = _field(0.01, "--aux-loss-coef", help="Load-balancing loss weight.")
